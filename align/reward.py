@@ -1,0 +1,131 @@
+"""Pairwise (Bradley-Terry) reward-model training, generic over the scorer.
+
+A scorer is any callable `score(prompts, candidates) -> Tensor[N]`: a causal-LM trunk with a scalar
+head, a CLIP model, a test function. The data are `PreferenceGroup`s (one prompt, K candidates,
+all the pairs among them); each candidate is scored once per batch however many pairs it is in
+(InstructGPT §3.5: the K(K−1)/2 comparisons of a prompt cost K forward passes, not K(K−1)).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Scorer = Callable[[list, list], torch.Tensor]
+
+
+def pairwise_loss(r_winner: torch.Tensor, r_loser: torch.Tensor, labels: torch.Tensor | None = None,
+                  margins: torch.Tensor | None = None) -> torch.Tensor:
+    """Bradley-Terry loss with soft labels and an optional margin, averaged over pairs:
+
+        d = r_w − r_l − m
+        L = −[ y·log σ(d) + (1 − y)·log σ(−d) ]
+
+    y = 1 is the InstructGPT loss −log σ(r_w − r_l); y = 0.5 is a tie (the loss is minimised at
+    d = 0); m > 0 asks the winner to lead by m (Llama 2 §3.2.2). Equal scores give log 2.
+    """
+    d = r_winner - r_loser
+    if margins is not None:
+        d = d - margins
+    if labels is None:
+        return -F.logsigmoid(d).mean()
+    return -(labels * F.logsigmoid(d) + (1.0 - labels) * F.logsigmoid(-d)).mean()
+
+
+def pairwise_accuracy(r_winner: torch.Tensor, r_loser: torch.Tensor,
+                      labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Share of pairs ordered as the labellers did. A tie (label 0.5) gets half credit whatever the
+    scores (it cannot be ordered right or wrong), as does a strict pair the model scores equal."""
+    d = r_winner - r_loser
+    credit = (d > 0).float() + 0.5 * (d == 0).float()
+    if labels is not None:
+        credit = torch.where(labels == 0.5, torch.full_like(credit, 0.5), credit)
+    return credit.mean()
+
+
+def expected_calibration_error(r_winner: torch.Tensor, r_loser: torch.Tensor, labels: torch.Tensor,
+                               n_bins: int = 10) -> float:
+    """ECE of the Bradley-Terry probability σ(r_w − r_l) against the labels, over `n_bins` equal-width
+    bins of confidence. Pairs are put in the symmetric form p ≥ 0.5 so both orientations agree."""
+    p = torch.sigmoid((r_winner - r_loser).double())
+    y = labels.double()
+    flip = p < 0.5
+    p, y = torch.where(flip, 1 - p, p), torch.where(flip, 1 - y, y)
+    bins = torch.clamp(((p - 0.5) * 2 * n_bins).long(), max=n_bins - 1)
+    ece = 0.0
+    for b in bins.unique().tolist():
+        sel = bins == b
+        ece += sel.double().mean().item() * abs(p[sel].mean().item() - y[sel].mean().item())
+    return ece
+
+
+@dataclass
+class PairBatch:
+    """A batch of whole preference groups, flattened: each candidate once, pairs as indices."""
+    prompts: list          # (N,) the prompt of each candidate
+    candidates: list       # (N,)
+    winners: torch.Tensor  # (P,) index into candidates
+    losers: torch.Tensor   # (P,)
+    labels: torch.Tensor   # (P,) 1.0 strict, 0.5 tie
+    margins: torch.Tensor  # (P,)
+
+    @classmethod
+    def from_groups(cls, groups: Sequence) -> "PairBatch":
+        prompts, candidates, w, l, y, m = [], [], [], [], [], []
+        for g in groups:
+            base = len(candidates)
+            prompts += [g.prompt] * len(g.candidates)
+            candidates += list(g.candidates)
+            for p in g.pairs:
+                w.append(base + p.winner), l.append(base + p.loser), y.append(p.label), m.append(p.margin)
+        return cls(prompts, candidates, torch.tensor(w, dtype=torch.long), torch.tensor(l, dtype=torch.long),
+                   torch.tensor(y, dtype=torch.float32), torch.tensor(m, dtype=torch.float32))
+
+
+def batch_loss(scores: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
+    """Loss and metrics from the (N,) scores of a batch's candidates."""
+    if not torch.isfinite(scores).all():
+        raise FloatingPointError("the reward model produced non-finite scores (NaN/inf); "
+                                 "lower the learning rate or check the inputs")
+    dev = scores.device
+    r_w, r_l = scores[batch.winners.to(dev)], scores[batch.losers.to(dev)]
+    labels, margins = batch.labels.to(dev, scores.dtype), batch.margins.to(dev, scores.dtype)
+    loss = pairwise_loss(r_w, r_l, labels, margins)
+    with torch.no_grad():
+        acc = pairwise_accuracy(r_w, r_l, labels)
+    return loss, {"loss": loss.item(), "accuracy": acc.item(), "n_pairs": float(len(labels))}
+
+
+@torch.no_grad()
+def evaluate_pairs(score_fn: Scorer, batches) -> dict[str, float]:
+    """Held-out loss, pairwise accuracy (ties half credit), ECE and mean |margin| over batches of
+    groups. `score_fn(prompts, candidates)` is called once per batch."""
+    r_w, r_l, ys, ms = [], [], [], []
+    for groups in batches:
+        b = PairBatch.from_groups(groups)
+        s = score_fn(b.prompts, b.candidates).float().cpu()
+        r_w.append(s[b.winners]), r_l.append(s[b.losers]), ys.append(b.labels), ms.append(b.margins)
+    if not r_w:
+        return {}
+    r_w, r_l, y, m = torch.cat(r_w), torch.cat(r_l), torch.cat(ys), torch.cat(ms)
+    return {
+        "loss": pairwise_loss(r_w, r_l, y, m).item(),
+        "accuracy": pairwise_accuracy(r_w, r_l, y).item(),
+        "ece": expected_calibration_error(r_w, r_l, y),
+        "mean_abs_margin": (r_w - r_l).abs().mean().item(),
+        "n_pairs": float(len(y)),
+    }
+
+
+def normalizer_from_scores(scores: torch.Tensor) -> tuple[float, float]:
+    """(shift, scale) such that (score − shift) has mean 0 on these scores, taken from samples of the
+    reference policy (InstructGPT §3.5 and Ziegler et al. 2019 §2.2: normalise the RM so the reference
+    policy's mean reward is 0; the scale is reported, applying it is the caller's choice)."""
+    scores = scores.double().flatten()
+    if scores.numel() == 0 or not torch.isfinite(scores).all():
+        raise ValueError("reward normalisation needs at least one finite score")
+    std = scores.std(unbiased=False).item() if scores.numel() > 1 else 1.0
+    return scores.mean().item(), std if std > 0 and math.isfinite(std) else 1.0

@@ -1,0 +1,84 @@
+"""Running statistics: global running moments and DDPO's per-prompt stat tracker."""
+from __future__ import annotations
+
+from collections import deque
+
+import torch
+
+
+class RunningMoments:
+    """Running mean and (population) std over every value seen, merged batch by batch with
+    Chan et al.'s parallel update, so the result equals the statistics of the concatenation."""
+
+    def __init__(self):
+        self.mean, self.var, self.count = 0.0, 0.0, 0
+
+    @torch.no_grad()
+    def update(self, x: torch.Tensor) -> tuple[float, float]:
+        x = x.detach().double().flatten()
+        n = x.numel()
+        if n == 0:
+            return self.mean, self.std
+        b_mean, b_var = x.mean().item(), x.var(unbiased=False).item()
+        total = self.count + n
+        delta = b_mean - self.mean
+        m2 = self.var * self.count + b_var * n + delta ** 2 * self.count * n / total
+        self.mean += delta * n / total
+        self.var, self.count = m2 / total, total
+        return b_mean, b_var ** 0.5
+
+    @property
+    def std(self) -> float:
+        return self.var ** 0.5
+
+    def state_dict(self) -> dict:
+        return {"mean": self.mean, "var": self.var, "count": self.count}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mean, self.var, self.count = float(state["mean"]), float(state["var"]), int(state["count"])
+
+
+class PerPromptStatTracker:
+    """Per-prompt reward normalisation of DDPO (Black et al. 2023, §5; ddpo-pytorch's stat_tracking).
+
+    Each prompt keeps a buffer of its last `buffer_size` rewards; a reward's advantage is
+    (r − mean_prompt) / (std_prompt + eps). While a prompt has fewer than `min_count` rewards
+    buffered, the whole batch's mean and std stand in (the batch fallback). std is the
+    population std (numpy's default, as ddpo-pytorch); eps = 1e-6.
+    """
+
+    def __init__(self, buffer_size: int = 32, min_count: int = 16, eps: float = 1e-6):
+        self.buffer_size, self.min_count, self.eps = buffer_size, min_count, eps
+        self.stats: dict[str, deque] = {}
+
+    def update(self, prompts: list[str], rewards: torch.Tensor) -> torch.Tensor:
+        rewards = torch.as_tensor(rewards, dtype=torch.float64)
+        if len(prompts) != rewards.numel():
+            raise ValueError(f"{len(prompts)} prompts but {rewards.numel()} rewards")
+        if not torch.isfinite(rewards).all():
+            bad = [i for i, ok in enumerate(torch.isfinite(rewards).tolist()) if not ok]
+            raise ValueError(f"non-finite rewards at batch positions {bad[:10]} (prompt {prompts[bad[0]]!r})")
+        batch_mean, batch_std = rewards.mean(), rewards.std(unbiased=False)
+        advantages = torch.empty_like(rewards)
+        index: dict[str, list[int]] = {}
+        for i, p in enumerate(prompts):
+            index.setdefault(p, []).append(i)
+        for prompt, idx in index.items():
+            idx_t = torch.tensor(idx)
+            prompt_rewards = rewards[idx_t]
+            buf = self.stats.setdefault(prompt, deque(maxlen=self.buffer_size))
+            buf.extend(prompt_rewards.tolist())
+            if len(buf) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                hist = torch.tensor(list(buf), dtype=torch.float64)
+                mean, std = hist.mean(), hist.std(unbiased=False)
+            advantages[idx_t] = (prompt_rewards - mean) / (std + self.eps)
+        return advantages.float()
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count,
+                "stats": {k: list(v) for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in state["stats"].items()}
