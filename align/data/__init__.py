@@ -1,0 +1,32 @@
+"""Preference data: rankings and pairs grouped per prompt, loaded from JSONL or the HF hub.
+
+`align.data` needs only the standard library; `datasets` is imported lazily inside
+`load_hf_preferences`, so `import align.data` works without it.
+"""
+from .hf import load_hf_preferences, split_hh
+from .jsonl import load_preferences, load_prompts, load_sft, read_jsonl
+from .records import (
+    DataError,
+    Pair,
+    PreferenceGroup,
+    batch_groups,
+    count_pairs,
+    group_from_pair,
+    pairs_from_ranking,
+)
+
+__all__ = [
+    "DataError",
+    "Pair",
+    "PreferenceGroup",
+    "batch_groups",
+    "count_pairs",
+    "group_from_pair",
+    "pairs_from_ranking",
+    "read_jsonl",
+    "load_preferences",
+    "load_sft",
+    "load_prompts",
+    "load_hf_preferences",
+    "split_hh",
+]

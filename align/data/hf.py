@@ -1,0 +1,103 @@
+"""Preference pairs from a Hugging Face `datasets` dataset (Anthropic HH style by default).
+
+Anthropic HH-RLHF (Bai et al. 2022) stores each side as a whole conversation,
+"\\n\\nHuman: ...\\n\\nAssistant: ...", the two sides differing only in the last assistant turn.
+`split_hh` cuts them at the last "\\n\\nAssistant:" they share, so prompt + response gives the
+original text back (the response keeps its leading space, which BPE tokenizers care about).
+`datasets` is imported inside the function: `align` must import with torch alone.
+"""
+from __future__ import annotations
+
+import logging
+
+from .records import DataError, PreferenceGroup, group_from_pair
+
+logger = logging.getLogger(__name__)
+
+ASSISTANT = "\n\nAssistant:"
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
+    """(prompt, chosen_response, rejected_response) from two HH-style conversations.
+
+    prompt is the longest shared prefix that ends with "\\n\\nAssistant:"; the responses are
+    what follows it in each conversation. Raises DataError if they share no assistant turn.
+    """
+    n = 0
+    limit = min(len(chosen), len(rejected))
+    while n < limit and chosen[n] == rejected[n]:
+        n += 1
+    cut = chosen.rfind(ASSISTANT, 0, n)  # the marker must lie wholly in the shared prefix
+    if cut < 0:
+        raise DataError(f"the two conversations share no {ASSISTANT!r} turn "
+                        "(expected Anthropic HH format, or pass prompt_field=)")
+    end = cut + len(ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _import_datasets():
+    try:
+        import datasets
+    except ImportError as e:
+        raise ImportError("load_hf_preferences needs the `datasets` package: "
+                          "pip install align[hub]") from e
+    return datasets
+
+
+def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
+                        rejected_field="rejected", prompt_field=None,
+                        limit=None) -> list[PreferenceGroup]:
+    """One K=2 `PreferenceGroup` per row of a `datasets` dataset.
+
+    dataset: a hub id or local path for `datasets.load_dataset(dataset, split=split)`, or a
+    built `datasets.Dataset` (a `DatasetDict` is indexed by `split`).
+    prompt_field=None: both fields hold full HH conversations, cut by `split_hh`; otherwise
+    prompt, chosen and rejected are read from their own columns.
+    limit: read at most this many rows (before skipping).
+    Rows whose responses are identical or empty are skipped and the count logged. Errors name
+    the dataset, the 0-based row index (as the line) and the column.
+    """
+    datasets = _import_datasets()
+    if isinstance(dataset, str):
+        name = dataset
+        dataset = datasets.load_dataset(dataset, split=split)
+    else:
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = dataset[split]
+        name = getattr(dataset.info, "dataset_name", None) or f"<{type(dataset).__name__}>"
+    fields = [f for f in (prompt_field, chosen_field, rejected_field) if f is not None]
+    for f in fields:
+        if f not in dataset.column_names:
+            raise DataError(f"no such column (columns: {dataset.column_names})",
+                            path=name, field=f)
+    if limit is not None:
+        if limit < 0:
+            raise ValueError(f"limit must be >= 0, got {limit}")
+        dataset = dataset.select(range(min(limit, len(dataset))))
+
+    groups, identical, empty = [], 0, 0
+    for row_idx, row in enumerate(dataset.select_columns(fields)):
+        for f in fields:
+            if not isinstance(row[f], str):
+                raise DataError(f"expected a string, got {type(row[f]).__name__}",
+                                path=name, line=row_idx, field=f)
+        if prompt_field is None:
+            try:
+                prompt, chosen, rejected = split_hh(row[chosen_field], row[rejected_field])
+            except DataError as e:
+                raise DataError(e.message, path=name, line=row_idx, field=chosen_field) from None
+        else:
+            prompt, chosen, rejected = row[prompt_field], row[chosen_field], row[rejected_field]
+        if not chosen.strip() or not rejected.strip():
+            empty += 1
+            continue
+        if chosen == rejected:
+            identical += 1
+            continue
+        groups.append(group_from_pair(prompt, chosen, rejected, source=f"{name}:{row_idx}"))
+    if identical or empty:
+        logger.warning("%s: skipped %d row(s) with identical responses and %d with an empty "
+                       "response; kept %d", name, identical, empty, len(groups))
+    if not groups:
+        raise DataError("no usable rows", path=name)
+    return groups
