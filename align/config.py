@@ -1,0 +1,177 @@
+"""Typed run configs: a dataclass per entry point, filled from YAML presets and the command line.
+
+Each entry point (text SFT/RM/PPO, image RM/DDPO) declares one dataclass, with nested
+sub-dataclasses for shared parts (one PPO config serves text and image). OmegaConf's structured
+configs check keys and types against that dataclass, so a typo in a preset fails at start-up with
+a one-line message naming the key and the file, instead of being silently ignored for hours.
+
+Merge order, lowest to highest: dataclass defaults < YAML file < explicit fields (CLI flags such
+as ``--model``; ``None`` means "not given") < ``key=value`` overrides (dotted keys).
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import enum
+from pathlib import PurePath
+from typing import Any, Iterable
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+
+__all__ = ["ConfigError", "load_config", "save_config", "config_dict"]
+
+
+class ConfigError(ValueError):
+    """A config that cannot be built: unknown key, wrong type, missing value, malformed override.
+
+    A ValueError so that callers (the CLI) can report it as a user error, in one line.
+    """
+
+
+def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
+    """All dotted key paths of a (structured) config: the candidates for 'did you mean'."""
+    keys: list[str] = []
+    if isinstance(node, DictConfig) and not node._is_missing() and not node._is_none():
+        for k in node.keys():
+            path = f"{prefix}{k}"
+            keys.append(path)
+            child = node._get_node(k)
+            if isinstance(child, DictConfig):
+                keys.extend(_dotted_keys(child, path + "."))
+    return keys
+
+
+def _suggest(full_key: str, known: list[str]) -> str | None:
+    """Nearest known key: first among siblings (same parent), then anywhere in the tree."""
+    parent, _, leaf = full_key.rpartition(".")
+    siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
+    match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
+    if match:
+        return siblings[match[0]]
+    match = difflib.get_close_matches(full_key, known, n=1, cutoff=0.6)
+    return match[0] if match else None
+
+
+def _as_config_error(err: OmegaConfBaseException, source: str, schema: DictConfig) -> ConfigError:
+    """Turn OmegaConf's multi-line message into one line that names the key and where it came from."""
+    full_key = getattr(err, "full_key", None)
+    first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
+    if isinstance(err, ConfigKeyError) and full_key:
+        hint = _suggest(str(full_key), _dotted_keys(schema))
+        msg = f"unknown key '{full_key}'" + (f" (did you mean '{hint}'?)" if hint else "")
+    elif isinstance(err, MissingMandatoryValue) and full_key:
+        msg = f"missing required value for '{full_key}'"
+    elif full_key:
+        msg = f"bad value for '{full_key}': {first_line}"
+    else:
+        msg = first_line
+    return ConfigError(f"{source}: {msg}")
+
+
+def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
+    try:
+        return OmegaConf.merge(base, layer)  # type: ignore[return-value]
+    except OmegaConfBaseException as err:
+        raise _as_config_error(err, source, base) from err
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    """{'ppo.lr': 1} -> {'ppo': {'lr': 1}}, so explicit fields may also use dotted keys."""
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = value
+    return out
+
+
+def load_config(cls, config_path=None, overrides: Iterable[str] = (), **fields):
+    """Build an instance of the dataclass `cls` from defaults, a YAML file, fields and overrides.
+
+    cls: a dataclass type (or instance, whose values then act as the defaults); may nest
+        sub-dataclasses.
+    config_path: optional YAML file; its keys must exist in `cls`.
+    overrides: ``key=value`` strings (dotted keys, values parsed as YAML: ``ppo.epochs=2``).
+    fields: explicit values, e.g. from CLI flags; ``None`` means "not given" and is skipped, so
+        a flag's default never hides the YAML value.
+    Raises ConfigError naming the key and its source (file, field or override) in one line.
+    """
+    if not dataclasses.is_dataclass(cls):
+        raise TypeError(f"load_config expects a dataclass, got {cls!r}")
+    try:
+        cfg: DictConfig = OmegaConf.structured(cls)
+    except OmegaConfBaseException as err:  # a schema bug (e.g. an unsupported annotation)
+        raise ConfigError(f"{getattr(cls, '__name__', cls)}: {str(err).splitlines()[0]}") from err
+
+    if config_path is not None:
+        source = str(config_path)
+        try:
+            loaded = OmegaConf.load(config_path)
+        except FileNotFoundError as err:
+            raise ConfigError(f"{source}: no such config file") from err
+        except Exception as err:  # YAML syntax errors carry line/column on their first line
+            raise ConfigError(f"{source}: cannot parse YAML: {str(err).splitlines()[0]}") from err
+        if loaded is None:  # an empty file
+            loaded = OmegaConf.create({})
+        if not isinstance(loaded, DictConfig):
+            raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+        cfg = _merge(cfg, loaded, source)
+
+    given = {k: v for k, v in fields.items() if v is not None}
+    for key, value in given.items():  # one at a time, so the error names the field
+        cfg = _merge(cfg, _nest({key: value}), f"argument {key}={value!r}")
+
+    if isinstance(overrides, str):  # a lone string would otherwise be split into characters
+        overrides = [overrides]
+    for item in overrides:
+        key, eq, _ = str(item).partition("=")
+        if not eq or not key.strip():
+            raise ConfigError(f"override '{item}': expected key=value (e.g. ppo.epochs=2)")
+        try:
+            layer = OmegaConf.from_dotlist([str(item)])
+        except OmegaConfBaseException as err:
+            raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from err
+        cfg = _merge(cfg, layer, f"override '{item}'")
+
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as err:
+        where = str(config_path) if config_path is not None else getattr(cls, "__name__", "config")
+        raise _as_config_error(err, where, cfg) from err
+
+
+def _plain(value: Any) -> Any:
+    """Paths and enums as strings: YAML/JSON readers should not need Python object tags."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, enum.Enum):
+        return value.name
+    return value
+
+
+def config_dict(cfg) -> dict:
+    """A plain, resolved dict of builtin types (for JSON, TensorBoard hparams, reports)."""
+    if isinstance(cfg, dict):
+        node = OmegaConf.create(_plain(cfg))
+    elif isinstance(cfg, DictConfig):
+        node = cfg
+    else:
+        node = OmegaConf.structured(cfg)
+    return _plain(OmegaConf.to_container(node, resolve=True, enum_to_str=True))
+
+
+def save_config(cfg, path) -> None:
+    """Write the resolved config as YAML (atomically): the record of exactly what a run used.
+
+    The file loads back with `load_config(type(cfg), path)`.
+    """
+    from align.runner import atomic_write_text  # runner imports torch; keep config import light
+
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config_dict(cfg))))

@@ -1,0 +1,332 @@
+"""The pieces every trainer's loop stands on: seeding, atomic files, checkpoints, metrics, progress.
+
+Text SFT/RM/PPO and image DDPO share them so that every run directory looks the same:
+
+    out/config.yaml        resolved config (align.config.save_config)
+    out/checkpoints/       step-00000123/ folders + `latest` (the newest complete one)
+    out/metrics.jsonl      one JSON object per log call; survives a crash
+    out/tb/                TensorBoard events
+    out/report.md          tables and PNG plots (align.report)
+
+Rule of the house: a file or a checkpoint is either complete or absent. Everything is written
+to a temporary name in the same folder, fsynced, then renamed into place (rename is atomic on
+POSIX within one file system), so a crash or a full disk never leaves a half-written one that a
+resume would trust. torch, accelerate and tensorboard are imported lazily: `import align` stays fast.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import os
+import re
+import resource
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any, Callable
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "seed_everything", "atomic_write_text", "atomic_write_bytes", "atomic_write_json",
+    "CheckpointManager", "RunDirError", "prepare_out_dir", "RunLogger", "plot_curves",
+    "progress", "make_accelerator", "peak_rss_mb",
+]
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python's `random`, numpy and torch (all devices), via accelerate's set_seed."""
+    from accelerate.utils import set_seed
+
+    set_seed(int(seed))
+
+
+# ---------------------------------------------------------------------------- atomic files
+
+def _fsync(path) -> None:
+    """Flush a file, or a folder's entries (making a rename durable), to disk. Best effort."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path, data: bytes) -> Path:
+    """Write `data` to `path` via a same-folder temp file + fsync + os.replace."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # open(..., "xb") rather than mkstemp: the file gets the umask's mode, not 0600.
+    tmp = path.parent / f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync(path.parent)
+    return path
+
+
+def atomic_write_text(path, text: str) -> Path:
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj) -> Path:
+    return atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+_STEP_RE = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointManager:
+    """Numbered checkpoints under out_dir/checkpoints/, complete only once renamed into place.
+
+    save(step, write_fn, state): write_fn(tmp_dir) writes the model files (save_pretrained,
+    safetensors, optimizer) into out_dir/checkpoints/.tmp-step-XXXXXXXX-<pid>/; state.json
+    (`state` + "step") is added, everything is fsynced, and the folder is renamed to
+    step-XXXXXXXX. Only then is `latest` rewritten (atomically) and are older checkpoints beyond
+    `keep` and stale .tmp-* folders removed. If write_fn raises, the temp folder is removed and
+    the previous checkpoint stays the latest.
+
+    Only the main process writes (is_main=False makes save a no-op that may still be called
+    from every rank). Under FSDP/ZeRO gather the full state on all ranks *before* calling save.
+    """
+
+    def __init__(self, out_dir, keep: int | None = 2, is_main: bool = True):
+        self.out_dir = Path(out_dir)
+        self.dir = self.out_dir / "checkpoints"
+        self.keep = keep
+        self.is_main = is_main
+
+    def step_dir(self, step: int) -> Path:
+        return self.dir / f"step-{int(step):08d}"
+
+    def _complete(self) -> list[tuple[int, Path]]:
+        """(step, path) of complete checkpoints (renamed into place, state.json inside), by step."""
+        if not self.dir.is_dir():
+            return []
+        found = []
+        for p in self.dir.iterdir():
+            m = _STEP_RE.match(p.name)
+            if m and p.is_dir() and (p / "state.json").is_file():
+                found.append((int(m.group(1)), p))
+        return sorted(found)
+
+    def latest(self) -> Path | None:
+        """The newest complete checkpoint: `latest` if its folder exists, else the highest step."""
+        pointer = self.dir / "latest"
+        if pointer.is_file():
+            name = pointer.read_text().strip()
+            if _STEP_RE.match(name) and (self.dir / name).is_dir():
+                return self.dir / name
+        complete = self._complete()
+        return complete[-1][1] if complete else None
+
+    @staticmethod
+    def load_state(path) -> dict:
+        """The state dict saved with a checkpoint (accepts the folder or its state.json)."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "state.json"
+        return json.loads(path.read_text())
+
+    def save(self, step: int, write_fn: Callable[[Path], Any] | None = None,
+             state: dict | None = None) -> Path | None:
+        """Write a checkpoint for `step`; returns its folder (None on non-main processes)."""
+        if not self.is_main:
+            return None
+        step = int(step)
+        self.dir.mkdir(parents=True, exist_ok=True)
+        final = self.step_dir(step)
+        tmp = self.dir / f".tmp-{final.name}-{os.getpid()}"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        try:
+            if write_fn is not None:
+                write_fn(tmp)
+            atomic_write_json(tmp / "state.json", {**(state or {}), "step": step})
+            for root, _, files in os.walk(tmp):  # write_fn's files may still sit in page cache
+                for name in [*files, "."]:
+                    _fsync(os.path.join(root, name))
+            if final.exists():  # re-saving a step (e.g. after a resume): move the old one aside
+                old = self.dir / f".tmp-old-{final.name}-{os.getpid()}"
+                os.replace(final, old)
+            os.replace(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        _fsync(self.dir)
+        atomic_write_text(self.dir / "latest", final.name + "\n")
+        self._prune(keep_path=final)
+        return final
+
+    def _prune(self, keep_path: Path) -> None:
+        """Remove stale temp folders and all but the `keep` newest checkpoints (never keep_path)."""
+        for p in self.dir.glob(".tmp-*"):  # ours is renamed by now: these are from crashes
+            if p.is_dir():
+                shutil.rmtree(p, ignore_errors=True)
+            else:
+                p.unlink(missing_ok=True)
+        if not self.keep or self.keep <= 0:
+            return
+        others = [p for _, p in self._complete() if p != keep_path]
+        for p in others[: max(0, len(others) - (self.keep - 1))]:
+            shutil.rmtree(p, ignore_errors=True)
+
+
+class RunDirError(ValueError):
+    """The output folder already holds a run and --resume was not given."""
+
+
+def prepare_out_dir(out_dir, resume: bool, is_main: bool = True) -> Path:
+    """Create `out_dir`; refuse to silently mix a new run into an old one (nothing is deleted).
+
+    Non-main processes only create the folder: by the time they look, rank 0 may already have
+    started writing metrics there.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    if not is_main:
+        return out
+    has_ckpt = CheckpointManager(out).latest() is not None
+    if not resume and (has_ckpt or (out / "metrics.jsonl").exists()):
+        raise RunDirError(f"{out} already holds a run; pass --resume to continue it "
+                          f"or choose another --out")
+    if resume and not has_ckpt:
+        logger.warning("--resume: no checkpoint in %s; starting from scratch", out)
+    return out
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def _to_float(key: str, value: Any) -> float:
+    try:
+        return float(value.item() if hasattr(value, "item") else value)
+    except (TypeError, ValueError) as err:
+        raise TypeError(f"metric '{key}' must be a number, got {type(value).__name__}") from err
+
+
+class RunLogger:
+    """Metrics sink for the main process: TensorBoard, metrics.jsonl and in-memory history.
+
+    metrics.jsonl gets one object per log call ({"step": s, ...}), appended and flushed at once,
+    so a crash loses nothing already logged. Non-finite values are kept (NaN is worth seeing) but
+    written as JSON null, since NaN is not valid JSON. On resume, rows with step > resume_step
+    are dropped (they belong to the lost part of the crashed run) and TensorBoard purges them
+    too. resume_step=None starts a fresh metrics.jsonl. is_main=False makes every method a no-op.
+    """
+
+    def __init__(self, out_dir, is_main: bool = True, resume_step: int | None = None):
+        self.is_main = is_main
+        self.history: dict[str, list[tuple[int, float]]] = {}
+        self.tb = None
+        self._file = None
+        if not is_main:
+            return
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        self.path = out / "metrics.jsonl"
+        rows = self._read_rows(self.path, resume_step) if resume_step is not None else []
+        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        for row in rows:
+            self._remember(row["step"], {k: v for k, v in row.items() if k != "step"})
+        self._file = open(self.path, "a", encoding="utf-8")
+        from torch.utils.tensorboard import SummaryWriter
+
+        purge = None if resume_step is None else int(resume_step) + 1
+        self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=purge)
+
+    @staticmethod
+    def _read_rows(path: Path, resume_step: int) -> list[dict]:
+        if not path.exists():
+            return []
+        rows = []
+        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # e.g. a line cut short by a crash
+                logger.warning("%s:%d: skipping unreadable line", path, i)
+                continue
+            if isinstance(row, dict) and "step" in row and row["step"] <= resume_step:
+                rows.append(row)
+        return rows
+
+    def _remember(self, step: int, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.history.setdefault(k, []).append((step, math.nan if v is None else float(v)))
+
+    def log(self, step: int, metrics: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        step = int(step)
+        values = {k: _to_float(k, v) for k, v in metrics.items()}
+        row = {"step": step, **{k: (v if math.isfinite(v) else None) for k, v in values.items()}}
+        self._file.write(json.dumps(row) + "\n")
+        self._file.flush()
+        for k, v in values.items():
+            self.tb.add_scalar(k, v, step)
+        self._remember(step, values)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self.tb is not None:
+            self.tb.close()
+            self.tb = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def plot_curves(history, keys, path, title=None):
+    """See align.report.plot_curves (kept there with the other report writers)."""
+    from align.report import plot_curves as _plot
+
+    return _plot(history, keys, path, title)
+
+
+# ---------------------------------------------------------------------------- misc
+
+def progress(iterable=None, total=None, desc=None, disable=False, is_main: bool | None = None):
+    """A tqdm bar shown on the main process only (is_main=None reads RANK, set by launchers)."""
+    from tqdm.auto import tqdm
+
+    if is_main is None:
+        is_main = int(os.environ.get("RANK", "0")) == 0
+    return tqdm(iterable, total=total, desc=desc, disable=disable or not is_main,
+                leave=False, dynamic_ncols=True)
+
+
+def make_accelerator(mixed_precision="no", cpu=None, gradient_accumulation_steps=1,
+                     log_with=None, **kwargs):
+    """An accelerate.Accelerator; cpu=None picks the CPU when no CUDA device is visible."""
+    import torch
+    from accelerate import Accelerator
+
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with,
+                       gradient_accumulation_steps=gradient_accumulation_steps, **kwargs)
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024

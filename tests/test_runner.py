@@ -1,0 +1,260 @@
+"""Run infrastructure: config merging and errors, atomic checkpoints, run folders, metrics, reports."""
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import pytest
+
+from align.config import ConfigError, config_dict, load_config, save_config
+from align.report import markdown_table, write_report
+from align.runner import (CheckpointManager, RunDirError, RunLogger, atomic_write_json,
+                          atomic_write_text, peak_rss_mb, plot_curves, prepare_out_dir,
+                          progress, seed_everything)
+
+
+@dataclass
+class PPOCfg:
+    clip_range: float = 0.2
+    epochs: int = 4
+    gamma: float = 1.0
+
+
+@dataclass
+class TrainCfg:
+    model: str = "tiny"
+    lr: float = 1e-3
+    out: Optional[Path] = None
+    ppo: PPOCfg = field(default_factory=PPOCfg)
+
+
+def _yaml(tmp_path, text, name="x.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+# ---------------------------------------------------------------------------- config
+
+def test_config_merge_order(tmp_path):
+    path = _yaml(tmp_path, "model: from_yaml\nlr: 0.5\nppo:\n  clip_range: 0.1\n  epochs: 2\n")
+    cfg = load_config(TrainCfg, path, overrides=["ppo.epochs=7", "lr=0.25"],
+                      model="from_field", lr=0.75, out=None, **{"ppo.clip_range": 0.3})
+    assert isinstance(cfg, TrainCfg) and isinstance(cfg.ppo, PPOCfg)
+    assert cfg.model == "from_field"      # field beats yaml
+    assert cfg.lr == 0.25                 # override beats field beats yaml
+    assert cfg.ppo.clip_range == 0.3      # dotted field beats yaml
+    assert cfg.ppo.epochs == 7            # override beats yaml
+    assert cfg.ppo.gamma == 1.0           # default survives
+    assert cfg.out is None                # None field = not given
+    assert load_config(TrainCfg) == TrainCfg()
+
+
+def test_config_unknown_key_names_key_and_file(tmp_path):
+    path = _yaml(tmp_path, "ppo:\n  cliprange: 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainCfg, path)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert str(path) in msg and "unknown key 'ppo.cliprange'" in msg
+    assert "did you mean 'ppo.clip_range'" in msg
+
+
+def test_config_bad_type_and_bad_override(tmp_path):
+    path = _yaml(tmp_path, "ppo:\n  epochs: many\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: .*'ppo\.epochs'"):
+        load_config(TrainCfg, path)
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(TrainCfg, overrides=["ppo.epochs"])
+    with pytest.raises(ConfigError, match="unknown key 'lrr'"):
+        load_config(TrainCfg, overrides=["lrr=1"])
+    with pytest.raises(ConfigError, match="no such config file"):
+        load_config(TrainCfg, tmp_path / "missing.yaml")
+    assert issubclass(ConfigError, ValueError)
+
+
+def test_save_config_roundtrip(tmp_path):
+    cfg = load_config(TrainCfg, out=tmp_path / "run", overrides=["ppo.gamma=0.9"])
+    save_config(cfg, tmp_path / "config.yaml")
+    assert "!!python" not in (tmp_path / "config.yaml").read_text()
+    assert load_config(TrainCfg, tmp_path / "config.yaml") == cfg
+    d = config_dict(cfg)
+    assert d["ppo"]["gamma"] == 0.9 and d["out"] == str(tmp_path / "run")
+    json.dumps(d)
+
+
+# ---------------------------------------------------------------------------- atomic files
+
+def test_atomic_write_leaves_no_temp_files(tmp_path):
+    atomic_write_text(tmp_path / "a.txt", "one")
+    atomic_write_text(tmp_path / "a.txt", "two")
+    atomic_write_json(tmp_path / "sub" / "b.json", {"x": 1})
+    assert (tmp_path / "a.txt").read_text() == "two"
+    assert json.loads((tmp_path / "sub" / "b.json").read_text()) == {"x": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.txt", "sub"]
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["b.json"]
+    with pytest.raises(TypeError):  # a failed serialisation keeps the old file, adds nothing
+        atomic_write_json(tmp_path / "sub" / "b.json", {"x": object()})
+    assert [p.name for p in (tmp_path / "sub").iterdir()] == ["b.json"]
+
+
+# ---------------------------------------------------------------------------- checkpoints
+
+def _writer(text):
+    return lambda d: (d / "model.bin").write_text(text)
+
+
+def test_checkpoint_save_latest_prune(tmp_path):
+    ckpt = CheckpointManager(tmp_path, keep=2)
+    assert ckpt.latest() is None
+    for step in (10, 20, 30):
+        path = ckpt.save(step, _writer(f"w{step}"), {"epoch": step // 10})
+        assert path.name == f"step-{step:08d}"
+    assert ckpt.latest() == tmp_path / "checkpoints" / "step-00000030"
+    assert (ckpt.latest() / "model.bin").read_text() == "w30"
+    assert ckpt.load_state(ckpt.latest()) == {"epoch": 3, "step": 30}
+    names = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
+    assert names == ["latest", "step-00000020", "step-00000030"]
+    # re-saving an existing step replaces it in place
+    ckpt.save(30, _writer("again"), {})
+    assert (ckpt.latest() / "model.bin").read_text() == "again"
+    # keep=1 keeps only the newest
+    CheckpointManager(tmp_path, keep=1).save(40, _writer("w40"), {})
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*")) == ["step-00000040"]
+
+
+def test_checkpoint_crash_keeps_previous(tmp_path):
+    ckpt = CheckpointManager(tmp_path)
+    ckpt.save(1, _writer("good"), {})
+
+    def crash(d):
+        (d / "model.bin").write_text("half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        ckpt.save(2, crash, {})
+    assert ckpt.latest().name == "step-00000001"
+    assert not (tmp_path / "checkpoints" / "step-00000002").exists()
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_checkpoint_latest_survives_stale_tmp(tmp_path):
+    ckpt = CheckpointManager(tmp_path)
+    ckpt.save(5, _writer("w5"), {})
+    # a killed process left a half-written folder (with no rename) and the pointer is gone
+    stale = tmp_path / "checkpoints" / ".tmp-step-00000009-99999"
+    stale.mkdir()
+    (stale / "state.json").write_text('{"step": 9}')
+    assert ckpt.latest().name == "step-00000005"
+    (tmp_path / "checkpoints" / "latest").unlink()
+    assert ckpt.latest().name == "step-00000005"
+    # a pointer to a folder that is gone falls back to the highest complete step
+    (tmp_path / "checkpoints" / "latest").write_text("step-00000007\n")
+    assert ckpt.latest().name == "step-00000005"
+    ckpt.save(6, _writer("w6"), {})
+    assert not stale.exists()
+
+
+def test_checkpoint_non_main_does_nothing(tmp_path):
+    assert CheckpointManager(tmp_path, is_main=False).save(1, _writer("x"), {}) is None
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# ---------------------------------------------------------------------------- run folder
+
+def test_prepare_out_dir(tmp_path, caplog):
+    out = tmp_path / "run"
+    assert prepare_out_dir(out, resume=False) == out and out.is_dir()
+    assert prepare_out_dir(out, resume=False) == out  # empty folder: fine
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
+        prepare_out_dir(out, resume=False)
+    assert (out / "metrics.jsonl").exists()  # nothing deleted
+    with caplog.at_level("WARNING"):
+        prepare_out_dir(out, resume=True)
+    assert "starting from scratch" in caplog.text
+    out2 = tmp_path / "run2"
+    CheckpointManager(out2).save(3, None, {})
+    with pytest.raises(RunDirError):
+        prepare_out_dir(out2, resume=False)
+    assert prepare_out_dir(out2, resume=True) == out2
+
+
+# ---------------------------------------------------------------------------- metrics
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_run_logger_writes_and_resumes(tmp_path):
+    log = RunLogger(tmp_path)
+    for step in (1, 2, 3, 4):
+        log.log(step, {"loss": 1.0 / step, "reward": float(step)})
+    log.log(5, {"loss": float("nan")})  # never crashes; NaN is null in JSON
+    # flushed on each call: readable before close
+    rows = _rows(tmp_path / "metrics.jsonl")
+    assert rows[0] == {"step": 1, "loss": 1.0, "reward": 1.0} and rows[-1] == {"step": 5, "loss": None}
+    assert math.isnan(log.history["loss"][-1][1])
+    log.close()
+    assert list((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+    log = RunLogger(tmp_path, resume_step=2)
+    assert log.history["reward"] == [(1, 1.0), (2, 2.0)]
+    log.log(3, {"reward": 30.0})
+    log.close()
+    assert [r["step"] for r in _rows(tmp_path / "metrics.jsonl")] == [1, 2, 3]
+    assert _rows(tmp_path / "metrics.jsonl")[-1]["reward"] == 30.0
+
+
+def test_run_logger_non_main_is_noop(tmp_path):
+    log = RunLogger(tmp_path / "r", is_main=False)
+    log.log(1, {"x": 1.0})
+    log.close()
+    assert log.history == {} and not (tmp_path / "r").exists()
+
+
+def test_plot_curves_png(tmp_path):
+    history = {"loss": [(1, 2.0), (2, 1.0), (3, float("nan"))], "kl": [(1, 0.1), (2, 0.2)]}
+    path = plot_curves(history, ["loss", "kl", "absent"], tmp_path / "curves.png", title="t")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_curves(history, ["absent"], tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+# ---------------------------------------------------------------------------- report & misc
+
+def test_markdown_table():
+    rows = [{"model": "base", "score": 0.12345, "n": 3}, {"model": "a|b", "score": float("nan")}]
+    table = markdown_table(rows)
+    lines = table.strip().splitlines()
+    assert lines[0] == "| model | score | n |"
+    assert lines[1] == "|---|---:|---:|"
+    assert lines[2] == "| base | 0.123 | 3 |"
+    assert lines[3] == r"| a\|b | nan |  |"
+    assert markdown_table(rows, columns=["score"], floatfmt=".1f").splitlines()[2] == "| 0.1 |"
+
+
+def test_write_report(tmp_path):
+    (tmp_path / "curves.png").write_bytes(b"png")
+    path = write_report(tmp_path, "PPO run", [("Results", "| a |\n|---|\n| 1 |"), ("Notes", "ok")],
+                        images=[tmp_path / "curves.png"])
+    text = path.read_text()
+    assert path == tmp_path / "report.md"
+    assert text.startswith("# PPO run\n")
+    assert "## Results\n\n| a |" in text and "## Notes\n\nok" in text
+    assert "![curves](curves.png)" in text
+    assert text.index("## Results") < text.index("## Notes")
+
+
+def test_misc_helpers():
+    import torch
+
+    seed_everything(3)
+    a = torch.rand(3)
+    seed_everything(3)
+    assert torch.equal(a, torch.rand(3))
+    assert peak_rss_mb() > 10
+    assert list(progress(range(3), disable=True)) == [0, 1, 2]
+    assert list(progress(range(2), is_main=False)) == [0, 1]
