@@ -1,0 +1,100 @@
+"""One run's plumbing, the same for every trainer: out dir, accelerator, seed, checkpoints, metrics.
+
+    run = start_run(cfg, out=cfg.out, resume=resume, mixed_precision=cfg.mixed_precision, seed=cfg.seed)
+    ... run.state (dict or None), run.resume_dir (the checkpoint to load), run.log(step, metrics) ...
+    run.checkpoint(step, write_fn, state)   # every rank calls it; rank 0 writes, the others wait
+    run.finish(title, sections, plots)      # curves PNG + report.md
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from align.config import save_config
+from align.report import write_report
+from align.runner import (CheckpointManager, RunLogger, make_accelerator, peak_rss_mb, plot_curves,
+                          prepare_out_dir, seed_everything)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Run:
+    out: Path
+    accelerator: object
+    ckpt: CheckpointManager
+    logger: RunLogger
+    state: dict | None
+    resume_dir: Path | None
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def start_step(self) -> int:
+        return int(self.state["step"]) if self.state else 0
+
+    def log(self, step: int, metrics: dict) -> None:
+        self.logger.log(step, metrics)
+
+    def checkpoint(self, step: int, write_fn, state: dict) -> None:
+        """Collective: all ranks call it; rank 0 writes atomically, then everyone continues."""
+        self.accelerator.wait_for_everyone()
+        self.ckpt.save(step, write_fn, state)
+        self.accelerator.wait_for_everyone()
+
+    def finish(self, title: str, sections: list[tuple[str, str]], plot_keys: list[str] = ()) -> Path | None:
+        """Curves PNG + report.md (main process). Adds wall time and peak RSS."""
+        self.accelerator.wait_for_everyone()
+        if not self.is_main:
+            return None
+        images = []
+        if plot_keys:
+            png = plot_curves(self.logger.history, list(plot_keys), self.out / "curves.png", title=title)
+            if png:
+                images.append(png)
+        wall = time.perf_counter() - self.started
+        sections = list(sections) + [("Run", f"- wall time: {wall:.1f} s\n- peak RSS (rank 0): {peak_rss_mb():.0f} MB\n"
+                                             f"- processes: {self.accelerator.num_processes}\n"
+                                             f"- config: `config.yaml`; metrics: `metrics.jsonl`, TensorBoard: `tb/`")]
+        self.logger.close()
+        return write_report(self.out, title, sections, images)
+
+
+def start_run(cfg, out, resume: bool, mixed_precision: str = "no", seed: int = 0, keep_checkpoints: int = 2) -> Run:
+    accelerator = make_accelerator(mixed_precision=mixed_precision)
+    out = prepare_out_dir(out, resume, is_main=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    ckpt = CheckpointManager(out, keep=keep_checkpoints, is_main=accelerator.is_main_process)
+    resume_dir = ckpt.latest() if resume else None
+    state = CheckpointManager.load_state(resume_dir) if resume_dir else None
+    if resume_dir is not None and accelerator.is_main_process:
+        log.info("resuming from %s (step %d)", resume_dir, state["step"])
+    if accelerator.is_main_process:
+        save_config(cfg, out / "config.yaml")
+    seed_everything(seed)
+    logger = RunLogger(out, is_main=accelerator.is_main_process, resume_step=state["step"] if state else None)
+    return Run(out, accelerator, ckpt, logger, state, resume_dir)
+
+
+def rng_state() -> dict:
+    """Python, numpy and torch RNG states (restored on resume so a resumed run samples as the original)."""
+    import random
+
+    import numpy as np
+    import torch
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+    import torch
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])

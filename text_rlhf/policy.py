@@ -1,0 +1,94 @@
+"""The PPO actor-critic for causal LMs: log-probs of response tokens and per-token values in one pass.
+
+`PolicyWithValue.forward` runs the LM once with `logits_to_keep` (so the vocabulary projection
+runs over the response positions only) and reads values either from a linear head on the
+policy's last hidden states (shared trunk: one forward/backward for actor and critic) or from a
+separate critic trunk (TRL's default; costlier, independent of the policy's features).
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.nn as nn
+
+from text_rlhf.models import position_ids_from_mask, token_log_probs, unwrap_hf
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """PPO's ratio must be 1 on the first mini-batch: dropout would make log π noisy."""
+    for m in model.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0
+
+
+def hidden_size(model) -> int:
+    cfg = unwrap_hf(model).config
+    for name in ("hidden_size", "n_embd", "d_model"):
+        if getattr(cfg, name, None):
+            return int(getattr(cfg, name))
+    raise ValueError(f"cannot find the hidden size of {type(model).__name__}")
+
+
+class PolicyWithValue(nn.Module):
+    """Shapes: input_ids/attention_mask (B, L) = left-padded prompt (B, P) + response (B, T)."""
+
+    def __init__(self, lm, critic_trunk=None):
+        super().__init__()
+        self.lm = lm
+        self.critic = critic_trunk
+        self.value_head = nn.Linear(hidden_size(critic_trunk if critic_trunk is not None else lm), 1)
+        nn.init.zeros_(self.value_head.weight)  # V starts at 0: early advantages are the returns
+        nn.init.zeros_(self.value_head.bias)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, response_len: int,
+                temperature: float = 1.0, with_values: bool = True):
+        """(log π(a_t|s_t), V(s_t)) for the last `response_len` tokens: (B, T), (B, T) (values None if not asked)."""
+        T = response_len
+        pos = position_ids_from_mask(attention_mask)
+        shared = with_values and self.critic is None
+        out = self.lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                      logits_to_keep=T + 1, output_hidden_states=shared, use_cache=False)
+        logits = out.logits[:, :-1]                                 # (B, T, V): predicts response tokens
+        if temperature != 1.0:
+            logits = logits / temperature
+        log_prob = token_log_probs(logits, input_ids[:, -T:])        # (B, T)
+        values = None
+        if shared:
+            h = out.hidden_states[-1][:, -T - 1:-1]                  # (B, T, H): states s_t
+            values = self.value_head(h).squeeze(-1).float()
+        elif with_values:
+            h = self.critic(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                            use_cache=False).last_hidden_state[:, -T - 1:-1]
+            values = self.value_head(h).squeeze(-1).float()
+        return log_prob, values
+
+    def reference_off(self):
+        """Context in which the LM is the reference policy: LoRA adapters disabled (peft)."""
+        if hasattr(self.lm, "disable_adapter"):
+            return self.lm.disable_adapter()
+        raise RuntimeError("no adapters to disable: use a frozen reference copy")
+
+
+@torch.no_grad()
+def reference_log_probs(policy: PolicyWithValue, ref_lm, input_ids, attention_mask, response_len, temperature=1.0):
+    """log π_ref of the response tokens: the frozen copy, or the policy with its adapters off."""
+    if ref_lm is not None:
+        pos = position_ids_from_mask(attention_mask)
+        logits = ref_lm(input_ids=input_ids, attention_mask=attention_mask, position_ids=pos,
+                        logits_to_keep=response_len + 1, use_cache=False).logits[:, :-1]
+        if temperature != 1.0:
+            logits = logits / temperature
+        return token_log_probs(logits, input_ids[:, -response_len:])
+    ctx = policy.reference_off() if hasattr(policy.lm, "disable_adapter") else contextlib.nullcontext()
+    with ctx:
+        return policy(input_ids, attention_mask, response_len, temperature, with_values=False)[0]
+
+
+def response_mask(responses: torch.Tensor, eos_id: int | None) -> torch.Tensor:
+    """(B, T) 1 up to and including the first EOS, 0 after (generate pads finished rows; pad may equal EOS)."""
+    if eos_id is None:
+        return torch.ones_like(responses)
+    is_eos = (responses == eos_id).long()
+    after_first = (is_eos.cumsum(-1) - is_eos) > 0
+    return (~after_first).long()

@@ -1,0 +1,377 @@
+"""PPO for causal LMs against a learned reward, KL-regularised to the reference policy.
+
+One iteration, top to bottom (Ziegler et al. 2019; Stiennon et al. 2020; InstructGPT §3.5):
+  1. rollout  — sample responses with `generate` (left padding, KV cache, temperature 1, no
+                top-k/top-p: the KL estimate is only honest on samples of the raw policy)
+  2. score    — old log π and V(s_t) in one forward, log π_ref, the RM score at the last
+                response token (EOS, or the last token when truncated; never a pad)
+  3. rewards  — r_t = −β·(log π − log π_ref)_t, plus the score on the last token
+  4. GAE      — γ = 1, λ = 0.95; advantages whitened over the batch
+  5. update   — `ppo_epochs` passes of clipped surrogate + clipped value loss (align.rl)
+  6. KL control — β adapts towards the target KL (Ziegler et al. eq. 2)
+"""
+from __future__ import annotations
+
+import copy
+import importlib
+import logging
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.data import load_prompts
+from align.reward import normalizer_from_scores
+from align.rl import clipped_surrogate, clipped_value_loss, gae, kl_estimate, make_kl_controller, masked_mean, masked_whiten
+from align.rl.config import LoraParams, PPOParams
+from align.runner import progress
+from align.session import rng_state, set_rng_state, start_run
+from text_rlhf.models import (SequenceScorer, apply_lora, load_causal_lm, load_seq_scorer, load_tokenizer,
+                              ModelLoadError, pad_batch, save_hf, unwrap_hf)
+from text_rlhf.policy import PolicyWithValue, disable_dropout, reference_log_probs, response_mask
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PPOConfig:
+    policy: str = ""
+    """Policy to optimise (folder or hub id); its initial weights are the reference π_ref."""
+    reward: str = ""
+    """Reward model folder (align text rm), or module:function scoring (prompts, responses) -> floats."""
+    prompts: str = ""
+    """Prompts: JSONL {"prompt"} per line, or a text file with one prompt per line."""
+    out: str = ""
+    iterations: int = 100
+    """Rollout + update rounds."""
+    batch_size: int = 64
+    """Prompts per rollout, per process."""
+    max_prompt_length: int = 128
+    max_new_tokens: int = 32
+    temperature: float = 1.0
+    top_k: int = 0
+    """0 = off. Anything but raw sampling makes the KL estimate dishonest (a warning says so)."""
+    top_p: float = 1.0
+    stop_at_eos: bool = True
+    lr: float = 1e-5
+    value_model: str = "head"
+    """head: linear value head on the policy's trunk (one forward for both); separate: its own trunk."""
+    value_init: str = ""
+    """Trunk for value_model=separate (default: the reward model if it is a folder, else the policy)."""
+    normalize_reward: bool = True
+    """Shift the RM so the reference policy's mean score is 0 (measured on the first rollout)."""
+    missing_eos_penalty: float = 0.0
+    """Subtracted from the score of a response cut off before EOS."""
+    ppo: PPOParams = field(default_factory=PPOParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    reward_batch_size: int = 64
+    save_every: int = 10
+    """Checkpoint every N iterations (and at the end)."""
+    log_samples: int = 4
+    """Sample texts kept per logged iteration (samples.jsonl)."""
+
+
+# ---------------------------------------------------------------------------- reward
+
+class RewardFn:
+    """The reward: an RM folder (token ids reused when it shares the policy's tokenizer) or any
+    importable `module:function(prompts, responses) -> list[float]`."""
+
+    def __init__(self, spec: str, policy_tok, device, batch_size: int):
+        self.spec, self.device, self.batch_size, self.policy_tok = spec, device, batch_size, policy_tok
+        self.fn = self.scorer = None
+        if ":" in spec and not Path(spec).exists():
+            module, _, name = spec.partition(":")
+            try:
+                self.fn = getattr(importlib.import_module(module), name)
+            except (ImportError, AttributeError) as e:
+                raise ValueError(f"--reward {spec!r}: cannot import {name!r} from {module!r}: {e}") from e
+            return
+        self.tok = load_tokenizer(spec, padding_side="right")
+        self.scorer = SequenceScorer(load_seq_scorer(spec, pad_token_id=self.tok.pad_token_id)).to(device).eval()
+        self.scorer.requires_grad_(False)
+        self.same_tok = self.tok.get_vocab() == policy_tok.get_vocab()
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses_text, seq, mask) -> torch.Tensor:
+        if self.fn is not None:
+            out = torch.as_tensor(self.fn(list(prompts), list(responses_text)), dtype=torch.float32).flatten()
+            if out.numel() != len(prompts):
+                raise ValueError(f"reward {self.spec}: returned {out.numel()} scores for {len(prompts)} responses")
+            return out.to(self.device)
+        scores = []
+        for i in range(0, len(prompts), self.batch_size):
+            if self.same_tok:  # the policy's own token ids: no decode/re-encode round trip
+                s, m = seq[i:i + self.batch_size], mask[i:i + self.batch_size]
+            else:
+                from text_rlhf.models import encode_pairs
+                ids, _ = encode_pairs(self.tok, prompts[i:i + self.batch_size], responses_text[i:i + self.batch_size],
+                                      10 ** 6, add_eos=False)
+                s, m = (t.to(self.device) for t in pad_batch(ids, self.tok.pad_token_id))
+            scores.append(self.scorer(s, m))
+        return torch.cat(scores)
+
+
+# ---------------------------------------------------------------------------- run
+
+def run_ppo(cfg: PPOConfig, resume: bool = False) -> Path:
+    for name in ("policy", "reward", "prompts", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"ppo: --{name} is required")
+    p = cfg.ppo
+    if cfg.batch_size % p.mini_batch_size:
+        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of ppo.mini_batch_size {p.mini_batch_size}")
+    micro = p.micro_batch_size or p.mini_batch_size
+    if p.mini_batch_size % micro:
+        raise ValueError(f"ppo.mini_batch_size {p.mini_batch_size} is not a multiple of ppo.micro_batch_size {micro}")
+    if cfg.temperature != 1.0 or cfg.top_k or cfg.top_p < 1.0:
+        log.warning("sampling with temperature=%s top_k=%s top_p=%s: samples no longer come from π, so the KL "
+                    "penalty and the PPO ratio refer to a different distribution", cfg.temperature, cfg.top_k, cfg.top_p)
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    acc = run.accelerator
+    prompts_all = load_prompts(cfg.prompts)
+    tok = load_tokenizer(cfg.policy, padding_side="left")
+
+    # models: policy (+ value head or critic), reference, reward
+    lm = load_causal_lm(cfg.policy)
+    disable_dropout(lm)
+    if cfg.gradient_checkpointing:
+        lm.gradient_checkpointing_enable()
+    ref_lm = None
+    if cfg.lora.r <= 0:
+        ref_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(acc.device)
+    lm = apply_lora(lm, cfg.lora, "CAUSAL_LM")
+    critic = None
+    if cfg.value_model == "separate":
+        from transformers import AutoModel
+        init = cfg.value_init or (cfg.reward if Path(cfg.reward).exists() else cfg.policy)
+        critic = AutoModel.from_pretrained(str(Path(init) / "model") if (Path(init) / "model").is_dir() else init)
+        disable_dropout(critic)
+    elif cfg.value_model != "head":
+        raise ValueError(f"value_model must be 'head' or 'separate', not {cfg.value_model!r}")
+    model = PolicyWithValue(lm, critic)
+    reward_fn = RewardFn(cfg.reward, tok, acc.device, cfg.reward_batch_size)
+    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, eps=1e-5)
+    kl_ctl = make_kl_controller(p.kl.kl_coef, p.kl.adaptive, p.kl.target, p.kl.horizon)
+    shift = None
+    if run.resume_dir:
+        state = run.state
+        model.load_state_dict(torch.load(run.resume_dir / "policy.pt", weights_only=False), strict=False)
+        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
+        kl_ctl.load_state_dict(state["kl_ctl"])
+        shift = state["reward_shift"]
+    model, optimizer = acc.prepare(model, optimizer)
+    policy = acc.unwrap_model(model)
+    world = acc.num_processes
+    global_batch = cfg.batch_size * world
+    log.info("ppo: %d prompts; %d iterations × %d samples (%d per process × %d); %d epochs × %d mini-batches of %d "
+             "(micro %d); value=%s, LoRA r=%d, reward=%s", len(prompts_all), cfg.iterations, global_batch,
+             cfg.batch_size, world, p.ppo_epochs, cfg.batch_size // p.mini_batch_size, p.mini_batch_size, micro,
+             cfg.value_model, cfg.lora.r, cfg.reward)
+    from transformers import GenerationConfig
+    gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
+                               max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, use_cache=True,
+                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                               eos_token_id=tok.eos_token_id if cfg.stop_at_eos else None)
+
+    def write(ckpt_dir: Path):
+        torch.save({k: v for k, v in policy.state_dict().items()}, ckpt_dir / "policy.pt")
+        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+        torch.save(rng_state(), ckpt_dir / "rng.pt")
+
+    samples_path = run.out / "samples.jsonl"
+    it = run.start_step
+    bar = progress(total=cfg.iterations, desc="ppo", is_main=run.is_main)
+    bar.update(it)
+    while it < cfg.iterations:
+        t0 = time.perf_counter()
+        # ------------------------------------------------------------ 1. rollout
+        prompts = _prompts_for(prompts_all, it, cfg.batch_size, world, acc.process_index, cfg.seed)
+        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_prompt_length)
+        prompt_ids, prompt_mask = enc["input_ids"].to(acc.device), enc["attention_mask"].to(acc.device)
+        P = prompt_ids.shape[1]
+        with torch.no_grad(), acc.autocast():
+            seq = policy.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
+        responses = seq[:, P:]                                                   # (B, T)
+        T = responses.shape[1]
+        resp_mask = response_mask(responses, gen_cfg.eos_token_id)             # (B, T)
+        mask = torch.cat([prompt_mask, resp_mask], dim=1)                       # (B, P+T)
+        t_gen = time.perf_counter()
+        # ------------------------------------------------------------ 2. score
+        with torch.no_grad(), acc.autocast():
+            old_log_prob, old_values = policy(seq, mask, T, cfg.temperature)   # (B, T), (B, T)
+            ref_log_prob = reference_log_probs(policy, ref_lm, seq, mask, T, cfg.temperature)
+            texts = tok.batch_decode(responses.masked_fill(resp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+            scores = reward_fn(prompts, texts, seq, mask).float()              # (B,)
+        _check_finite(scores, prompts, it, cfg.reward)
+        ended = (responses == tok.eos_token_id).logical_and(resp_mask.bool()).any(1) if cfg.stop_at_eos else \
+            torch.zeros_like(scores, dtype=torch.bool)
+        raw_scores = scores.clone()
+        if cfg.normalize_reward:
+            if shift is None:  # the first rollout is a sample of the reference policy (π = π_ref)
+                shift = normalizer_from_scores(acc.gather(scores).cpu())[0]
+                log.info("reward normalisation: shift %.4f (mean score of the reference policy)", shift)
+            scores = scores - shift
+        if cfg.missing_eos_penalty:
+            scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
+        # ------------------------------------------------------------ 3. rewards
+        m = resp_mask.float()
+        kl = kl_estimate(old_log_prob, ref_log_prob, p.kl.estimator) * m                # (B, T)
+        rewards = -kl_ctl.value * kl
+        last = (resp_mask.sum(1) - 1).clamp_min(0)                                       # (B,) EOS or last token
+        rewards[torch.arange(len(last), device=last.device), last] += scores
+        # ------------------------------------------------------------ 4. advantages
+        advantages, returns = gae(rewards, old_values * m, m, p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = masked_whiten(advantages, m)
+        t_score = time.perf_counter()
+        # ------------------------------------------------------------ 5. update
+        stats = _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, advantages, returns, cfg, micro)
+        t_upd = time.perf_counter()
+        # ------------------------------------------------------------ 6. KL control
+        seq_kl = acc.gather(kl.sum(1)).mean().item()
+        kl_coef = kl_ctl.value
+        kl_ctl.update(seq_kl, global_batch)
+        it += 1
+        bar.update(1)
+        metrics = {
+            "env/score": acc.gather(scores).mean().item(), "env/raw_score": acc.gather(raw_scores).mean().item(),
+            "objective/kl": seq_kl, "objective/kl_coef": kl_coef,
+            "objective/entropy": acc.gather((-old_log_prob * m).sum(1)).mean().item(),
+            "objective/reward": acc.gather(rewards.sum(1)).mean().item(),
+            "env/response_length": acc.gather(resp_mask.sum(1).float()).mean().item(),
+            "env/ended_with_eos": acc.gather(ended.float()).mean().item(),
+            **stats,
+            "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/update_s": t_upd - t_score,
+            "time/samples_per_s": global_batch / (t_upd - t0),
+        }
+        run.log(it, metrics)
+        bar.set_postfix(score=f"{metrics['env/raw_score']:.3f}", kl=f"{seq_kl:.2f}")
+        if run.is_main and cfg.log_samples:
+            _append_samples(samples_path, it, prompts, texts, raw_scores, cfg.log_samples)
+        if it % cfg.save_every == 0 or it == cfg.iterations:
+            run.checkpoint(it, write, {"kl_ctl": kl_ctl.state_dict(), "reward_shift": shift})
+    bar.close()
+    return _finish(run, cfg, policy, tok, shift)
+
+
+def _prompts_for(prompts_all, it, batch, world, rank, seed) -> list[str]:
+    """This process's prompts for iteration `it`: epochs of seeded permutations, sharded by rank."""
+    g_batch = batch * world
+    start = it * g_batch
+    out = []
+    while len(out) < g_batch:
+        epoch, offset = divmod(start + len(out), len(prompts_all))
+        perm = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
+        out += [prompts_all[i] for i in perm[offset:offset + g_batch - len(out)]]
+    return out[rank * batch:(rank + 1) * batch]
+
+
+def _check_finite(scores, prompts, it, spec):
+    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
+    if bad:
+        raise FloatingPointError(f"reward {spec!r} returned {scores[bad[0]].item()} at iteration {it + 1} for prompt "
+                                 f"{prompts[bad[0]]!r} ({len(bad)} non-finite of {len(prompts)}); nothing was updated, "
+                                 "the last checkpoint is intact")
+
+
+def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, advantages, returns, cfg, micro) -> dict:
+    """`ppo_epochs` passes over the rollout in shuffled mini-batches; losses are token-weighted so that
+    micro-batch accumulation gives the same gradient as one big batch."""
+    p = cfg.ppo
+    B = seq.shape[0]
+    sums: dict[str, float] = {}
+    n_mb = 0
+    stop = False
+    for epoch in range(p.ppo_epochs):
+        perm = torch.randperm(B, device=seq.device)
+        for start in range(0, B, p.mini_batch_size):
+            mb = perm[start:start + p.mini_batch_size]
+            mb_tokens = m[mb].sum().clamp_min(1.0)
+            mb_stats: dict[str, float] = {}
+            for k, ms in enumerate(range(0, len(mb), micro)):
+                idx = mb[ms:ms + micro]
+                last_micro = ms + micro >= len(mb)
+                sync = nullcontext() if last_micro else acc.no_sync(model)
+                with sync:
+                    with acc.autocast():
+                        log_prob, values = model(seq[idx], mask[idx], T, cfg.temperature)
+                    w = m[idx].sum() / mb_tokens
+                    pg_loss, pg_stats = clipped_surrogate(log_prob, old_log_prob[idx], advantages[idx], p.clip_range, m[idx])
+                    vf_loss, vf_stats = clipped_value_loss(values, old_values[idx], returns[idx], p.clip_range_value, m[idx])
+                    loss = (pg_loss + p.vf_coef * vf_loss) * w
+                    acc.backward(loss)
+                for name, v in (("policy/pg_loss", pg_loss), ("policy/vf_loss", vf_loss), *(
+                        (f"policy/{n}", s) for n, s in {**pg_stats, **vf_stats}.items())):
+                    mb_stats[name] = mb_stats.get(name, 0.0) + float(v.detach()) * float(w)
+            if p.max_grad_norm:
+                acc.clip_grad_norm_(model.parameters(), p.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            for k2, v in mb_stats.items():
+                sums[k2] = sums.get(k2, 0.0) + v
+            n_mb += 1
+            if p.early_stop_kl:
+                approx_kl = acc.gather(torch.tensor([mb_stats["policy/approx_kl"]], device=seq.device)).mean().item()
+                if approx_kl > p.early_stop_kl:
+                    stop = True
+                    break
+        if stop:
+            break
+    out = {k: v / max(1, n_mb) for k, v in sums.items()}
+    out["policy/epochs_done"] = epoch + 1
+    out["policy/early_stopped"] = float(stop)
+    return out
+
+
+def _append_samples(path: Path, it: int, prompts, texts, scores, n: int) -> None:
+    import json
+    with open(path, "a") as f:
+        for pr, tx, sc in list(zip(prompts, texts, scores.tolist()))[:n]:
+            f.write(json.dumps({"iteration": it, "prompt": pr, "response": tx, "score": sc}) + "\n")
+
+
+def _finish(run, cfg, policy, tok, shift) -> Path:
+    out = Path(cfg.out)
+    if run.is_main:
+        save_hf(policy.lm, tok, out / "model")
+        from safetensors.torch import save_file
+        save_file({k: v.contiguous() for k, v in policy.value_head.state_dict().items()}, str(out / "value_head.safetensors"))
+    h = run.logger.history
+
+    def first_last(key):
+        if key not in h or not h[key]:
+            return "n/a", "n/a"
+        k = max(1, len(h[key]) // 10)  # mean of the first and last tenth of the run
+        a, b = [v for _, v in h[key][:k]], [v for _, v in h[key][-k:]]
+        return f"{sum(a) / len(a):.4f}", f"{sum(b) / len(b):.4f}"
+
+    rows = "\n".join(f"| {name} | {first_last(key)[0]} | {first_last(key)[1]} |" for name, key in [
+        ("RM score (raw)", "env/raw_score"), ("KL[π‖π_ref] per response (nats)", "objective/kl"), ("β", "objective/kl_coef"),
+        ("response length", "env/response_length"), ("ended with EOS", "env/ended_with_eos"),
+        ("clip fraction", "policy/clipfrac"), ("approx KL per update", "policy/approx_kl"),
+        ("samples/s", "time/samples_per_s")])
+    samples = ""
+    sp = run.out / "samples.jsonl"
+    if sp.exists():
+        import json
+        lines = [json.loads(l) for l in sp.read_text().splitlines() if l.strip()]
+        first_it, last_it = lines[0]["iteration"], lines[-1]["iteration"]
+        pick = [l for l in lines if l["iteration"] in (first_it, last_it)]
+        samples = "\n".join(f"- it {l['iteration']}, score {l['score']:.3f}: `{l['prompt'][:60]}` → `{l['response'][:80]}`"
+                            for l in pick)
+    body = (f"PPO on `{cfg.policy}` against `{cfg.reward}` for {cfg.iterations} iterations of "
+            f"{cfg.batch_size * run.accelerator.num_processes} samples. Reward shift (reference mean): "
+            f"{shift if shift is not None else 'none'}.\n\n| metric | first 10% | last 10% |\n|---|---|---|\n{rows}\n\n"
+            f"Policy: `{out / 'model'}` (save_pretrained; LoRA adapter in `model/adapter` when used).")
+    run.finish("PPO report", [("Summary", body), ("Samples (first and last iteration)", samples or "none logged")],
+               ["env/raw_score", "objective/kl", "objective/kl_coef", "policy/clipfrac", "policy/approx_kl",
+                "env/response_length"])
+    return out / "model"

@@ -1,0 +1,175 @@
+"""Reward model: a causal-LM trunk + scalar head, trained on ranked responses (Bradley-Terry).
+
+Data: preferences JSONL ({"prompt", "chosen", "rejected"} or {"prompt", "completions", "ranking"}),
+or `hf:NAME[:SPLIT]` for an Anthropic-HH-style `datasets` dataset. All pairs of a prompt go in one
+batch and each response is scored once (align.reward.PairBatch). The score is read at the last
+non-pad token, which is the EOS appended to every response (as PPO's responses end in EOS).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.data import batch_groups, count_pairs, load_hf_preferences, load_preferences
+from align.reward import PairBatch, batch_loss, evaluate_pairs
+from align.rl.config import LoraParams
+from align.runner import progress
+from align.session import rng_state, set_rng_state, start_run
+from text_rlhf.models import (SequenceScorer, apply_lora, encode_pairs, load_seq_scorer, load_tokenizer, pad_batch,
+                              save_hf)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RMConfig:
+    model: str = ""
+    """Trunk to start from (usually the SFT model): folder or hub id."""
+    data: str = ""
+    """Preferences JSONL, or hf:NAME[:SPLIT] (Anthropic-HH style chosen/rejected conversations)."""
+    eval_data: str = ""
+    """Held-out preferences; empty = split eval_fraction of the prompts off `data`."""
+    out: str = ""
+    epochs: float = 1.0
+    """InstructGPT trains its RM for a single epoch: more overfits."""
+    max_pairs_per_batch: int = 64
+    """Pairs per optimiser step and process; whole prompts are never split across batches."""
+    lr: float = 1e-5
+    weight_decay: float = 0.0
+    max_length: int = 512
+    eval_fraction: float = 0.1
+    hf_limit: int = 0
+    """Read at most this many rows of an hf: dataset (0 = all)."""
+    seed: int = 0
+    mixed_precision: str = "no"
+    gradient_checkpointing: bool = False
+    lora: LoraParams = field(default_factory=LoraParams)
+    save_every: int = 0
+    """Checkpoint every N steps (0 = end of each epoch)."""
+    log_every: int = 10
+
+
+def load_groups(spec: str, limit: int = 0):
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        return load_hf_preferences(name, split or "train", limit=limit or None)
+    return load_preferences(spec)
+
+
+class TextScorer:
+    """score(prompts, responses) -> (N,) with a SequenceScorer, batched and right-padded."""
+
+    def __init__(self, scorer: SequenceScorer, tokenizer, max_length: int, device, autocast=None):
+        self.scorer, self.tok, self.max_length, self.device = scorer, tokenizer, max_length, device
+        self.autocast = autocast
+
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        ids, _ = encode_pairs(self.tok, prompts, responses, self.max_length)
+        ids, mask = pad_batch(ids, self.tok.pad_token_id)
+        ctx = self.autocast() if self.autocast else torch.autocast("cpu", enabled=False)
+        with ctx:
+            return self.scorer(ids.to(self.device), mask.to(self.device))
+
+
+def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
+    for name in ("model", "data", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"rm: --{name} is required")
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    acc = run.accelerator
+    groups = load_groups(cfg.data, cfg.hf_limit)
+    if cfg.eval_data:
+        train, held = groups, load_groups(cfg.eval_data, cfg.hf_limit)
+    else:  # split by prompt, so no held-out prompt was seen in training
+        prompts = sorted({g.prompt for g in groups})
+        perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
+        held_prompts = {prompts[i] for i in perm[:int(len(prompts) * cfg.eval_fraction)]}
+        train = [g for g in groups if g.prompt not in held_prompts]
+        held = [g for g in groups if g.prompt in held_prompts]
+    tok = load_tokenizer(cfg.model, padding_side="right")
+    model = load_seq_scorer(str(run.resume_dir / "model") if run.resume_dir and cfg.lora.r <= 0 else cfg.model,
+                            pad_token_id=tok.pad_token_id)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = apply_lora(model, cfg.lora, "SEQ_CLS")
+    scorer = SequenceScorer(model)
+    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    scorer, optimizer = acc.prepare(scorer, optimizer)
+    batches_per_epoch = len(list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes)))
+    total_steps = max(1, int(batches_per_epoch * cfg.epochs))
+    if run.resume_dir:
+        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
+        if cfg.lora.r > 0:
+            from peft import set_peft_model_state_dict
+            from safetensors.torch import load_file
+            set_peft_model_state_dict(acc.unwrap_model(scorer).model,
+                                      load_file(str(run.resume_dir / "model" / "adapter" / "adapter_model.safetensors")))
+    log.info("rm: %d train prompts (%d pairs), %d held-out prompts (%d pairs); %d steps",
+             len(train), count_pairs(train), len(held), count_pairs(held), total_steps)
+    score_fn = TextScorer(scorer, tok, cfg.max_length, acc.device, acc.autocast)
+    eval_score_fn = TextScorer(acc.unwrap_model(scorer), tok, cfg.max_length, acc.device, acc.autocast)
+
+    def write(ckpt_dir: Path):
+        save_hf(acc.unwrap_model(scorer).model, tok, ckpt_dir / "model", merge_lora=False)
+        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+        torch.save(rng_state(), ckpt_dir / "rng.pt")
+
+    def held_out() -> dict:
+        scorer.eval()
+        m = evaluate_pairs(eval_score_fn, batch_groups(held, cfg.max_pairs_per_batch))
+        scorer.train()
+        return {f"rm/eval_{k}": v for k, v in m.items() if k != "n_pairs"}
+
+    step = run.start_step
+    bar = progress(total=total_steps, desc="rm", is_main=run.is_main)
+    bar.update(step)
+    scorer.train()
+    while step < total_steps:
+        epoch, skip = divmod(step, batches_per_epoch)
+        batches = list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes, shuffle=True,
+                                    seed=cfg.seed * 1000 + epoch))
+        for b in range(skip, len(batches)):
+            mine = batches[b][acc.process_index::acc.num_processes] or batches[b][:1]
+            pb = PairBatch.from_groups(mine)
+            loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
+            acc.backward(loss)
+            acc.clip_grad_norm_(scorer.parameters(), 1.0)
+            optimizer.step(), optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                run.log(step, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
+            if (cfg.save_every and step % cfg.save_every == 0) or step % batches_per_epoch == 0 or step == total_steps:
+                if held:
+                    run.log(step, held_out())
+                run.checkpoint(step, write, {"epoch": epoch})
+            if step >= total_steps:
+                break
+    bar.close()
+    return _finish(run, cfg, acc.unwrap_model(scorer), tok, train, held, eval_score_fn)
+
+
+def _finish(run, cfg, scorer, tok, train, held, score_fn) -> Path:
+    out = Path(cfg.out)
+    final = {}
+    if held:
+        scorer.eval()
+        final = evaluate_pairs(score_fn, batch_groups(held, cfg.max_pairs_per_batch))
+    if run.is_main:
+        save_hf(scorer.model, tok, out / "model")
+        (out / "model" / "align.json").write_text(json.dumps({"kind": "text_reward_model", "held_out": final}, indent=1))
+    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in final.items())
+    body = (f"Trained a pairwise reward model from `{cfg.model}` on `{cfg.data}`: {len(train)} prompts / "
+            f"{count_pairs(train)} pairs for training, {len(held)} prompts / {count_pairs(held)} pairs held out "
+            f"(ties get half credit in accuracy).\n\n| held-out metric | value |\n|---|---|\n{rows}\n\n"
+            f"The model is in `{out / 'model'}` (AutoModelForSequenceClassification layout; score read at the last "
+            f"non-pad token). PPO shifts it so the reference policy's mean score is 0.")
+    run.finish("Reward model report", [("Summary", body)], ["rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_loss"])
+    return out / "model"

@@ -1,0 +1,208 @@
+"""Supervised fine-tuning on demonstrations: next-token loss on the response only.
+
+Data: JSONL of {"prompt": ..., "response": ...}. The prompt and the response are tokenized apart
+(prompt with the tokenizer's special tokens, response without, then EOS) — exactly the token
+boundary the model sees at generation time — and the labels of prompt and pad positions are −100.
+"""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.data import load_sft
+from align.rl.config import LoraParams
+from align.runner import progress
+from align.session import rng_state, set_rng_state, start_run
+from text_rlhf.models import apply_lora, dtype_of, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, save_hf
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SFTConfig:
+    model: str = ""
+    """Base causal LM: a local save_pretrained folder or a hub id."""
+    data: str = ""
+    """Demonstrations JSONL: {"prompt", "response"} per line."""
+    out: str = ""
+    """Output folder (model, checkpoints, logs, report.md)."""
+    epochs: float = 3.0
+    """Passes over the training data (fractions allowed)."""
+    batch_size: int = 16
+    """Sequences per optimiser step and process (micro_batch_size × accumulation)."""
+    micro_batch_size: int = 0
+    """Sequences per forward/backward; 0 = batch_size."""
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.03
+    """Linear warm-up share of the steps, then linear decay to 0."""
+    max_length: int = 512
+    """Prompt + response tokens kept (longer examples are truncated on the right)."""
+    eval_fraction: float = 0.1
+    """Held-out share of the demonstrations (0 = no evaluation)."""
+    seed: int = 0
+    mixed_precision: str = "no"
+    """no | bf16 | fp16 (accelerate autocast); weights load in float32."""
+    gradient_checkpointing: bool = False
+    lora: LoraParams = field(default_factory=LoraParams)
+    save_every: int = 0
+    """Checkpoint every N optimiser steps (0 = each epoch's end only)."""
+    log_every: int = 10
+
+
+def encode_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+    """(input_ids, labels) per record; labels −100 on the prompt. Records whose response is cut
+    away entirely by max_length are an error (naming the record), not silently dropped."""
+    p_ids = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
+    r_ids = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+    out = []
+    for i, (p, r) in enumerate(zip(p_ids, r_ids)):
+        ids = (p + r + [tokenizer.eos_token_id])[:max_length]
+        labels = ([-100] * len(p) + r + [tokenizer.eos_token_id])[:max_length]
+        if all(l == -100 for l in labels):
+            raise ValueError(f"record {i + 1}: the prompt alone has {len(p)} tokens >= max_length={max_length}; "
+                             "raise max_length or shorten the prompt")
+        out.append((ids, labels))
+    return out
+
+
+def collate(examples, pad_id: int):
+    ids, mask = pad_batch([e[0] for e in examples], pad_id)
+    labels, _ = pad_batch([e[1] for e in examples], pad_id, fill=-100)
+    return ids, mask, labels
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
+    for name in ("model", "data", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"sft: --{name} is required")
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    acc = run.accelerator
+    tok = load_tokenizer(run.resume_dir / "model" if run.resume_dir else cfg.model, padding_side="right")
+    records = load_sft(cfg.data)
+    g = torch.Generator().manual_seed(cfg.seed)
+    order = torch.randperm(len(records), generator=g).tolist()
+    n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 1 else 0
+    eval_set = encode_sft(tok, [records[i] for i in order[:n_eval]], cfg.max_length)
+    train_set = encode_sft(tok, [records[i] for i in order[n_eval:]], cfg.max_length)
+
+    model = load_causal_lm(cfg.model)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model = apply_lora(model, cfg.lora, "CAUSAL_LM")
+    if run.resume_dir:
+        _load_weights(model, run.resume_dir / "model")
+    micro = cfg.micro_batch_size or cfg.batch_size
+    if cfg.batch_size % micro:
+        raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of micro_batch_size {micro}")
+    accum = cfg.batch_size // micro
+    steps_per_epoch = math.ceil(len(train_set) / (micro * acc.num_processes)) // accum or 1
+    total_steps = max(1, int(steps_per_epoch * cfg.epochs))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
+                                  weight_decay=cfg.weight_decay)
+    warmup = int(cfg.warmup_ratio * total_steps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min((s + 1) / max(1, warmup), max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
+    model, optimizer = acc.prepare(model, optimizer)
+    if run.resume_dir:
+        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        scheduler.load_state_dict(torch.load(run.resume_dir / "scheduler.pt", weights_only=False))
+        set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
+    log.info("sft: %d train / %d eval demonstrations; %d steps of %d sequences (%d × %d accumulation × %d processes)",
+             len(train_set), len(eval_set), total_steps, cfg.batch_size * acc.num_processes, micro, accum,
+             acc.num_processes)
+
+    def write(ckpt_dir: Path):
+        save_hf(acc.unwrap_model(model), tok, ckpt_dir / "model", merge_lora=False)
+        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+        torch.save(scheduler.state_dict(), ckpt_dir / "scheduler.pt")
+        torch.save(rng_state(), ckpt_dir / "rng.pt")
+
+    step = run.start_step
+    model.train()
+    bar = progress(total=total_steps, desc="sft", is_main=run.is_main)
+    bar.update(step)
+    while step < total_steps:
+        epoch, skip = divmod(step, steps_per_epoch)
+        perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
+        shard = perm[acc.process_index::acc.num_processes]
+        for s in range(skip, steps_per_epoch):
+            losses = []
+            for a in range(accum):
+                idx = shard[(s * accum + a) * micro:(s * accum + a + 1) * micro]
+                if not idx:
+                    continue
+                ids, mask, labels = collate([train_set[i] for i in idx], tok.pad_token_id)
+                with acc.autocast():
+                    out = model(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
+                                position_ids=position_ids_from_mask(mask).to(acc.device), labels=labels.to(acc.device))
+                acc.backward(out.loss / accum)
+                losses.append(out.loss.item())
+            grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
+            step += 1
+            bar.update(1)
+            if not math.isfinite(sum(losses)):
+                raise FloatingPointError(f"sft: loss is not finite at step {step}; lower lr (now {cfg.lr})")
+            if step % cfg.log_every == 0 or step == total_steps:
+                run.log(step, {"sft/loss": sum(losses) / max(1, len(losses)), "sft/lr": scheduler.get_last_lr()[0],
+                               "sft/grad_norm": float(grad_norm)})
+            if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0 or step == total_steps:
+                if eval_set:
+                    run.log(step, {"sft/eval_loss": evaluate(model, eval_set, tok, micro, acc)})
+                run.checkpoint(step, write, {"epoch": epoch})
+            if step >= total_steps:
+                break
+    bar.close()
+    final = _finish(run, cfg, acc.unwrap_model(model), tok, eval_set, len(train_set), total_steps)
+    return final
+
+
+def _load_weights(model, folder: Path) -> None:
+    """Load checkpointed weights into a freshly built (possibly peft-wrapped) model."""
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+        set_peft_model_state_dict(model, load_file(str(folder / "adapter" / "adapter_model.safetensors")))
+    else:
+        from transformers import AutoModelForCausalLM
+        model.load_state_dict(AutoModelForCausalLM.from_pretrained(folder).state_dict())
+
+
+@torch.no_grad()
+def evaluate(model, eval_set, tok, micro: int, acc) -> float:
+    """Token-weighted mean NLL of the held-out responses."""
+    model.eval()
+    total, count = 0.0, 0
+    for i in range(0, len(eval_set), micro):
+        ids, mask, labels = collate(eval_set[i:i + micro], tok.pad_token_id)
+        with acc.autocast():
+            out = model(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
+                        position_ids=position_ids_from_mask(mask).to(acc.device), labels=labels.to(acc.device))
+        n = int((labels[:, 1:] != -100).sum())
+        total, count = total + out.loss.item() * n, count + n
+    model.train()
+    return total / max(1, count)
+
+
+def _finish(run, cfg, model, tok, eval_set, n_train, total_steps) -> Path:
+    out = Path(cfg.out)
+    if run.is_main:
+        save_hf(model, tok, out / "model")
+    hist = run.logger.history
+    rows = []
+    if "sft/eval_loss" in hist:
+        first, last = hist["sft/eval_loss"][0][1], hist["sft/eval_loss"][-1][1]
+        rows.append(f"| held-out loss (first eval → last) | {first:.4f} → {last:.4f} |")
+        rows.append(f"| held-out perplexity (last) | {math.exp(min(last, 50)):.2f} |")
+    if "sft/loss" in hist:
+        rows.append(f"| train loss (last logged) | {hist['sft/loss'][-1][1]:.4f} |")
+    body = (f"Fine-tuned `{cfg.model}` on `{cfg.data}`: {n_train} train / {len(eval_set)} held-out demonstrations, "
+            f"{total_steps} optimiser steps, LoRA r={cfg.lora.r}.\n\n| metric | value |\n|---|---|\n" + "\n".join(rows) +
+            f"\n\nThe model is in `{out / 'model'}` (save_pretrained layout; `align text ppo --policy {out / 'model'}`).")
+    run.finish("SFT report", [("Summary", body)], ["sft/loss", "sft/eval_loss", "sft/lr"])
+    return out / "model"

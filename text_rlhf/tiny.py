@@ -1,0 +1,70 @@
+"""Tiny random causal LMs and tokenizers built offline, saved with save_pretrained.
+
+For tests, benchmarks and the miniature worlds: the same layouts a hub checkpoint has, so every
+loading path (`from_pretrained(dir)`) is the real one.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def build_bpe_tokenizer(corpus: list[str], vocab_size: int = 256, pad: bool = True):
+    """A byte-level BPE tokenizer trained in code on `corpus` (any text encodes: byte fallback).
+    Specials: <|endoftext|> (EOS/BOS), and <pad> unless pad=False (to exercise the EOS-as-pad path)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>"] + (["<pad>"] if pad else [])
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    tk.train_from_iterator(corpus, trainer)
+    kw = dict(tokenizer_object=tk, eos_token="<|endoftext|>", bos_token="<|endoftext|>",
+              unk_token="<|endoftext|>")
+    if pad:
+        kw["pad_token"] = "<pad>"
+    return PreTrainedTokenizerFast(**kw)
+
+
+def build_wordlevel_tokenizer(vocab_size: int = 512):
+    """The peer benchmark's tokenizer: <pad>, <eos>, <unk> then words w0, w1, ..."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<eos>", "<unk>"]
+    vocab = {t: i for i, t in enumerate(specials + [f"w{i}" for i in range(vocab_size - len(specials))])}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", eos_token="<eos>",
+                                   unk_token="<unk>", bos_token="<eos>")
+
+
+def tiny_causal_lm(arch: str, tokenizer, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
+                   n_positions: int = 128, seed: int = 0):
+    """A random GPT-2 or Llama-style model sized to the tokenizer."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    ids = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+               pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(seed)
+    if arch == "gpt2":
+        cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_layer=n_layer, n_head=n_head,
+                         n_embd=n_embd, **ids)
+        return GPT2LMHeadModel(cfg)
+    if arch == "llama":
+        cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=n_embd, intermediate_size=2 * n_embd,
+                          num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
+                          max_position_embeddings=n_positions, tie_word_embeddings=False, **ids)
+        return LlamaForCausalLM(cfg)
+    raise ValueError(f"unknown tiny architecture {arch!r} (gpt2 or llama)")
+
+
+def save_tiny(out: str | Path, arch: str, corpus: list[str], vocab_size: int = 256, pad: bool = True, **model_kw) -> Path:
+    out = Path(out)
+    tok = build_bpe_tokenizer(corpus, vocab_size, pad=pad)
+    tiny_causal_lm(arch, tok, **model_kw).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
