@@ -1,0 +1,131 @@
+"""DDPO rollouts: DDIM sampling with classifier-free guidance, recording every transition.
+
+Black et al. 2023 (DDPO) §4.2 / Algorithm 1: sample S denoising steps with η = 1 and keep
+(x_t, t, x_{t−1}, log π_old(x_{t−1} | x_t, c)) for each, so the PPO update can recompute the
+log-prob of the same transition under the current UNet (`step_log_prob`) and form the ratio.
+
+Notation:
+
+    latents        (B, S+1, C, H, W)  x_T, x_{T−1}, ..., x_0 (latent space for SD, pixels without a VAE)
+    timesteps      (S,)               t of step s (scheduler.timesteps after set_timesteps(S))
+    log_probs      (B, S)             log π_θ(x_{t−1} | x_t, c), mean over C·H·W (see ddim.py)
+    prompt_embeds  (B, L, D)          c, the text encoder's hidden states
+    guidance_scale w                  ε̂ = ε_θ(x_t, ∅) + w·(ε_θ(x_t, c) − ε_θ(x_t, ∅))  (Ho & Salimans 2022)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from image_rlhf.ddim import ddim_step_with_logprob
+
+
+@dataclass
+class Trajectory:
+    """One batch of DDIM rollouts (DDPO's per-step transitions). x_t = latents[:, s], x_{t−1} = latents[:, s+1]."""
+    latents: torch.Tensor                  # (B, S+1, C, H, W) x_T .. x_0
+    timesteps: torch.Tensor                # (S,) t per step
+    log_probs: torch.Tensor                # (B, S) log π_old(x_{t−1} | x_t, c)
+    prompt_embeds: torch.Tensor            # (B, L, D) c
+    negative_embeds: torch.Tensor | None   # (B, L, D) ∅ (None when guidance_scale <= 1)
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+
+    @property
+    def latents_t(self) -> torch.Tensor:       # (B, S, C, H, W) x_t
+        return self.latents[:, :-1]
+
+    @property
+    def next_latents(self) -> torch.Tensor:    # (B, S, C, H, W) x_{t−1}
+        return self.latents[:, 1:]
+
+    @property
+    def final_latents(self) -> torch.Tensor:   # (B, C, H, W) x_0, to decode and score
+        return self.latents[:, -1]
+
+
+def _guided_noise_pred(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
+    """ε̂ with classifier-free guidance: one UNet call on [x_t; x_t] with [∅; c] (w > 1), else on c only.
+
+    timesteps: scalar or (B,). Returns (B, C, H, W) in the UNet's output dtype.
+    """
+    B = latents.shape[0]
+    t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(B)           # (B,)
+    if guidance_scale <= 1.0:
+        return unet(latents, t, encoder_hidden_states=prompt_embeds).sample
+    if negative_embeds is None:
+        raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_embeds (the ∅ prompt)")
+    negative_embeds = negative_embeds.expand(B, *negative_embeds.shape[1:])  # a single ∅ row is shared
+    model_in = torch.cat([latents, latents])                                                 # (2B, C, H, W)
+    embeds = torch.cat([negative_embeds, prompt_embeds])                                     # (2B, L, D)
+    noise_uncond, noise_cond = unet(model_in, torch.cat([t, t]), encoder_hidden_states=embeds).sample.chunk(2)
+    return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
+
+
+@torch.no_grad()
+def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
+                        num_steps: int, guidance_scale: float = 5.0, eta: float = 1.0,
+                        generator: torch.Generator | None = None,
+                        latent_shape: tuple[int, int, int] | None = None) -> Trajectory:
+    """Run S = num_steps DDIM steps from x_T ~ N(0, I) and record every transition (DDPO Alg. 1).
+
+    unet: a diffusers UNet2DConditionModel (latent SD UNet or a pixel UNet); scheduler: a
+    DDIMScheduler (its timesteps are set here). latent_shape (C, H, W) defaults to the UNet's
+    (in_channels, sample_size, sample_size). The noise x_T and every z_t come from `generator`.
+    Decoding x_0 is the caller's job (`decode_latents`).
+    """
+    B = prompt_embeds.shape[0]
+    device, dtype = prompt_embeds.device, unet.dtype
+    if latent_shape is None:
+        size = unet.config.sample_size
+        size = (size, size) if isinstance(size, int) else tuple(size)
+        latent_shape = (unet.config.in_channels, *size)
+    scheduler.set_timesteps(num_steps, device=device)
+    gen_device = generator.device if generator is not None else device
+    latents = torch.randn((B, *latent_shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+    latents = latents * scheduler.init_noise_sigma                                            # x_T
+    all_latents, all_log_probs = [latents], []
+    for t in scheduler.timesteps:
+        model_in = scheduler.scale_model_input(latents, t)
+        noise_pred = _guided_noise_pred(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
+        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta, generator=generator)
+        latents = latents.to(dtype)
+        all_latents.append(latents)
+        all_log_probs.append(log_prob if log_prob is not None else torch.full((B,), float("nan"), device=device))
+    return Trajectory(latents=torch.stack(all_latents, dim=1),                               # (B, S+1, C, H, W)
+                      timesteps=scheduler.timesteps.clone(),                                 # (S,)
+                      log_probs=torch.stack(all_log_probs, dim=1),                           # (B, S)
+                      prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
+                      guidance_scale=guidance_scale, eta=eta)
+
+
+def step_log_prob(unet, scheduler, latents_t: torch.Tensor, timesteps: torch.Tensor | int,
+                  next_latents: torch.Tensor, prompt_embeds: torch.Tensor,
+                  negative_embeds: torch.Tensor | None, guidance_scale: float = 5.0,
+                  eta: float = 1.0, reduce: str = "mean") -> torch.Tensor:
+    """log π_θ(x_{t−1} | x_t, c) of stored transitions under the current UNet, with gradients (B,).
+
+    latents_t, next_latents: (B, C, H, W); timesteps: scalar or (B,). The scheduler must be set to
+    the same S as at sampling (`scheduler.set_timesteps(S)`). With the sampling UNet unchanged this
+    equals the recorded `Trajectory.log_probs` (same CFG, same η).
+    """
+    model_in = scheduler.scale_model_input(latents_t, timesteps)
+    noise_pred = _guided_noise_pred(unet, model_in, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents_t, eta=eta,
+                                         prev_sample=next_latents, reduce=reduce)
+    return log_prob
+
+
+def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
+    """x_0 -> images (B, 3, H, W) in [0, 1], float32.
+
+    With a VAE: undo the latent normalisation z·scaling_factor (+ shift_factor where the VAE has
+    one; SD 1.x: 0.18215, no shift), decode, then map [−1, 1] -> [0, 1]. vae=None: pixel-space
+    diffusion, x_0 is already the image in [−1, 1].
+    """
+    if vae is not None:
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = latents.to(vae.dtype) / vae.config.scaling_factor + shift
+        latents = vae.decode(z).sample
+    return (latents.float() / 2 + 0.5).clamp(0, 1)
