@@ -1,0 +1,130 @@
+"""Image rewards: anything callable as `score(prompts: list[str], images) -> Tensor[B]`.
+
+images: float tensor (B, 3, H, W) in [0, 1] (what `sampling.decode_latents` returns). Built-ins
+follow DDPO (Black et al. 2023, §6.1): JPEG (in)compressibility, the file size in kB of the image
+saved as JPEG at quality 95 (ddpo-pytorch `rewards.py`: kB = bytes / 1000), negated for
+compressibility; plus mean brightness, a batched sanity reward. `load_reward(spec)` turns a
+config string into a reward; a user function's output is checked, so a NaN reward stops the run
+with the spec and the index instead of turning the policy's gradients into NaN.
+"""
+from __future__ import annotations
+
+import importlib
+import io
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+JPEG_QUALITY = 95  # DDPO paper / ddpo-pytorch
+
+
+def _check_images(images) -> torch.Tensor:
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+        raise ValueError(f"images must be a float tensor (B, 3, H, W) in [0, 1], got {shape}")
+    return images
+
+
+def jpeg_size_kb(images: torch.Tensor, quality: int = JPEG_QUALITY) -> torch.Tensor:
+    """(B,) size in kB (1000 bytes) of each image encoded as JPEG. PIL has no batched encoder, so
+    this is a per-image loop (DDPO does the same); the tensor -> uint8 conversion is batched."""
+    from PIL import Image
+
+    pixels = (_check_images(images).detach().float().clamp(0, 1) * 255).round().to(torch.uint8)
+    pixels = pixels.permute(0, 2, 3, 1).cpu().numpy()  # (B, H, W, 3)
+    sizes = []
+    for img in pixels:
+        buf = io.BytesIO()
+        Image.fromarray(img, "RGB").save(buf, format="JPEG", quality=quality)
+        sizes.append(buf.tell() / 1000.0)
+    return torch.tensor(sizes, dtype=torch.float32)
+
+
+def jpeg_compressibility(prompts, images: torch.Tensor) -> torch.Tensor:
+    """−(JPEG kB): higher for images that compress well (flat, smooth)."""
+    return -jpeg_size_kb(images).to(images.device)
+
+
+def jpeg_incompressibility(prompts, images: torch.Tensor) -> torch.Tensor:
+    """+(JPEG kB): higher for images that compress badly (detailed, noisy)."""
+    return jpeg_size_kb(images).to(images.device)
+
+
+def brightness(prompts, images: torch.Tensor) -> torch.Tensor:
+    """Mean pixel value in [0, 1] per image (batched)."""
+    return _check_images(images).float().mean(dim=(1, 2, 3))
+
+
+BUILTINS: dict[str, Callable] = {
+    "jpeg": jpeg_compressibility,
+    "compressibility": jpeg_compressibility,
+    "jpeg_compressibility": jpeg_compressibility,
+    "incompressibility": jpeg_incompressibility,
+    "jpeg_incompressibility": jpeg_incompressibility,
+    "brightness": brightness,
+}
+
+
+class CheckedReward:
+    """Wraps a user reward: the output must be a tensor or a list of B finite numbers; it comes
+    back as a float32 tensor (B,) on `device`. Anything else is a ValueError naming the spec."""
+
+    def __init__(self, fn: Callable, spec: str, device="cpu"):
+        self.fn, self.spec, self.device = fn, spec, torch.device(device)
+
+    def __call__(self, prompts, images) -> torch.Tensor:
+        n = len(prompts)
+        out = self.fn(list(prompts), images)
+        try:
+            scores = torch.as_tensor(out.detach() if torch.is_tensor(out) else out, dtype=torch.float32)
+        except (TypeError, ValueError, RuntimeError) as e:
+            raise ValueError(f"reward {self.spec!r}: expected a tensor or a list of {n} numbers, "
+                             f"got {type(out).__name__} ({e})") from None
+        scores = scores.flatten()
+        if scores.numel() != n:
+            raise ValueError(f"reward {self.spec!r}: returned {scores.numel()} scores for {n} images")
+        bad = (~torch.isfinite(scores)).nonzero().flatten()
+        if len(bad):
+            i = int(bad[0])
+            raise ValueError(f"reward {self.spec!r}: non-finite score {scores[i].item()} at index {i} "
+                             f"(prompt {prompts[i]!r}); {len(bad)} of {n} scores are NaN/inf")
+        return scores.to(self.device)
+
+    def __repr__(self):
+        return f"CheckedReward({self.spec!r})"
+
+
+def load_reward(spec: str, device="cpu") -> Callable:
+    """A reward from a string:
+
+    - "jpeg" / "compressibility", "incompressibility", "brightness": the built-ins above;
+    - a folder written by `ClipReward.save` (e.g. `align image rm`'s out/model): that model, in
+      eval mode with gradients off, on `device`;
+    - "module:function": an importable `function(prompts, images)`, wrapped in `CheckedReward`.
+    """
+    spec = str(spec)
+    if spec in BUILTINS:
+        return BUILTINS[spec]
+    if Path(spec).is_dir():
+        from image_rlhf.clip_reward import META_FILE, ClipReward
+
+        if not (Path(spec) / META_FILE).is_file():
+            raise ValueError(f"reward {spec!r}: folder has no {META_FILE} (not saved by ClipReward.save)")
+        reward = ClipReward.load(spec, device=device).eval()
+        return reward.requires_grad_(False)
+    module, sep, name = spec.partition(":")
+    if not sep or not module or not name:
+        raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTINS)}, a ClipReward folder, "
+                         f"or module:function")
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"reward {spec!r}: cannot import {name!r} from {module!r}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"reward {spec!r}: {module}.{name} is not callable")
+    return CheckedReward(fn, spec, device)
+
+
+__all__ = ["jpeg_size_kb", "jpeg_compressibility", "jpeg_incompressibility", "brightness", "BUILTINS",
+           "CheckedReward", "load_reward"]

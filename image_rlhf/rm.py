@@ -1,0 +1,269 @@
+"""Image reward model: an open_clip CLIP fine-tuned PickScore-style on ranked images (Bradley-Terry).
+
+Data: preferences JSONL with image paths relative to the file ({"prompt", "chosen", "rejected"}
+or {"prompt", "images", "ranking"}; see align.data.jsonl). All pairs of a prompt go in one batch
+and each image is scored once (align.reward.PairBatch). PickScore (Kirstain et al. 2023, §4)
+takes a two-way softmax over the pair's scores s·cos(text, image); its probability of the winner
+is σ(r_w − r_l), so the loss is align.reward.pairwise_loss with ties as 0.5/0.5 soft labels. The
+temperature s = exp(logit_scale) is learned (own learning rate) and clamped at 100 as in CLIP.
+mode="aesthetic" trains the MLP head on image features the same pairwise way (towers frozen by
+default, as LAION's predictor sits on a frozen CLIP; ClipReward.aesthetic_loss is the MSE form).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from align.data import DataError, batch_groups, count_pairs, load_preferences, read_jsonl
+from align.reward import PairBatch, batch_loss, evaluate_pairs
+from align.runner import progress
+from align.session import rng_state, set_rng_state, start_run
+from image_rlhf.clip_reward import ClipReward
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ImageRMConfig:
+    clip: str = "tiny-clip"
+    """Starting CLIP: open_clip model name, model-config .json, built-in (tiny-clip) or saved folder."""
+    pretrained: Optional[str] = None
+    """open_clip pretrained tag or weights file for a model name (e.g. laion2b_s32b_b79k; tags need the hub)."""
+    mode: str = "pickscore"
+    """pickscore: s·⟨text, image⟩; aesthetic: MLP head on the image embedding (prompt ignored)."""
+    data: str = ""
+    """Preferences JSONL; image paths are relative to the file."""
+    eval_data: str = ""
+    """Held-out preferences; empty = split eval_fraction of the prompts off `data`."""
+    out: str = ""
+    epochs: float = 1.0
+    max_pairs_per_batch: int = 64
+    """Pairs per optimiser step and process; whole prompts are never split across batches."""
+    lr: float = 3e-6
+    """PickScore fine-tunes CLIP-H with 3e-6; a tiny CLIP trained from scratch wants ~1e-3."""
+    logit_scale_lr: float = 1e-3
+    """Learning rate of the temperature logit_scale (pickscore mode)."""
+    weight_decay: float = 0.0
+    eval_fraction: float = 0.1
+    image_size: int = 0
+    """Override the CLIP input size (0 = the model's; pretrained position embeddings are resized)."""
+    freeze_towers: Optional[bool] = None
+    """Freeze the CLIP towers (None = frozen for aesthetic, trained for pickscore)."""
+    head_hidden: list = field(default_factory=lambda: [1024, 128, 64, 16])
+    """Hidden sizes of the aesthetic MLP head (LAION's predictor)."""
+    cache_images: bool = True
+    """Keep decoded images (uint8, model size) in memory; all are decoded once up front either way."""
+    seed: int = 0
+    mixed_precision: str = "no"
+    save_every: int = 0
+    """Checkpoint every N steps (0 = end of each epoch)."""
+    log_every: int = 10
+
+
+# ---------------------------------------------------------------------------- images
+
+def decode_image(path, size: tuple[int, int]) -> torch.Tensor:
+    """(3, H, W) uint8: PIL -> RGB -> shortest side to size (bicubic) -> centre crop, as open_clip."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im = im.convert("RGB")
+    (th, tw), (w, h) = size, im.size
+    scale = max(th / h, tw / w)
+    nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+    if (nh, nw) != (h, w):
+        im = im.resize((nw, nh), Image.BICUBIC)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    im = im.crop((left, top, left + tw, top + th))
+    return torch.from_numpy(np.array(im, dtype=np.uint8)).permute(2, 0, 1).contiguous()
+
+
+def _candidate_fields(jsonl_path) -> dict[int, list[str]]:
+    """line -> the field name of each candidate ("chosen", "images[2]", ...), for error messages."""
+    fields = {}
+    for line, obj in read_jsonl(jsonl_path):
+        if "chosen" in obj:
+            fields[line] = ["chosen", "rejected"]
+        else:
+            key = "images" if "images" in obj else "completions"
+            fields[line] = [f"{key}[{i}]" for i in range(len(obj.get(key) or []))]
+    return fields
+
+
+class ImageStore:
+    """Candidate image paths -> a float batch (N, 3, H, W) in [0, 1] at the model's size.
+
+    `add` decodes every image once, up front, so a missing, corrupt or unconvertible file fails
+    before training with DataError "prefs.jsonl:LINE: field 'images[1]': ..." rather than mid-run."""
+
+    def __init__(self, size: tuple[int, int], cache: bool = True):
+        self.size, self.cache = tuple(size), cache
+        self.images: dict[str, torch.Tensor] = {}
+        self.where: dict[str, tuple[str, int, str]] = {}  # path -> (jsonl, line, field)
+
+    def add(self, groups) -> "ImageStore":
+        fields: dict[str, dict[int, list[str]]] = {}
+        for g in groups:
+            jsonl, _, line = (g.source or ":0").rpartition(":")
+            if jsonl not in fields:
+                fields[jsonl] = _candidate_fields(jsonl) if jsonl else {}
+            names = fields[jsonl].get(int(line), [])
+            for i, path in enumerate(g.candidates):
+                if path not in self.where:
+                    self.where[path] = (jsonl or None, int(line) or None, names[i] if i < len(names) else None)
+                    image = self._decode(path)
+                    if self.cache:
+                        self.images[path] = image
+        return self
+
+    def _decode(self, path) -> torch.Tensor:
+        try:
+            return decode_image(path, self.size)
+        except Exception as e:  # missing, truncated, not an image, a mode PIL cannot make RGB
+            jsonl, line, fld = self.where.get(path, (None, None, None))
+            raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", path=jsonl, line=line,
+                            field=fld) from None
+
+    def load(self, paths) -> torch.Tensor:  # (N, 3, H, W) float32 in [0, 1]
+        return torch.stack([self.images[p] if p in self.images else self._decode(p) for p in paths]).float() / 255
+
+
+class ImageScorer:
+    """score(prompts, image paths) -> (N,) with a ClipReward (or its DDP wrapper)."""
+
+    def __init__(self, reward, store: ImageStore, device, autocast=None):
+        self.reward, self.store, self.device, self.autocast = reward, store, device, autocast
+
+    def __call__(self, prompts, paths) -> torch.Tensor:
+        images = self.store.load(paths).to(self.device)
+        with self.autocast() if self.autocast else torch.autocast("cpu", enabled=False):
+            return self.reward(list(prompts), images).float()
+
+
+def split_by_prompt(groups, fraction: float, seed: int):
+    """(train, held): a seeded `fraction` of the distinct prompts is held out, with all their groups."""
+    prompts = sorted({g.prompt for g in groups})
+    perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(seed)).tolist()
+    held_prompts = {prompts[i] for i in perm[:int(len(prompts) * fraction)]}
+    return [g for g in groups if g.prompt not in held_prompts], [g for g in groups if g.prompt in held_prompts]
+
+
+# ---------------------------------------------------------------------------- run
+
+def _set_trainable(reward: ClipReward, cfg: ImageRMConfig) -> list[dict]:
+    """requires_grad per mode and the optimiser's parameter groups (logit_scale on its own lr)."""
+    freeze = cfg.mode == "aesthetic" if cfg.freeze_towers is None else cfg.freeze_towers
+    reward.model.requires_grad_(False)
+    if cfg.mode == "pickscore":
+        reward.model.requires_grad_(not freeze)
+        reward.model.logit_scale.requires_grad_(True)
+    elif not freeze:  # aesthetic: the text tower and logit_scale are unused, never trained
+        reward.model.visual.requires_grad_(True)
+    scale = reward.model.logit_scale
+    rest = [p for p in reward.parameters() if p.requires_grad and p is not scale]
+    groups = [{"params": rest, "lr": cfg.lr, "weight_decay": cfg.weight_decay}] if rest else []
+    if scale.requires_grad:
+        groups.append({"params": [scale], "lr": cfg.logit_scale_lr, "weight_decay": 0.0})
+    return groups
+
+
+def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
+    for name in ("clip", "data", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"image rm: --{name} is required")
+    if cfg.mode not in ("pickscore", "aesthetic"):
+        raise ValueError(f"image rm: mode must be 'pickscore' or 'aesthetic', got {cfg.mode!r}")
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    acc = run.accelerator
+    groups = load_preferences(cfg.data, candidates="path")
+    if cfg.eval_data:
+        train, held = groups, load_preferences(cfg.eval_data, candidates="path")
+    else:  # split by prompt, so no held-out prompt was seen in training
+        train, held = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
+    if run.resume_dir:
+        reward = ClipReward.load(run.resume_dir / "model", device=acc.device)
+    else:
+        reward = ClipReward.create(cfg.clip, cfg.pretrained, mode=cfg.mode, image_size=cfg.image_size or None,
+                                   head_hidden=tuple(cfg.head_hidden), device=acc.device)
+    store = ImageStore(reward.image_size, cache=cfg.cache_images).add(train).add(held)
+    optimizer = torch.optim.AdamW(_set_trainable(reward, cfg))
+    model, optimizer = acc.prepare(reward, optimizer)
+    batches_per_epoch = len(list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes)))
+    total_steps = max(1, int(batches_per_epoch * cfg.epochs))
+    if run.resume_dir:
+        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
+    log.info("image rm (%s, %s): %d train prompts (%d pairs), %d held-out prompts (%d pairs), %d images; "
+             "%d steps", cfg.mode, cfg.clip, len(train), count_pairs(train), len(held), count_pairs(held),
+             len(store.where), total_steps)
+    score_fn = ImageScorer(model, store, acc.device, acc.autocast)
+    eval_score_fn = ImageScorer(reward, store, acc.device, acc.autocast)
+
+    def write(ckpt_dir: Path):
+        reward.save(ckpt_dir / "model")
+        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+        torch.save(rng_state(), ckpt_dir / "rng.pt")
+
+    def held_out() -> dict:
+        model.eval()
+        m = evaluate_pairs(eval_score_fn, batch_groups(held, cfg.max_pairs_per_batch))
+        model.train()
+        return {f"rm/eval_{k}": v for k, v in m.items() if k != "n_pairs"}
+
+    step = run.start_step
+    bar = progress(total=total_steps, desc="image rm", is_main=run.is_main)
+    bar.update(step)
+    model.train()
+    while step < total_steps:
+        epoch, skip = divmod(step, batches_per_epoch)
+        batches = list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes, shuffle=True,
+                                    seed=cfg.seed * 1000 + epoch))
+        for b in range(skip, len(batches)):
+            mine = batches[b][acc.process_index::acc.num_processes] or batches[b][:1]
+            pb = PairBatch.from_groups(mine)
+            loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
+            acc.backward(loss)
+            acc.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step(), optimizer.zero_grad(set_to_none=True)
+            reward.clamp_logit_scale()  # 0 ≤ logit_scale ≤ ln 100, as open_clip's training loop
+            step += 1
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total_steps:
+                run.log(step, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"],
+                               "rm/logit_scale": reward.logit_scale})
+            if (cfg.save_every and step % cfg.save_every == 0) or step % batches_per_epoch == 0 or step == total_steps:
+                if held:
+                    run.log(step, held_out())
+                run.checkpoint(step, write, {"epoch": epoch})
+            if step >= total_steps:
+                break
+    bar.close()
+    return _finish(run, cfg, reward, train, held, eval_score_fn)
+
+
+def _finish(run, cfg, reward: ClipReward, train, held, score_fn) -> Path:
+    out = Path(cfg.out)
+    final = {}
+    if held:
+        reward.eval()
+        final = evaluate_pairs(score_fn, batch_groups(held, cfg.max_pairs_per_batch))
+    else:
+        log.warning("image rm: no held-out pairs (eval_fraction=%s); nothing to report", cfg.eval_fraction)
+    if run.is_main:
+        reward.save(out / "model", extra={"held_out": final})
+    rows = "\n".join(f"| {k} | {int(v) if k == 'n_pairs' else f'{v:.4f}'} |" for k, v in final.items())
+    scale = f" Learned logit scale s = {reward.logit_scale:.2f}." if cfg.mode == "pickscore" else ""
+    body = (f"Trained a CLIP reward ({cfg.mode}) from `{cfg.clip}` on `{cfg.data}`: {len(train)} prompts / "
+            f"{count_pairs(train)} pairs for training, {len(held)} prompts / {count_pairs(held)} pairs held out "
+            f"(ties get half credit in accuracy).{scale}\n\n"
+            f"| held-out metric | value |\n|---|---|\n{rows}\n\n"
+            f"The model is in `{out / 'model'}` (open_clip local-dir layout + align_reward.json); load it with "
+            f"`ClipReward.load(path)` or as a DDPO reward with `load_reward(path)`.")
+    run.finish("Image reward model report", [("Summary", body)],
+               ["rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_loss", "rm/logit_scale"])
+    return out / "model"

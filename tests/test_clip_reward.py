@@ -1,0 +1,240 @@
+"""CLIP reward (open_clip, built offline from a tiny config), image rewards and the image RM trainer."""
+import json
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from align.data import DataError, PreferenceGroup, Pair, batch_groups
+from align.reward import evaluate_pairs
+
+COLOURS = {"red": (0.9, 0.1, 0.1), "green": (0.1, 0.8, 0.1), "blue": (0.1, 0.2, 0.9)}
+NOUNS = ["cat", "house", "car", "tree", "boat", "bird", "cup", "chair", "lamp", "shoe"]
+
+
+def _png(folder, name, rgb, rng, size=(32, 32), noise=0.08):
+    h, w = size
+    x = np.clip(np.array(rgb)[None, None, :] + rng.normal(0, noise, (h, w, 3)), 0, 1)
+    Image.fromarray((x * 255).astype(np.uint8), "RGB").save(folder / name)
+    return name
+
+
+def _mix(a, b, t=0.5):
+    return tuple(t * x + (1 - t) * y for x, y in zip(COLOURS[a], COLOURS[b]))
+
+
+def make_colour_prefs(folder, nouns, seed, tie=True):
+    """prefs.jsonl: "a <colour> image of a <noun>"; the image of that colour wins. Half the records
+    are K=3 rankings (pure > half-blend > other colour), half chosen/rejected pairs, plus a tie
+    between two wrong colours. Images come in several sizes (the RM resizes to the model's)."""
+    rng, prng = np.random.default_rng(seed), random.Random(seed)
+    (folder / "img").mkdir(parents=True, exist_ok=True)
+    records, n = [], 0
+    for colour in COLOURS:
+        for noun in nouns:
+            others = [c for c in COLOURS if c != colour]
+            other = prng.choice(others)
+            size = prng.choice([(32, 32), (40, 40), (36, 48)])
+            prompt = f"a {colour} image of a {noun}"
+            names = []
+            for rgb in (COLOURS[colour], _mix(colour, other), COLOURS[other]):
+                names.append("img/" + _png(folder / "img", f"{n}.png", rgb, rng, size)), (n := n + 1)
+            if len(records) % 2:
+                records.append({"prompt": prompt, "chosen": names[0], "rejected": names[2]})
+            else:  # shuffled candidates, ranking best first
+                order = prng.sample(range(3), 3)
+                records.append({"prompt": prompt, "images": [names[i] for i in order],
+                                "ranking": [order.index(i) for i in range(3)]})
+    if tie:
+        a = "img/" + _png(folder / "img", "tie_a.png", COLOURS["green"], rng)
+        b = "img/" + _png(folder / "img", "tie_b.png", COLOURS["blue"], rng)
+        records.append({"prompt": f"a red image of a {nouns[0]}, again", "chosen": a, "rejected": b, "tie": True})
+    path = folder / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """One image RM run: train on 7 nouns, held-out file with 3 unseen nouns (+ a tie)."""
+    from image_rlhf.rm import ImageRMConfig, run_image_rm
+    root = tmp_path_factory.mktemp("image_rm")
+    train = make_colour_prefs(root / "train", NOUNS[:7], seed=0, tie=False)
+    held = make_colour_prefs(root / "held", NOUNS[7:], seed=1, tie=True)
+    cfg = ImageRMConfig(clip="tiny-clip", data=str(train), eval_data=str(held), out=str(root / "run"),
+                        epochs=12, max_pairs_per_batch=16, lr=2e-3, logit_scale_lr=1e-2, log_every=5, seed=0)
+    torch.manual_seed(0)
+    model_dir = run_image_rm(cfg)
+    return cfg, model_dir, held
+
+
+def test_tiny_clip_builds_offline_saves_and_reloads(tmp_path):
+    from image_rlhf.clip_reward import ClipReward
+    from image_rlhf.rewards import load_reward
+    torch.manual_seed(0)
+    reward = ClipReward.create("tiny-clip").eval()
+    assert reward.image_size == (32, 32)
+    prompts = ["a red image", "a blue image", "a red image"]
+    images = torch.rand(3, 3, 45, 61)  # another size, non-square: resized + centre-cropped on the tensor
+    with torch.no_grad():
+        before = reward(prompts, images)
+    assert before.shape == (3,) and torch.isfinite(before).all()
+    reward.save(tmp_path / "clip")
+    again = ClipReward.load(tmp_path / "clip").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(prompts, images), before)
+    frozen = load_reward(str(tmp_path / "clip"))
+    out = frozen(prompts, images)
+    assert not out.requires_grad and not frozen.training
+    torch.testing.assert_close(out, before)
+    # the score is the PickScore formula, s·cos(text, image)
+    with torch.no_grad():
+        cos = (reward.text_features(prompts) * reward.image_features(images)).sum(-1)
+    torch.testing.assert_close(before, reward.logit_scale * cos)
+    # gradients flow through the tensor preprocessing (resize + normalise) to the pixels
+    px = images.clone().requires_grad_(True)
+    reward(prompts, px).sum().backward()
+    assert px.grad is not None and px.grad.abs().sum() > 0
+
+
+def test_image_rm_learns_colour_preferences(trained):
+    from image_rlhf.rewards import load_reward
+    cfg, model_dir, held = trained
+    meta = json.loads((model_dir / "align_reward.json").read_text())
+    acc = meta["held_out"]["accuracy"]
+    print(f"held-out pairwise accuracy {acc:.3f}, loss {meta['held_out']['loss']:.3f}, s={meta['logit_scale']:.2f}")
+    assert acc >= 0.9
+    out = model_dir.parent
+    assert (out / "report.md").exists() and "accuracy" in (out / "report.md").read_text()
+    assert (out / "curves.png").exists() and any((out / "tb").iterdir())
+    assert (out / "checkpoints" / "latest").exists()
+    assert 0 < meta["logit_scale"] <= 100 + 1e-4
+    reward = load_reward(str(model_dir))  # scores a red image above a blue one for an unseen noun
+    img = torch.tensor([COLOURS["red"], COLOURS["blue"]]).view(2, 3, 1, 1).expand(2, 3, 24, 24)
+    s = reward(["a red image of a chair"] * 2, img)
+    assert s[0] > s[1]
+
+
+def test_ties_get_half_credit(trained):
+    from image_rlhf.clip_reward import ClipReward
+    from image_rlhf.rm import ImageScorer, ImageStore
+    _, model_dir, held = trained
+    reward = ClipReward.load(model_dir).eval()
+    img = sorted((held.parent / "img").glob("tie_*.png"))
+    tie = PreferenceGroup("a red image", [str(p) for p in img], [Pair(0, 1, label=0.5)])
+    store = ImageStore(reward.image_size).add([tie])
+    m = evaluate_pairs(ImageScorer(reward, store, "cpu"), batch_groups([tie], 8))
+    assert m["accuracy"] == 0.5
+
+
+def test_split_by_prompt_holds_out_whole_prompts(tmp_path):
+    from align.data import load_preferences
+    from image_rlhf.rm import split_by_prompt
+    groups = load_preferences(make_colour_prefs(tmp_path, NOUNS[:4], seed=2), candidates="path")
+    train, held = split_by_prompt(groups, 0.25, seed=0)
+    assert held and train and not {g.prompt for g in train} & {g.prompt for g in held}
+    assert len(train) + len(held) == len(groups)
+
+
+# make_colour_prefs writes a ranking on line 1 (img/0-2.png) and a chosen/rejected pair on line 2.
+def _corrupt(folder, records):
+    (folder / "img" / "1.png").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(300)))
+    return 1, "images[", "cannot read image"
+
+
+def _missing(folder, records):
+    records[1]["rejected"] = "img/nope.png"
+    return 2, "rejected", "no such file"
+
+
+def _bad_rank(folder, records):
+    records[0]["ranking"] = [0, 1, 3]
+    return 1, "ranking", "out of range"
+
+
+@pytest.mark.parametrize("break_it", [_corrupt, _missing, _bad_rank], ids=["corrupt", "missing", "rank"])
+def test_bad_inputs_name_file_line_and_field(tmp_path, break_it):
+    from image_rlhf.rm import ImageRMConfig, run_image_rm
+    path = make_colour_prefs(tmp_path / "d", NOUNS[:2], seed=3)
+    records = [json.loads(x) for x in path.read_text().splitlines()]
+    assert "ranking" in records[0] and "rejected" in records[1]
+    line, fld, what = break_it(tmp_path / "d", records)
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = ImageRMConfig(data=str(path), out=str(tmp_path / "run"), epochs=1)
+    with pytest.raises(DataError) as err:
+        run_image_rm(cfg)
+    msg = str(err.value)
+    assert f"{path}:{line}" in msg and f"field '{fld}" in msg and what in msg, msg
+
+
+def test_jpeg_rewards_and_brightness():
+    from image_rlhf.rewards import brightness, jpeg_compressibility, jpeg_incompressibility, load_reward
+    torch.manual_seed(0)
+    images = torch.stack([torch.full((3, 64, 64), 0.5), torch.rand(3, 64, 64)])  # flat, noise
+    prompts = ["a", "b"]
+    comp = jpeg_compressibility(prompts, images)
+    assert comp.shape == (2,) and comp[0] > comp[1]  # −kB: the flat image is more compressible
+    torch.testing.assert_close(jpeg_incompressibility(prompts, images), -comp)
+    assert load_reward("jpeg") is jpeg_compressibility and load_reward("incompressibility") is jpeg_incompressibility
+    torch.testing.assert_close(load_reward("brightness")(prompts, images), images.mean(dim=(1, 2, 3)))
+    assert brightness(prompts, torch.ones(1, 3, 4, 4)).item() == 1.0
+
+
+def nan_reward(prompts, images):
+    return [0.0, math.nan, 1.0][: len(prompts)]
+
+
+def list_reward(prompts, images):
+    return [float(i) for i in range(len(prompts))]
+
+
+def one_reward(prompts, images):
+    return torch.zeros(1)
+
+
+def test_load_reward_module_function_checks_output():
+    from image_rlhf.rewards import load_reward
+    images = torch.rand(3, 3, 8, 8)
+    torch.testing.assert_close(load_reward("test_clip_reward:list_reward")(["p"] * 3, images),
+                               torch.tensor([0.0, 1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"test_clip_reward:nan_reward.*index 1"):
+        load_reward("test_clip_reward:nan_reward")(["p"] * 3, images)
+    with pytest.raises(ValueError, match="returned 1 scores for 3"):
+        load_reward("test_clip_reward:one_reward")(["p"] * 3, images)
+    with pytest.raises(ValueError, match="cannot import"):
+        load_reward("test_clip_reward:no_such_fn")
+
+
+def test_aesthetic_head_regresses_scalar_scores():
+    from image_rlhf.clip_reward import ClipReward
+    torch.manual_seed(0)
+    reward = ClipReward.create("tiny-clip", mode="aesthetic", head_hidden=(64, 16))
+    reward.model.requires_grad_(False)  # LAION: an MLP on a frozen CLIP's normalised image embedding
+    images = torch.rand(32, 3, 32, 32) * torch.rand(32, 1, 1, 1)
+    targets = images.mean(dim=(1, 2, 3)) * 10  # a "rating" in [0, 10]
+    opt = torch.optim.Adam(reward.head.parameters(), lr=3e-3)
+    first = reward.aesthetic_loss(images, targets).item()
+    for _ in range(150):
+        loss = reward.aesthetic_loss(images, targets)
+        opt.zero_grad(), loss.backward(), opt.step()
+    reward.eval()
+    last = reward.aesthetic_loss(images, targets).item()
+    assert last < 0.2 * first, (first, last)
+    assert reward(["ignored"] * 32, images).shape == (32,)
+
+
+def test_image_rm_resumes_from_checkpoint(tmp_path):
+    from image_rlhf.rm import ImageRMConfig, run_image_rm
+    path = make_colour_prefs(tmp_path / "d", NOUNS[:4], seed=4)
+    cfg = ImageRMConfig(data=str(path), out=str(tmp_path / "run"), epochs=1, max_pairs_per_batch=8, lr=1e-3,
+                        eval_fraction=0.25, log_every=1)
+    run_image_rm(cfg)
+    first = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    cfg.epochs = 2
+    run_image_rm(cfg, resume=True)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert steps[:len(first)] == first and max(steps) == 2 * max(first)
+    assert (tmp_path / "run" / "model" / "align_reward.json").exists()
