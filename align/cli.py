@@ -23,7 +23,8 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", help="YAML preset (e.g. configs/text/tiny.yaml); flags and key=value override it")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    p.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides, e.g. ppo.clip_range=0.1")
+    p.set_defaults(overrides=[])
+    p.epilog = "Any number of key=value config overrides may follow, anywhere (e.g. ppo.clip_range=0.1 lr=1e-5)."
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -61,7 +62,15 @@ def setup_logging(verbose: bool) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    # key=value overrides may sit anywhere among the flags (argparse cannot interleave positionals)
+    bad = [x for x in extra if x.startswith("-") or "=" not in x]
+    if bad:
+        parser.error(f"unrecognized arguments: {' '.join(bad)}")
+    if extra and not hasattr(args, "func"):
+        parser.error(f"unexpected overrides: {' '.join(extra)}")
+    args.overrides = list(getattr(args, "overrides", [])) + extra
     setup_logging(args.verbose)
     if getattr(args, "threads", None):
         import torch

@@ -88,13 +88,15 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def load_config(cls, config_path=None, overrides: Iterable[str] = (), **fields):
+def load_config(cls, config_path=None, overrides: Iterable[str] = (), section: str | None = None, **fields):
     """Build an instance of the dataclass `cls` from defaults, a YAML file, fields and overrides.
 
     cls: a dataclass type (or instance, whose values then act as the defaults); may nest
         sub-dataclasses.
     config_path: optional YAML file; its keys must exist in `cls`.
     overrides: ``key=value`` strings (dotted keys, values parsed as YAML: ``ppo.epochs=2``).
+    section: a preset may hold one block per command under a top-level ``stages:`` mapping
+        (``stages: {sft: ..., rm: ..., ppo: ...}``); ``section`` picks the block for this command.
     fields: explicit values, e.g. from CLI flags; ``None`` means "not given" and is skipped, so
         a flag's default never hides the YAML value.
     Raises ConfigError naming the key and its source (file, field or override) in one line.
@@ -118,6 +120,12 @@ def load_config(cls, config_path=None, overrides: Iterable[str] = (), **fields):
             loaded = OmegaConf.create({})
         if not isinstance(loaded, DictConfig):
             raise ConfigError(f"{source}: expected a mapping of keys at the top level")
+        if "stages" in loaded:
+            if set(loaded.keys()) != {"stages"}:
+                raise ConfigError(f"{source}: a file with 'stages:' must hold nothing else at the top level")
+            if section is None or section not in loaded.stages:
+                raise ConfigError(f"{source}: no 'stages.{section}' block (has: {', '.join(loaded.stages.keys())})")
+            loaded, source = loaded.stages[section], f"{source} (stages.{section})"
         cfg = _merge(cfg, loaded, source)
 
     given = {k: v for k, v in fields.items() if v is not None}

@@ -33,7 +33,7 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
 
 def _load(cls, args, **fields):
     from align.config import load_config
-    return load_config(cls, args.config, args.overrides, **fields)
+    return load_config(cls, args.config, args.overrides, section=args.stage, **fields)
 
 
 def _sft(args):

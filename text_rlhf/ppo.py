@@ -223,10 +223,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> Path:
             scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
         # ------------------------------------------------------------ 3. rewards
         m = resp_mask.float()
-        kl = kl_estimate(old_log_prob, ref_log_prob, p.kl.estimator) * m                # (B, T)
-        rewards = -kl_ctl.value * kl
-        last = (resp_mask.sum(1) - 1).clamp_min(0)                                       # (B,) EOS or last token
-        rewards[torch.arange(len(last), device=last.device), last] += scores
+        kl = kl_estimate(old_log_prob, ref_log_prob, p.kl.estimator)                     # (B, T)
+        rewards = token_rewards(kl, kl_ctl.value, scores, resp_mask)
+        kl = kl * m
         # ------------------------------------------------------------ 4. advantages
         advantages, returns = gae(rewards, old_values * m, m, p.gamma, p.lam)
         if p.whiten_advantages:
@@ -260,6 +259,17 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> Path:
             run.checkpoint(it, write, {"kl_ctl": kl_ctl.state_dict(), "reward_shift": shift})
     bar.close()
     return _finish(run, cfg, policy, tok, shift)
+
+
+def token_rewards(kl: torch.Tensor, kl_coef: float, scores: torch.Tensor, resp_mask: torch.Tensor) -> torch.Tensor:
+    """r_t = −β·KL_t on every response token, + the score on the last real one (EOS, or the last
+    generated token when truncated); 0 on pads. Shapes (B, T), (B,), (B, T) -> (B, T).
+    The last real token is found from the mask, never by comparing ids with pad (pad may be EOS)."""
+    m = resp_mask.to(kl.dtype)
+    rewards = -kl_coef * kl * m
+    last = (resp_mask.sum(1) - 1).clamp_min(0)                                           # (B,)
+    rewards[torch.arange(len(last), device=last.device), last] += scores.to(rewards.dtype)
+    return rewards
 
 
 def _prompts_for(prompts_all, it, batch, world, rank, seed) -> list[str]:

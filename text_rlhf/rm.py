@@ -101,8 +101,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
                                   weight_decay=cfg.weight_decay)
     scorer, optimizer = acc.prepare(scorer, optimizer)
-    batches_per_epoch = len(list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes)))
-    total_steps = max(1, int(batches_per_epoch * cfg.epochs))
+    schedule = _schedule(train, cfg.max_pairs_per_batch * acc.num_processes, cfg.epochs, cfg.seed)
+    total_steps = len(schedule)
     if run.resume_dir:
         optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
@@ -131,29 +131,39 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     bar = progress(total=total_steps, desc="rm", is_main=run.is_main)
     bar.update(step)
     scorer.train()
-    while step < total_steps:
-        epoch, skip = divmod(step, batches_per_epoch)
-        batches = list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes, shuffle=True,
-                                    seed=cfg.seed * 1000 + epoch))
-        for b in range(skip, len(batches)):
-            mine = batches[b][acc.process_index::acc.num_processes] or batches[b][:1]
-            pb = PairBatch.from_groups(mine)
-            loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
-            acc.backward(loss)
-            acc.clip_grad_norm_(scorer.parameters(), 1.0)
-            optimizer.step(), optimizer.zero_grad(set_to_none=True)
-            step += 1
-            bar.update(1)
-            if step % cfg.log_every == 0 or step == total_steps:
-                run.log(step, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
-            if (cfg.save_every and step % cfg.save_every == 0) or step % batches_per_epoch == 0 or step == total_steps:
-                if held:
-                    run.log(step, held_out())
-                run.checkpoint(step, write, {"epoch": epoch})
-            if step >= total_steps:
-                break
+    for step in range(step, total_steps):
+        epoch, groups = schedule[step]
+        pb = PairBatch.from_groups(groups[acc.process_index::acc.num_processes] or groups[:1])
+        loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
+        acc.backward(loss)
+        acc.clip_grad_norm_(scorer.parameters(), 1.0)
+        optimizer.step(), optimizer.zero_grad(set_to_none=True)
+        bar.update(1)
+        done = step + 1
+        if done % cfg.log_every == 0 or done == total_steps:
+            run.log(done, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
+        epoch_end = done == total_steps or schedule[done][0] != epoch
+        if (cfg.save_every and done % cfg.save_every == 0) or epoch_end:
+            if held:
+                run.log(done, held_out())
+            run.checkpoint(done, write, {"epoch": epoch})
     bar.close()
     return _finish(run, cfg, acc.unwrap_model(scorer), tok, train, held, eval_score_fn)
+
+
+def _schedule(groups, max_pairs: int, epochs: float, seed: int) -> list[tuple[int, list]]:
+    """(epoch, groups) for every optimiser step: each epoch packs whole prompts into batches in a
+    fresh seeded order (the batch count can differ between epochs, so steps are listed, not derived)."""
+    per_epoch = []
+    n_full = math.ceil(epochs)
+    for e in range(n_full):
+        per_epoch.append([(e, b) for b in batch_groups(groups, max_pairs, shuffle=True, seed=seed * 1000 + e)])
+    schedule = [s for ep in per_epoch[:int(epochs)] for s in ep]
+    if epochs != int(epochs):
+        schedule += per_epoch[-1][:max(1, int(len(per_epoch[-1]) * (epochs - int(epochs))))]
+    if not schedule:
+        raise ValueError("rm: no training pairs (is the data file empty after the held-out split?)")
+    return schedule
 
 
 def _finish(run, cfg, scorer, tok, train, held, score_fn) -> Path:

@@ -123,6 +123,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         torch.save(rng_state(), ckpt_dir / "rng.pt")
 
     step = run.start_step
+    if step == 0 and eval_set:  # the starting point, so the report shows what SFT changed
+        run.log(0, {"sft/eval_loss": evaluate(model, eval_set, tok, micro, acc)})
     model.train()
     bar = progress(total=total_steps, desc="sft", is_main=run.is_main)
     bar.update(step)
@@ -197,7 +199,7 @@ def _finish(run, cfg, model, tok, eval_set, n_train, total_steps) -> Path:
     rows = []
     if "sft/eval_loss" in hist:
         first, last = hist["sft/eval_loss"][0][1], hist["sft/eval_loss"][-1][1]
-        rows.append(f"| held-out loss (first eval → last) | {first:.4f} → {last:.4f} |")
+        rows.append(f"| held-out loss (before → after) | {first:.4f} → {last:.4f} |")
         rows.append(f"| held-out perplexity (last) | {math.exp(min(last, 50)):.2f} |")
     if "sft/loss" in hist:
         rows.append(f"| train loss (last logged) | {hist['sft/loss'][-1][1]:.4f} |")

@@ -1,0 +1,15 @@
+"""Reward functions importable as `rewards:NAME` in tests (tests/ is on sys.path under pytest)."""
+import math
+
+
+def short(prompts, responses):
+    """Prefers short responses: −(characters) / 10. Learnable by any policy: emit EOS early."""
+    return [-len(r) / 10.0 for r in responses]
+
+
+def nan_after_first(prompts, responses):
+    return [math.nan] + [0.0] * (len(responses) - 1)
+
+
+def wrong_count(prompts, responses):
+    return [0.0]

@@ -1,0 +1,95 @@
+"""Loading, padding and scoring: the places where RLHF code silently goes wrong."""
+import logging
+
+import pytest
+import torch
+
+from text_rlhf.models import (ModelLoadError, SequenceScorer, encode_pairs, load_causal_lm, load_seq_scorer,
+                              load_tokenizer, pad_batch)
+from text_rlhf.policy import PolicyWithValue, response_mask
+from text_rlhf.ppo import token_rewards
+from text_rlhf.sft import encode_sft
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_tiny_models_load_by_path(arch, request):
+    path = request.getfixturevalue(arch)
+    tok = load_tokenizer(path)
+    model = load_causal_lm(path)
+    assert tok.pad_token_id is not None and model.config.vocab_size == len(tok)
+
+
+def test_missing_pad_token_uses_eos_and_says_so(tiny_gpt2, caplog):
+    with caplog.at_level(logging.WARNING):
+        tok = load_tokenizer(tiny_gpt2)
+    assert tok.pad_token_id == tok.eos_token_id
+    assert "no pad token" in caplog.text
+
+
+def test_nonexistent_model_path_is_a_clear_error(tmp_path):
+    with pytest.raises(ModelLoadError, match="no such folder"):
+        load_causal_lm(str(tmp_path / "nope"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="no config.json"):
+        load_causal_lm(str(tmp_path / "empty"))
+
+
+@pytest.mark.parametrize("arch", ["tiny_gpt2", "tiny_llama"])
+def test_left_padding_does_not_change_log_probs(arch, request):
+    """Position ids from the mask: a left-padded row scores exactly as the same row unpadded."""
+    path = request.getfixturevalue(arch)
+    tok = load_tokenizer(path)
+    torch.manual_seed(0)
+    policy = PolicyWithValue(load_causal_lm(path)).eval()
+    torch.nn.init.normal_(policy.value_head.weight)
+    short_ids = tok("red circle", add_special_tokens=True)["input_ids"]
+    long_ids = tok("the quick brown fox jumps over", add_special_tokens=True)["input_ids"]
+    resp = [5, 17, 33]
+    ids, mask = pad_batch([short_ids + resp, long_ids + resp], tok.pad_token_id, side="left")
+    with torch.no_grad():
+        lp_b, v_b = policy(ids, mask, 3)
+        lp_1, v_1 = policy(torch.tensor([short_ids + resp]), torch.ones(1, len(short_ids) + 3, dtype=torch.long), 3)
+    torch.testing.assert_close(lp_b[0], lp_1[0], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(v_b[0], v_1[0], atol=1e-5, rtol=1e-5)
+
+
+def test_reward_model_reads_last_real_token_even_when_pad_is_eos(tiny_gpt2):
+    """pad == EOS here: HF's pooling by pad id would read the wrong position; ours goes by the mask."""
+    tok = load_tokenizer(tiny_gpt2, padding_side="right")
+    scorer = SequenceScorer(load_seq_scorer(tiny_gpt2, pad_token_id=tok.pad_token_id)).eval()
+    ids, _ = encode_pairs(tok, ["red circle", "the quick brown fox"], [" blue", " jumps over the dog"], 64)
+    assert all(seq[-1] == tok.eos_token_id for seq in ids)
+    batch, mask = pad_batch(ids, tok.pad_token_id, side="right")
+    with torch.no_grad():
+        s_batch = scorer(batch, mask)
+        s_single = torch.stack([scorer(torch.tensor([x]), torch.ones(1, len(x), dtype=torch.long))[0] for x in ids])
+        # the same ids left-padded score the same too
+        left, lmask = pad_batch(ids, tok.pad_token_id, side="left")
+        s_left = scorer(left, lmask)
+    torch.testing.assert_close(s_batch, s_single, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(s_left, s_single, atol=1e-5, rtol=1e-5)
+
+
+def test_sft_labels_mask_the_prompt(tiny_llama):
+    tok = load_tokenizer(tiny_llama, padding_side="right")
+    (ids, labels), = encode_sft(tok, [{"prompt": "add 2 and 3:", "response": " 5"}], 64)
+    n_prompt = len(tok("add 2 and 3:")["input_ids"])
+    assert labels[:n_prompt] == [-100] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:] and ids[-1] == tok.eos_token_id
+
+
+def test_response_mask_stops_after_first_eos():
+    eos = 0
+    responses = torch.tensor([[5, 6, 0, 0, 0], [5, 0, 7, 0, 9], [1, 2, 3, 4, 5]])
+    assert response_mask(responses, eos).tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert response_mask(responses, None).tolist() == [[1] * 5] * 3
+
+
+def test_score_lands_on_eos_or_last_token_never_a_pad():
+    # row 0 ends with EOS at t=2 then pads; row 1 is truncated (no EOS): the score goes on t=4
+    resp_mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1]])
+    kl = torch.tensor([[0.1, 0.2, 0.3, 9.0, 9.0], [0.1, 0.1, 0.1, 0.1, 0.1]])
+    rewards = token_rewards(kl, kl_coef=0.5, scores=torch.tensor([2.0, -1.0]), resp_mask=resp_mask)
+    expected = torch.tensor([[-0.05, -0.10, -0.15 + 2.0, 0.0, 0.0], [-0.05, -0.05, -0.05, -0.05, -0.05 - 1.0]])
+    torch.testing.assert_close(rewards, expected)
+    assert (rewards[resp_mask == 0] == 0).all()

@@ -1,0 +1,163 @@
+"""The text recipe end to end on tiny random models: SFT -> RM -> PPO, LoRA, CLI, bad input."""
+import json
+import random
+
+import pytest
+import torch
+
+from align.cli import main as cli
+from align.config import load_config
+from text_rlhf.ppo import PPOConfig, run_ppo
+from text_rlhf.rm import RMConfig, run_rm
+from text_rlhf.sft import SFTConfig, run_sft
+
+WORDS = "the quick brown fox jumps over lazy dog red circle blue square".split()
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    d = tmp_path_factory.mktemp("text_data")
+    rng = random.Random(0)
+    demos = [{"prompt": f"add {a} and {b}:", "response": f" {a + b}"} for a in range(8) for b in range(6)]
+    # learnable preference: the chosen response ends with "good", the rejected with "bad"; K=3 rankings too
+    prefs = []
+    for i in range(160):
+        p, stem = " ".join(rng.choices(WORDS, k=3)), " ".join(rng.choices(WORDS, k=2))
+        if i % 4 == 0:
+            prefs.append({"prompt": p, "completions": [stem + " bad", stem + " good", stem + " so so"], "ranking": [1, 2, 0]})
+        else:
+            prefs.append({"prompt": p, "chosen": stem + " good", "rejected": stem + " bad"})
+    prompts = [{"prompt": " ".join(rng.choices(WORDS, k=3))} for _ in range(12)]
+    return {"demos": write_jsonl(d / "demos.jsonl", demos), "prefs": write_jsonl(d / "prefs.jsonl", prefs),
+            "prompts": write_jsonl(d / "prompts.jsonl", prompts), "dir": d}
+
+
+def metrics(out):
+    return [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_sft_lowers_held_out_loss_with_lora_on_llama(tiny_llama, data, tmp_path):
+    cfg = load_config(SFTConfig, None, ["epochs=6", "batch_size=8", "lr=2e-2", "lora.r=8", "eval_fraction=0.2"],
+                      model=tiny_llama, data=data["demos"], out=str(tmp_path / "sft"))
+    model_dir = run_sft(cfg)
+    evals = [r["sft/eval_loss"] for r in metrics(tmp_path / "sft") if "sft/eval_loss" in r]
+    assert evals[-1] < evals[0] - 0.3
+    from transformers import AutoModelForCausalLM
+    AutoModelForCausalLM.from_pretrained(model_dir)  # merged, loadable by path
+    assert (model_dir / "adapter" / "adapter_config.json").exists()
+    assert (tmp_path / "sft" / "report.md").read_text().startswith("# SFT report")
+
+
+def test_reward_model_reaches_90_percent_held_out(tiny_gpt2, data, tmp_path):
+    cfg = load_config(RMConfig, None, ["epochs=3", "lr=1e-3", "max_pairs_per_batch=16", "eval_fraction=0.2"],
+                      model=tiny_gpt2, data=data["prefs"], out=str(tmp_path / "rm"))
+    model_dir = run_rm(cfg)
+    held = json.loads((model_dir / "align.json").read_text())["held_out"]
+    assert held["accuracy"] >= 0.9, held
+    assert held["n_pairs"] > 20
+    from transformers import AutoModelForSequenceClassification
+    assert AutoModelForSequenceClassification.from_pretrained(model_dir).config.num_labels == 1
+
+
+def test_ppo_raises_reward_with_bounded_kl(tiny_gpt2, data, tmp_path):
+    cfg = load_config(PPOConfig, None, ["iterations=10", "batch_size=16", "ppo.mini_batch_size=8", "lr=2e-3",
+                                        "max_new_tokens=16", "save_every=5", "ppo.kl.kl_coef=0.05"],
+                      policy=tiny_gpt2, reward="rewards:short", prompts=data["prompts"], out=str(tmp_path / "ppo"))
+    run_ppo(cfg)
+    rows = metrics(tmp_path / "ppo")
+    scores = [r["env/raw_score"] for r in rows]
+    assert sum(scores[-3:]) / 3 > sum(scores[:3]) / 3 + 0.2, scores
+    kls = [r["objective/kl"] for r in rows]
+    assert kls[0] == pytest.approx(0.0, abs=1e-4)  # the first rollout is the reference policy itself
+    assert max(kls) < 20.0, kls
+    assert all(r["objective/kl_coef"] > 0 for r in rows)
+    report = (tmp_path / "ppo" / "report.md").read_text()
+    assert "RM score" in report and (tmp_path / "ppo" / "curves.png").exists()
+
+
+def test_ppo_with_learned_rm_and_lora_reference_via_cli(tiny_gpt2, data, tmp_path):
+    """The RM path (same tokenizer: token ids reused) and LoRA (reference = adapters off), via the CLI."""
+    rm_out = tmp_path / "rm"
+    assert cli(["text", "rm", "--model", tiny_gpt2, "--data", data["prefs"], "--out", str(rm_out), "epochs=1",
+                "max_pairs_per_batch=32"]) == 0
+    out = tmp_path / "ppo"
+    assert cli(["text", "ppo", "--policy", tiny_gpt2, "--reward", str(rm_out), "--prompts", data["prompts"],
+                "--out", str(out), "iterations=2", "batch_size=8", "ppo.mini_batch_size=4", "max_new_tokens=8",
+                "lora.r=4", "lr=1e-3"]) == 0
+    rows = metrics(out)
+    assert len(rows) == 2 and rows[0]["objective/kl"] == pytest.approx(0.0, abs=1e-5)
+    assert rows[1]["objective/kl"] > 0  # the adapters moved the policy away from the reference
+    assert (out / "model" / "adapter" / "adapter_config.json").exists()
+
+
+def test_preset_loads_for_each_stage():
+    for stage, cls in (("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig)):
+        cfg = load_config(cls, "configs/text/tiny.yaml", section=stage)
+        assert cfg is not None
+    assert load_config(PPOConfig, "configs/text/gpt2-hh.yaml", section="ppo").lora.r == 16
+
+
+# ---------------------------------------------------------------------------- bad input
+
+def run_cli(args, caplog):
+    caplog.clear()
+    code = cli(args)
+    return code, caplog.text
+
+
+@pytest.mark.parametrize("lines,needle", [
+    (['{"prompt": "a", "response": "b"}', '{"prompt": "a", "response": "b"', '{"prompt": "c", "response": "d"}'], ":2:"),
+    (['{"prompt": "a", "response": "b"}', '{"prompt": "a"}'], "field 'response'"),
+    (['{"prompt": "a", "response": "   "}'], "empty"),
+])
+def test_sft_bad_input_names_file_line_field(tiny_gpt2, tmp_path, caplog, lines, needle):
+    f = tmp_path / "demos.jsonl"
+    f.write_text("\n".join(lines) + "\n")
+    code, text = run_cli(["text", "sft", "--model", tiny_gpt2, "--data", str(f), "--out", str(tmp_path / "o")], caplog)
+    assert code == 2 and "demos.jsonl" in text and needle in text
+
+
+def test_rm_duplicate_pair_is_an_error(tiny_gpt2, tmp_path, caplog):
+    row = {"prompt": "p", "chosen": "a good", "rejected": "a bad"}
+    f = tmp_path / "prefs.jsonl"
+    f.write_text(json.dumps(row) + "\n" + json.dumps({"prompt": "q", "chosen": "x", "rejected": "x"}) + "\n")
+    code, text = run_cli(["text", "rm", "--model", tiny_gpt2, "--data", str(f), "--out", str(tmp_path / "o")], caplog)
+    assert code == 2 and "prefs.jsonl:2" in text and "identical" in text
+    f.write_text(json.dumps(row) + "\n" + json.dumps(row) + "\n")
+    code, text = run_cli(["text", "rm", "--model", tiny_gpt2, "--data", str(f), "--out", str(tmp_path / "o2")], caplog)
+    assert code == 2 and "duplicate" in text and "line 1" in text
+
+
+def test_nonexistent_model_path(tmp_path, data, caplog):
+    code, text = run_cli(["text", "sft", "--model", str(tmp_path / "missing"), "--data", data["demos"],
+                          "--out", str(tmp_path / "o")], caplog)
+    assert code == 2 and "no such folder" in text and "missing" in text
+
+
+def test_nan_reward_stops_cleanly_and_keeps_checkpoint(tiny_gpt2, data, tmp_path, caplog):
+    out = tmp_path / "ppo"
+    base = ["text", "ppo", "--policy", tiny_gpt2, "--prompts", data["prompts"], "--out", str(out), "batch_size=4",
+            "ppo.mini_batch_size=4", "max_new_tokens=4", "save_every=1"]
+    assert cli(base + ["--reward", "rewards:short", "iterations=1"]) == 0
+    ckpt = sorted((out / "checkpoints").glob("step-*"))
+    before = {p.name: p.stat().st_size for p in ckpt[-1].iterdir()}
+    code, text = run_cli(base + ["--reward", "rewards:nan_after_first", "iterations=3", "--resume"], caplog)
+    assert code == 2 and "nan" in text.lower() and "iteration 2" in text
+    assert {p.name: p.stat().st_size for p in ckpt[-1].iterdir()} == before
+    assert [r["step"] for r in metrics(out)] == [1]  # nothing half-logged
+    code, text = run_cli(base + ["--reward", "rewards:wrong_count", "iterations=3", "--resume"], caplog)
+    assert code == 2 and "returned 1 scores for 4" in text
+
+
+def test_out_dir_with_a_run_needs_resume(tiny_gpt2, data, tmp_path, caplog):
+    out = tmp_path / "ppo"
+    args = ["text", "ppo", "--policy", tiny_gpt2, "--reward", "rewards:short", "--prompts", data["prompts"],
+            "--out", str(out), "iterations=1", "batch_size=4", "ppo.mini_batch_size=4", "max_new_tokens=4"]
+    assert cli(args) == 0
+    code, text = run_cli(args, caplog)
+    assert code == 2 and "--resume" in text
