@@ -120,7 +120,15 @@ class RewardFn:
 
 # ---------------------------------------------------------------------------- run
 
-def run_ppo(cfg: PPOConfig, resume: bool = False) -> Path:
+@dataclass
+class PPOResult:
+    model_dir: Path
+    """Where the final policy was saved (save_pretrained layout)."""
+    policy: PolicyWithValue
+    """The trained policy + value head, in memory (every process has its own copy)."""
+
+
+def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     for name in ("policy", "reward", "prompts", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"ppo: --{name} is required")
@@ -258,7 +266,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> Path:
         if it % cfg.save_every == 0 or it == cfg.iterations:
             run.checkpoint(it, write, {"kl_ctl": kl_ctl.state_dict(), "reward_shift": shift})
     bar.close()
-    return _finish(run, cfg, policy, tok, shift)
+    return PPOResult(_finish(run, cfg, policy, tok, shift), policy)
 
 
 def token_rewards(kl: torch.Tensor, kl_coef: float, scores: torch.Tensor, resp_mask: torch.Tensor) -> torch.Tensor:
