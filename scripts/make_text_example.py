@@ -3,7 +3,7 @@
 
   DIR/base/          a tiny random GPT-2 + a byte-level BPE tokenizer (save_pretrained layout)
   DIR/demos.jsonl    {"prompt", "response"}: "add 3 and 4:" -> " 7"
-  DIR/prefs.jsonl    {"prompt", "completions", "ranking"}: right answer ranked above wrong ones (K=3)
+  DIR/prefs.jsonl    {"prompt", "completions", "ranking"}: right answer > wrong > rambling > no answer (K=4)
   DIR/prompts.jsonl  {"prompt"}: held-out addition prompts for PPO
 
 Usage: python scripts/make_text_example.py DIR
@@ -31,8 +31,8 @@ def main(out: str) -> None:
     with open(out / "prefs.jsonl", "w") as f:
         for a, b in train:
             wrong = rng.sample([x for x in range(19) if x != a + b], 2)
-            completions = [f" {wrong[0]}", f" {a + b}", f" {wrong[1]} and more"]
-            f.write(json.dumps({"prompt": f"add {a} and {b}:", "completions": completions, "ranking": [1, 0, 2]}) + "\n")
+            completions = [f" {wrong[0]}", f" {a + b}", f" {wrong[1]} and more", " ?"]
+            f.write(json.dumps({"prompt": f"add {a} and {b}:", "completions": completions, "ranking": [1, 0, 2, 3]}) + "\n")
     with open(out / "prompts.jsonl", "w") as f:
         for a, b in held + train[:20]:
             f.write(json.dumps({"prompt": f"add {a} and {b}:"}) + "\n")

@@ -161,3 +161,13 @@ def test_out_dir_with_a_run_needs_resume(tiny_gpt2, data, tmp_path, caplog):
     assert cli(args) == 0
     code, text = run_cli(args, caplog)
     assert code == 2 and "--resume" in text
+
+
+def test_reward_model_with_lora_on_llama_saves_merged_and_adapter(tiny_llama, data, tmp_path):
+    cfg = load_config(RMConfig, None, ["epochs=1", "lr=1e-3", "max_pairs_per_batch=32", "lora.r=4"],
+                      model=tiny_llama, data=data["prefs"], out=str(tmp_path / "rm"))
+    model_dir = run_rm(cfg)
+    assert (model_dir / "adapter" / "adapter_config.json").exists()
+    from text_rlhf.models import SequenceScorer, load_seq_scorer
+    scorer = SequenceScorer(load_seq_scorer(str(model_dir)))
+    assert torch.isfinite(scorer(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))).all()
