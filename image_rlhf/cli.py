@@ -1,0 +1,41 @@
+"""Image: DDPO on diffusers pipelines against a CLIP-based learned reward."""
+from __future__ import annotations
+
+import argparse
+
+from align.cli import add_run_args
+
+
+def add_parsers(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="stage", required=True)
+    r = sub.add_parser("rm", help="CLIP reward model (PickScore-style or aesthetic head) on ranked image pairs")
+    r.add_argument("--clip", help="starting CLIP: open_clip model name, model-config .json, or a saved folder")
+    r.add_argument("--data", help="image preferences JSONL (image paths relative to the file)")
+    r.add_argument("--out", help="output folder")
+    add_run_args(r)
+    r.set_defaults(func=_rm)
+
+    d = sub.add_parser("ddpo", help="DDPO: RL fine-tuning of a diffusion pipeline against a reward")
+    d.add_argument("--pipeline", help="diffusers pipeline to fine-tune: folder or hub id (SD 1.x/2.x, or pixel layout)")
+    d.add_argument("--reward", help="reward: CLIP reward folder (align image rm), jpeg, incompressibility, "
+                                    "brightness, or module:function scoring (prompts, images)")
+    d.add_argument("--prompts", help='prompts: a text file, one per line, or JSONL ({"prompt"} per line)')
+    d.add_argument("--out", help="output folder")
+    add_run_args(d)
+    d.set_defaults(func=_ddpo)
+
+
+def _load(cls, args, **fields):
+    from align.config import load_config
+    return load_config(cls, args.config, args.overrides, section=args.stage, **fields)
+
+
+def _rm(args):
+    from image_rlhf.rm import ImageRMConfig, run_image_rm
+    run_image_rm(_load(ImageRMConfig, args, clip=args.clip, data=args.data, out=args.out), resume=args.resume)
+
+
+def _ddpo(args):
+    from image_rlhf.ddpo import DDPOConfig, run_ddpo
+    run_ddpo(_load(DDPOConfig, args, pipeline=args.pipeline, reward=args.reward, prompts=args.prompts, out=args.out),
+             resume=args.resume)

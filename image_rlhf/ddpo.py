@@ -1,0 +1,419 @@
+"""DDPO: RL fine-tuning of a diffusion model against a reward (Black et al. 2023, DDPO_IS).
+
+One epoch, top to bottom (ddpo-pytorch's `train.py` is the reference implementation):
+  1. sample      — `num_batches_per_epoch` batches of prompts per process; DDIM with η = 1 and
+                   classifier-free guidance, recording (x_t, t, x_{t−1}, log π_old) of every step
+  2. reward      — decode x_0, score (prompt, image) with the reward; gather over processes
+  3. advantages  — per-prompt normalisation (align.rl.PerPromptStatTracker: a buffer per prompt,
+                   batch statistics until `min_count`), clipped to ±adv_clip; every process
+                   computes the same advantages from the gathered rewards and keeps its own rows
+  4. update      — `inner_epochs` passes: shuffle the samples, shuffle each sample's step order,
+                   train on the first `timestep_fraction` of them; per step the clipped surrogate
+                   (align.rl.clipped_surrogate, ε = clip_range) on r = π_θ/π_old of that transition,
+                   + kl_coef·KL to the reference (DPOK, Fan et al. 2023); gradients accumulate over
+                   a train batch's steps, one optimiser step per train batch
+  5. log         — reward, approx-KL, clip fraction; a grid of fixed prompts × seeds (PNG + TB)
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.data import load_prompts
+from align.rl import PerPromptStatTracker, clipped_surrogate, kl_k1, kl_k2
+from align.rl.config import LoraParams
+from align.runner import progress
+from align.session import rng_state, set_rng_state, start_run
+from image_rlhf.pipeline import (add_unet_lora, check_pipeline, encode_prompts, image_grid, load_pipeline,
+                                 load_trainable_state, negative_embeds, save_parts, save_png, save_unet_lora,
+                                 trainable_state)
+from image_rlhf.sampling import decode_latents, sample_trajectories, step_log_prob
+
+log = logging.getLogger(__name__)
+_DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class DDPOConfig:
+    pipeline: str = ""
+    """Diffusers pipeline to fine-tune: folder or hub id (SD 1.x/2.x, or align's pixel layout)."""
+    reward: str = ""
+    """jpeg|compressibility, incompressibility, brightness, a CLIP reward folder, or module:function."""
+    prompts: str = ""
+    """Prompts: a text file, one per line, or JSONL {"prompt"}; each batch draws uniformly from them."""
+    out: str = ""
+    epochs: int = 100
+    sample_batch_size: int = 8
+    """Images per sampling batch, per process."""
+    num_batches_per_epoch: int = 4
+    """Sampling batches per epoch, per process: N = sample_batch_size × this samples per process."""
+    train_batch_size: int = 4
+    """Samples per forward/backward (must divide N); gradients accumulate over their timesteps."""
+    gradient_accumulation_steps: int = 1
+    """Train batches per optimiser step: train_batch_size × this × processes samples per step. The
+    policy gradient of a few samples is mostly noise; ddpo-pytorch steps on 64-128 samples."""
+    num_steps: int = 50
+    """DDIM steps S per image."""
+    guidance_scale: float = 5.0
+    eta: float = 1.0
+    """DDIM η: σ_t = η·σ_t(1); η = 1 (DDPM-like) makes every step a Gaussian policy."""
+    timestep_fraction: float = 1.0
+    """Share of each trajectory's (shuffled) steps trained on."""
+    inner_epochs: int = 1
+    """Passes over each epoch's samples."""
+    lr: float = 3e-4
+    max_grad_norm: float = 1.0
+    adv_clip: float = 5.0
+    """Advantages are clipped to ±adv_clip."""
+    buffer_size: int = 16
+    """Per-prompt reward buffer; 0 = no per-prompt statistics (normalise by the whole batch)."""
+    min_count: int = 16
+    """Rewards a prompt needs buffered before its own mean/std are used (else the batch's)."""
+    clip_range: float = 1e-4
+    """ε of the clipped surrogate on per-step ratios (DDPO's 1e-4: log-probs are per-element means)."""
+    train_cfg: bool = True
+    """Policy = the CFG-guided step (as sampled). False: sample and train the conditional ε_θ(x_t, c)
+    alone (half the UNet batch); guidance_scale then applies only to the grid images."""
+    kl_coef: float = 0.0
+    """DPOK's KL-to-reference weight on per-step log-probs (0 = off); reference = the initial UNet."""
+    lora: LoraParams = field(default_factory=lambda: LoraParams(r=4, alpha=4.0))
+    """LoRA on the UNet's attention projections (to_q/to_k/to_v/to_out.0); r = 0 trains every weight."""
+    mixed_precision: str = "no"
+    """no | fp16 | bf16: frozen weights in that dtype, autocast; trained weights stay float32."""
+    attention: str = "sdpa"
+    """sdpa (torch's scaled_dot_product_attention) | xformers (used only when importable, on CUDA)."""
+    resolution: int = 0
+    """Image size in pixels (0 = the UNet's native sample_size × the VAE factor)."""
+    seed: int = 0
+    save_every: int = 10
+    """Checkpoint every N epochs (and at the end)."""
+    grid_prompts: list[str] = field(default_factory=list)
+    """Prompts of the per-epoch sample grid (default: the first 4 distinct prompts)."""
+    grid_seeds: list[int] = field(default_factory=lambda: [0, 1])
+    """Noise seeds of the grid: one row per seed, the same every epoch, so progress is visible."""
+
+
+@dataclass
+class DDPOResult:
+    model_dir: Path
+    """out/lora (LoRA: `StableDiffusionPipeline.load_lora_weights(model_dir)`) or out/pipeline (full
+    fine-tuning: the whole pipeline folder, loadable by `load_pipeline` / diffusers)."""
+    unet: torch.nn.Module
+    """The trained UNet in memory (LoRA layers injected; every process has its own copy)."""
+
+
+def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
+    from image_rlhf.rewards import load_reward
+
+    for name in ("pipeline", "reward", "prompts", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"ddpo: --{name} is required")
+    if cfg.mixed_precision not in _DTYPES:
+        raise ValueError(f"mixed_precision must be one of {sorted(_DTYPES)}, got {cfg.mixed_precision!r}")
+    if cfg.eta <= 0:
+        raise ValueError(f"eta must be > 0 (η = 0 is deterministic DDIM: no log-prob to train), got {cfg.eta}")
+    n_local = cfg.sample_batch_size * cfg.num_batches_per_epoch
+    step_samples = cfg.train_batch_size * cfg.gradient_accumulation_steps
+    if n_local % step_samples:
+        raise ValueError(f"train_batch_size × gradient_accumulation_steps = {step_samples} must divide "
+                         f"sample_batch_size × num_batches_per_epoch = {n_local}")
+    n_train_steps = int(cfg.num_steps * cfg.timestep_fraction)
+    if not 1 <= n_train_steps <= cfg.num_steps:
+        raise ValueError(f"timestep_fraction {cfg.timestep_fraction} × num_steps {cfg.num_steps} leaves no step "
+                         "to train")
+
+    check_pipeline(cfg.pipeline)  # before the run folder exists: a typo should not leave a half-made run
+    prompts_all = load_prompts(cfg.prompts)
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    acc = run.accelerator
+    world, rank = acc.num_processes, acc.process_index
+    grid_prompts = list(cfg.grid_prompts) or list(dict.fromkeys(prompts_all))[:4]
+
+    # models: the pipeline (frozen, in the inference dtype), the UNet's trained part in float32
+    weight_dtype = _DTYPES[cfg.mixed_precision]
+    parts = load_pipeline(cfg.pipeline, acc.device, attention=cfg.attention)
+    for m in (parts.vae, parts.text_encoder, parts.unet if cfg.lora.r > 0 else None):
+        if m is not None and weight_dtype != torch.float32:
+            m.to(weight_dtype)
+    unet = parts.unet
+    ref_unet = None
+    if cfg.lora.r > 0:
+        add_unet_lora(unet, cfg.lora)
+    else:
+        unet.requires_grad_(True)
+        if cfg.kl_coef > 0:  # full fine-tuning: the reference is a frozen copy (LoRA: adapters disabled)
+            ref_unet = copy.deepcopy(unet).requires_grad_(False)
+            if weight_dtype != torch.float32:
+                ref_unet.to(weight_dtype)
+    reward_fn = load_reward(cfg.reward, acc.device)
+    latent_shape = parts.latent_shape(cfg.resolution)
+    neg = negative_embeds(parts)                                                             # (1, L, D) ∅
+    guidance = cfg.guidance_scale if cfg.train_cfg else 1.0
+    params = [p for p in unet.parameters() if p.requires_grad]
+    # AdamW as ddpo-pytorch (β = 0.9/0.999, weight decay 1e-4, eps 1e-8)
+    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    tracker = (PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.buffer_size > 0
+               else PerPromptStatTracker(buffer_size=0, min_count=1))  # empty buffers: always the batch statistics
+    if run.resume_dir:
+        from safetensors.torch import load_file
+        load_trainable_state(unet, load_file(str(run.resume_dir / "trainable.safetensors")), str(run.resume_dir))
+        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        tracker.load_state_dict(run.state["tracker"])
+        set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
+    model, optimizer = acc.prepare(unet, optimizer)
+    n_params = sum(p.numel() for p in params)
+    log.info("ddpo: %d prompts; %d epochs × %d samples (%d per process × %d = %d batches of %d); %d inner epoch(s) "
+             "× %d optimiser steps of %d samples (%d per process = %d accumulated batches of %d) × %d of %d steps; "
+             "%s, %.2fM trained params; guidance %.1f (train_cfg=%s), η=%.2f, latents %s, reward=%s",
+             len(prompts_all), cfg.epochs, n_local * world, n_local, world, cfg.num_batches_per_epoch,
+             cfg.sample_batch_size, cfg.inner_epochs, n_local // step_samples, step_samples * world, step_samples,
+             cfg.gradient_accumulation_steps, cfg.train_batch_size, n_train_steps, cfg.num_steps,
+             f"LoRA r={cfg.lora.r}" if cfg.lora.r > 0 else "full fine-tuning", n_params / 1e6, cfg.guidance_scale,
+             cfg.train_cfg, cfg.eta, latent_shape, cfg.reward)
+
+    def write(ckpt_dir: Path):
+        from safetensors.torch import save_file
+        save_file(trainable_state(unet), str(ckpt_dir / "trainable.safetensors"))
+        torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
+        torch.save(rng_state(), ckpt_dir / "rng.pt")
+
+    grid_dir = run.out / "grids"
+    epoch = run.start_step
+    if run.is_main and not (grid_dir / "epoch-000.png").exists():  # the base model, before any update
+        run.log(0, {"grid/reward": _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run, 0)})
+    bar = progress(total=cfg.epochs, desc="ddpo", is_main=run.is_main)
+    bar.update(epoch)
+    while epoch < cfg.epochs:
+        t0 = time.perf_counter()
+        # ------------------------------------------------------------ 1. sample, 2. reward
+        unet.eval()
+        batches, reward_error = [], None
+        for i in range(cfg.num_batches_per_epoch):
+            g = _generator(cfg.seed, epoch, rank, i)
+            idx = torch.randint(len(prompts_all), (cfg.sample_batch_size,), generator=g).tolist()
+            prompts = [prompts_all[j] for j in idx]
+            embeds = encode_prompts(parts, prompts)                                          # (B, L, D) c
+            with torch.no_grad(), acc.autocast():
+                traj = sample_trajectories(unet, parts.scheduler, embeds, neg if guidance > 1 else None, cfg.num_steps,
+                                           guidance, cfg.eta, generator=g, latent_shape=latent_shape)
+                images = decode_latents(parts.vae, traj.final_latents)                      # (B, 3, H, W) in [0, 1]
+                # 2. reward, per batch (images are not kept)
+                rewards, err = _score(reward_fn, prompts, images, cfg.reward)               # (B,)
+            reward_error = reward_error or err
+            batches.append(dict(prompts=prompts, embeds=embeds, latents=traj.latents, log_probs=traj.log_probs,
+                                rewards=rewards))
+        # ------------------------------------------------------------ 2b. gather rewards over processes
+        timesteps = traj.timesteps                                                            # (S,)
+        prompts = [p for b in batches for p in b["prompts"]]
+        latents = torch.cat([b["latents"] for b in batches])                                 # (N, S+1, C, H, W)
+        old_log_probs = torch.cat([b["log_probs"] for b in batches]).float()                 # (N, S)
+        embeds = torch.cat([b["embeds"] for b in batches])                                   # (N, L, D)
+        rewards = torch.cat([b["rewards"] for b in batches]).to(acc.device)                  # (N,)
+        all_rewards = acc.gather(rewards).cpu()                                              # (world·N,), rank order
+        all_prompts = _gather_strings(prompts, acc)
+        _check_finite(all_rewards, all_prompts, epoch, cfg.reward, reward_error)
+        t_sample = time.perf_counter()
+        # ------------------------------------------------------------ 3. advantages
+        advantages = compute_advantages(tracker, all_prompts, all_rewards, cfg.adv_clip)
+        advantages = advantages.reshape(world, n_local)[rank].to(acc.device)                # (N,) this process's rows
+        # ------------------------------------------------------------ 4. update
+        unet.train()
+        stats = _update(model, unet, ref_unet, optimizer, acc, parts.scheduler, latents, timesteps, old_log_probs,
+                        advantages, embeds, neg, guidance, n_train_steps, cfg, epoch, rank)
+        t_update = time.perf_counter()
+        epoch += 1
+        bar.update(1)
+        # ------------------------------------------------------------ 5. log
+        metrics = {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(unbiased=False).item(),
+                   "reward/min": all_rewards.min().item(), "reward/max": all_rewards.max().item(),
+                   "reward/prompts_tracked": float(len(tracker.stats)) if cfg.buffer_size > 0 else 0.0,
+                   **stats, "time/sample_s": t_sample - t0, "time/update_s": t_update - t_sample,
+                   "time/images_per_s": n_local * world / (t_update - t0)}
+        if run.is_main:
+            metrics["grid/reward"] = _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run,
+                                           epoch)
+        run.log(epoch, metrics)
+        bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}", kl=f"{stats['policy/approx_kl']:.2e}")
+        if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
+            run.checkpoint(epoch, write, {"tracker": tracker.state_dict()})
+    bar.close()
+    return DDPOResult(_finish(run, cfg, parts, unet), unet)
+
+
+def compute_advantages(tracker: PerPromptStatTracker, prompts: list[str], rewards: torch.Tensor,
+                       adv_clip: float) -> torch.Tensor:
+    """Â = clip((r − mean_prompt) / (std_prompt + 1e-6), −adv_clip, adv_clip)  (B,), DDPO §5.
+
+    The clip bounds what one outlier image (a reward-model glitch) can do to an update; ddpo-pytorch
+    applies it in the loss (adv_clip_max = 5), here it is applied once, to the advantages."""
+    return tracker.update(prompts, rewards).clamp(-adv_clip, adv_clip)
+
+
+def _update(model, unet, ref_unet, optimizer, acc, scheduler, latents, timesteps, old_log_probs, advantages,
+            embeds, neg, guidance, n_train_steps, cfg, epoch, rank) -> dict:
+    """`inner_epochs` passes over this process's N samples (shapes as in run_ddpo). Per train batch and
+    trained step: the clipped surrogate, backward; the loss is divided by the n_train_steps ×
+    gradient_accumulation_steps backwards that one optimiser step sums, so it steps on their mean."""
+    N, S = old_log_probs.shape
+    neg = neg if guidance > 1 else None
+    n_backward = n_train_steps * cfg.gradient_accumulation_steps
+    sums: dict[str, float] = {}
+    n = 0
+    for inner in range(cfg.inner_epochs):
+        g = _generator(cfg.seed, epoch, rank, 10_000 + inner)
+        perm = torch.randperm(N, generator=g)                                                # shuffle samples
+        # each sample visits its steps in its own random order (ddpo-pytorch); the first
+        # n_train_steps of that order are trained on
+        step_order = torch.stack([torch.randperm(S, generator=g) for _ in range(N)])         # (N, S)
+        for k, start in enumerate(range(0, N, cfg.train_batch_size)):
+            rows = perm[start:start + cfg.train_batch_size]                                  # (b,)
+            idx = rows.to(latents.device)
+            step_now = (k + 1) % cfg.gradient_accumulation_steps == 0
+            for j in range(n_train_steps):
+                s = step_order[rows, j].to(latents.device)                                   # (b,) step index
+                x_t, x_prev = latents[idx, s], latents[idx, s + 1]                           # (b, C, H, W)
+                t = timesteps[s]                                                             # (b,)
+                sync = step_now and j == n_train_steps - 1  # DDP all-reduces on the last backward only
+                with contextlib.nullcontext() if sync else acc.no_sync(model):
+                    with acc.autocast():
+                        log_prob = step_log_prob(model, scheduler, x_t, t, x_prev, embeds[idx], neg, guidance,
+                                                 cfg.eta).float()                           # (b,) log π_θ
+                    old = old_log_probs[idx, s]                                              # (b,) log π_old
+                    loss, st = clipped_surrogate(log_prob, old, advantages[idx], cfg.clip_range)
+                    if cfg.kl_coef > 0:
+                        ref_log_prob = _ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds[idx], neg,
+                                                     guidance, cfg.eta, acc)
+                        # k2 = ½(log π − log π_ref)²: as a loss its gradient is ∇KL[π‖π_ref] on samples
+                        # of π (Schulman 2020); k1's expected gradient there is 0
+                        loss = loss + cfg.kl_coef * kl_k2(log_prob, ref_log_prob).mean()
+                        st["kl_ref"] = kl_k1(log_prob, ref_log_prob).mean().detach()
+                    acc.backward(loss / n_backward)
+                for name, v in {"loss": loss, **st}.items():
+                    sums[f"policy/{name}"] = sums.get(f"policy/{name}", 0.0) + float(v.detach())
+                n += 1
+            if step_now:
+                if cfg.max_grad_norm:
+                    norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
+                    sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + norm * n_backward
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
+    means = torch.tensor([v / n for v in sums.values()], device=acc.device)
+    means = acc.gather(means.unsqueeze(0)).mean(0)                                           # average over processes
+    return dict(zip(sums, means.tolist()))
+
+
+@torch.no_grad()
+def _ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta, acc) -> torch.Tensor:
+    """log π_ref of the same transitions: the frozen copy, or the UNet with its LoRA adapters off."""
+    with acc.autocast():
+        if ref_unet is not None:
+            return step_log_prob(ref_unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta).float()
+        unet.disable_adapters()
+        try:
+            return step_log_prob(unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta).float()
+        finally:
+            unet.enable_adapters()
+
+
+def _score(reward_fn, prompts, images, spec) -> tuple[torch.Tensor, ValueError | None]:
+    """(B,) float32 scores on the CPU. A ValueError of the reward (a checked reward refusing NaN) becomes
+    NaN scores plus the error, so that every process learns of it at the gather instead of hanging there."""
+    try:
+        out = torch.as_tensor(reward_fn(list(prompts), images.float())).detach().float().flatten().cpu()
+    except ValueError as e:
+        return torch.full((len(prompts),), float("nan")), e
+    if out.numel() != len(prompts):
+        return torch.full((len(prompts),), float("nan")), ValueError(
+            f"reward {spec!r} returned {out.numel()} scores for {len(prompts)} images")
+    return out, None
+
+
+def _check_finite(rewards, prompts, epoch, spec, error: ValueError | None):
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    where = f"epoch {epoch + 1}: nothing was updated, the last checkpoint is intact"
+    if error is not None:
+        raise FloatingPointError(f"{error} ({where})") from error
+    raise FloatingPointError(f"reward {spec!r} returned {rewards[bad[0]].item()} for prompt {prompts[bad[0]]!r} "
+                             f"({len(bad)} non-finite of {len(prompts)}, all processes); {where}")
+
+
+def _gather_strings(items: list[str], acc) -> list[str]:
+    if acc.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+    return list(gather_object(list(items)))
+
+
+def _generator(*keys: int) -> torch.Generator:
+    """A CPU generator seeded from (seed, epoch, rank, batch): prompts, noise and shuffles of an epoch
+    do not depend on what ran before, so a resumed run samples exactly as the original would."""
+    return torch.Generator().manual_seed(hash(tuple(keys)) & (2**63 - 1))
+
+
+@torch.no_grad()
+def _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run, epoch) -> float:
+    """grids/epoch-XXX.png (+ TensorBoard): rows = grid_seeds, columns = grid_prompts, same noise every epoch.
+    Returns the grid's mean reward (the same images each epoch: a low-noise progress signal)."""
+    was_training = unet.training
+    unet.eval()
+    embeds = encode_prompts(parts, grid_prompts)
+    rows, scores = [], []
+    for seed in cfg.grid_seeds:
+        with acc.autocast():
+            traj = sample_trajectories(unet, parts.scheduler, embeds, neg if cfg.guidance_scale > 1 else None,
+                                       cfg.num_steps, cfg.guidance_scale, cfg.eta,
+                                       generator=torch.Generator().manual_seed(int(seed)), latent_shape=latent_shape)
+            images = decode_latents(parts.vae, traj.final_latents).cpu()
+            scores.append(_score(reward_fn, grid_prompts, images, cfg.reward)[0])
+        rows.append(images)
+    unet.train(was_training)
+    grid = image_grid(torch.cat(rows), nrow=len(grid_prompts))
+    save_png(grid, run.out / "grids" / f"epoch-{epoch:03d}.png")
+    if run.logger.tb is not None:
+        run.logger.tb.add_image("samples/grid", grid, epoch)
+    return torch.cat(scores).nanmean().item()
+
+
+def _finish(run, cfg, parts, unet) -> Path:
+    out = Path(run.out)
+    if cfg.lora.r > 0:
+        result = out / "lora"
+        if run.is_main:
+            save_unet_lora(unet, result)
+    else:
+        result = out / "pipeline"
+        if run.is_main:
+            save_parts(parts, result)
+    h = run.logger.history
+
+    def first_last(key):
+        vals = [v for _, v in h.get(key, [])]
+        return (f"{vals[0]:.4g}", f"{vals[-1]:.4g}") if vals else ("n/a", "n/a")
+
+    rows = "\n".join(f"| {name} | {first_last(key)[0]} | {first_last(key)[1]} |" for name, key in [
+        ("reward (mean over the epoch's samples)", "reward/mean"), ("reward std", "reward/std"),
+        ("grid reward (fixed prompts and seeds; first = before training)", "grid/reward"),
+        ("approx KL[π_old‖π] per step", "policy/approx_kl"),
+        ("clip fraction", "policy/clipfrac"), ("KL to reference (k1)", "policy/kl_ref"),
+        ("images/s", "time/images_per_s")])
+    grids = sorted((out / "grids").glob("epoch-*.png"))
+    shown = [grids[0], grids[-1]] if len(grids) > 1 else grids
+    grid_md = "\n\n".join(f"**{g.stem}**\n\n![{g.stem}](grids/{g.name})" for g in shown)
+    world = run.accelerator.num_processes
+    body = (f"DDPO on `{cfg.pipeline}` against `{cfg.reward}`: {cfg.epochs} epochs of "
+            f"{cfg.sample_batch_size * cfg.num_batches_per_epoch * world} images, {cfg.num_steps} DDIM steps "
+            f"(η = {cfg.eta}, guidance {cfg.guidance_scale}), clip range {cfg.clip_range}, "
+            f"{f'LoRA r={cfg.lora.r}' if cfg.lora.r > 0 else 'full fine-tuning'}, KL coef {cfg.kl_coef}.\n\n"
+            f"| metric | first epoch | last epoch |\n|---|---|---|\n{rows}\n\n"
+            f"Result: `{result}`" + (" (`StableDiffusionPipeline.load_lora_weights`)." if cfg.lora.r > 0 else "."))
+    run.finish("DDPO report", [("Summary", body), ("Samples (rows: seeds, columns: prompts)", grid_md or "none")],
+               ["reward/mean", "grid/reward", "policy/approx_kl", "policy/clipfrac", "policy/kl_ref"])
+    return result

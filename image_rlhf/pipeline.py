@@ -1,0 +1,289 @@
+"""Diffusion pipelines for DDPO: load by path or hub id, encode prompts, LoRA on the UNet, grids.
+
+Two folder layouts are understood, both one subfolder per component (each `save_pretrained`):
+
+    latent (Stable Diffusion 1.x/2.x, diffusers' own layout):
+        model_index.json  unet/  vae/  text_encoder/  tokenizer/  scheduler/  [safety_checker/ ...]
+    pixel (no VAE; the image miniature world, `save_pixel_pipeline`):
+        model_index.json  unet/  text_encoder/  tokenizer/  scheduler/
+        (model_index.json says "_class_name": "AlignPixelPipeline"; it may be left out: a folder
+        with those four subfolders and no vae/ is read as pixel-space)
+
+The UNet is a `UNet2DConditionModel` (in pixel space its channels are RGB in [−1, 1]), the text
+encoder a transformers `CLIPTextModel` with its `CLIPTokenizer`, and whatever scheduler was saved
+is replaced by `DDIMScheduler.from_config(...)` of its config: DDPO's policy is the DDIM step
+(ddim.py), and SD's scheduler config (set_alpha_to_one=False, steps_offset=1) keeps σ_t > 0 there.
+Components are loaded one by one (`from_pretrained(src, subfolder=...)`) so a missing one is
+named in the error and a hub id downloads only the weights actually used.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+from dataclasses import dataclass
+from io import BytesIO
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PIXEL_CLASS_NAME = "AlignPixelPipeline"
+REQUIRED = ("unet", "text_encoder", "tokenizer", "scheduler")
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]  # the attention projections, as diffusers' LoRA scripts
+_HUB_ID = re.compile(r"^[\w.-]+/[\w.-]+$")
+
+
+class PipelineLoadError(ValueError):
+    """A pipeline folder or hub id that cannot be loaded; the message names what is missing."""
+
+
+@dataclass
+class DiffusionParts:
+    """The pieces DDPO uses; vae=None means pixel-space diffusion (x_0 is the image in [−1, 1])."""
+    unet: torch.nn.Module
+    vae: torch.nn.Module | None
+    text_encoder: torch.nn.Module
+    tokenizer: object
+    scheduler: object           # DDIMScheduler
+    source: str
+
+    @property
+    def vae_scale_factor(self) -> int:
+        """Image pixels per latent pixel: 2^(VAE blocks − 1) (8 for SD), 1 without a VAE."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 1
+
+    def latent_shape(self, resolution: int = 0) -> tuple[int, int, int]:
+        """(C, H, W) of x_t for images of `resolution` pixels (0 = the UNet's native sample_size)."""
+        c = self.unet.config.in_channels
+        if resolution <= 0:
+            size = self.unet.config.sample_size
+            h, w = (size, size) if isinstance(size, int) else tuple(size)
+            return c, h, w
+        f = self.vae_scale_factor
+        if resolution % f:
+            raise ValueError(f"resolution {resolution} is not a multiple of the VAE's scale factor {f}")
+        return c, resolution // f, resolution // f
+
+
+# ---------------------------------------------------------------------------- loading
+
+def _components(src: str, local: bool) -> tuple[dict, bool]:
+    """(model_index.json as a dict or {}, has_vae). Checks a local folder for missing components."""
+    from diffusers import DiffusionPipeline
+    index: dict = {}
+    path = Path(src)
+    if local and (path / "model_index.json").is_file():
+        index = json.loads((path / "model_index.json").read_text())
+    elif not local:
+        index = dict(DiffusionPipeline.load_config(src))
+    listed = sorted(k for k, v in index.items() if not k.startswith("_") and isinstance(v, (list, tuple))
+                    and len(v) == 2 and v[0] is not None)
+    if index:
+        has_vae = "vae" in listed
+        required = [*REQUIRED, "vae"] if has_vae else list(REQUIRED)
+        missing_from_index = [c for c in REQUIRED if c not in listed]
+        if missing_from_index:
+            raise PipelineLoadError(f"{src}: model_index.json does not list {', '.join(missing_from_index)} "
+                                    f"(lists {', '.join(listed)}); DDPO needs {', '.join(REQUIRED)} (+ vae)")
+        where = f"model_index.json lists {', '.join(listed)}"
+    else:
+        has_vae = (path / "vae").is_dir()
+        required = [*REQUIRED, "vae"] if has_vae else list(REQUIRED)
+        where = "a pipeline folder holds unet/, text_encoder/, tokenizer/, scheduler/ and, for latent diffusion, vae/"
+    if local:
+        for name in required:
+            if not (path / name).is_dir():
+                raise PipelineLoadError(f"{src}: missing '{name}' ({where})")
+    return index, has_vae
+
+
+def check_pipeline(src: str | Path) -> tuple[str, bool, dict, bool]:
+    """(src, is_local, model_index dict, has_vae), or a PipelineLoadError naming what is missing.
+    Cheap (reads JSON only): trainers call it before creating their run folder."""
+    src = str(src)
+    local = Path(src).expanduser().exists()
+    if local:
+        src = str(Path(src).expanduser())
+        if not Path(src).is_dir():
+            raise PipelineLoadError(f"{src}: not a folder (expected a diffusers pipeline folder)")
+    elif not _HUB_ID.match(src):
+        raise PipelineLoadError(f"{src}: no such folder (and not a hub id of the form org/name)")
+    try:
+        index, has_vae = _components(src, local)
+    except PipelineLoadError:
+        raise
+    except (OSError, ValueError) as e:
+        raise PipelineLoadError(f"{src}: cannot read the pipeline's model_index.json: {str(e).splitlines()[0]}") from e
+    return src, local, index, has_vae
+
+
+def load_pipeline(src: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
+                  attention: str = "sdpa") -> DiffusionParts:
+    """Load a latent (SD 1.x/2.x) or pixel-space pipeline from a folder or hub id, scheduler -> DDIM.
+
+    dtype: for every component (training code upcasts what it trains). attention: "sdpa" (torch's
+    scaled_dot_product_attention, diffusers' default processor) or "xformers", used only when it
+    is importable and the device is CUDA (else SDPA, with a log line).
+    """
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    src, local, index, has_vae = check_pipeline(src)
+    try:
+        scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(src, subfolder="scheduler"))
+        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
+        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype) if has_vae else None
+    except PipelineLoadError:
+        raise
+    except (OSError, ValueError) as e:
+        kind = "folder" if local else "hub id (no local folder of that name)"
+        raise PipelineLoadError(f"{src}: cannot load the pipeline {kind}: {str(e).splitlines()[0]}") from e
+    for m in (unet, vae, text_encoder):
+        if m is not None:
+            m.to(device).requires_grad_(False).eval()
+    _set_attention(unet, attention, device)
+    if index.get("_class_name") not in (None, PIXEL_CLASS_NAME, "StableDiffusionPipeline"):
+        log.info("%s: a %s; using its unet, text_encoder, tokenizer%s", src, index["_class_name"],
+                 ", vae" if has_vae else "")
+    return DiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, src)
+
+
+def _set_attention(unet, attention: str, device) -> None:
+    if attention not in ("sdpa", "xformers"):
+        raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}")
+    from diffusers.models.attention_processor import AttnProcessor2_0
+    if attention == "xformers" and torch.device(device).type == "cuda":
+        try:
+            import xformers  # noqa: F401
+            unet.enable_xformers_memory_efficient_attention()
+            return
+        except Exception as e:  # not installed, or no kernel for this GPU/dtype
+            log.info("xformers unavailable (%s); using SDPA attention", e)
+    unet.set_attn_processor(AttnProcessor2_0())
+
+
+def save_pixel_pipeline(out: str | Path, unet, text_encoder, tokenizer, scheduler) -> Path:
+    """Write the pixel layout (see the module docstring); `load_pipeline(out)` reads it back."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    unet.save_pretrained(out / "unet")
+    text_encoder.save_pretrained(out / "text_encoder")
+    tokenizer.save_pretrained(out / "tokenizer")
+    scheduler.save_pretrained(out / "scheduler")
+    index = {"_class_name": PIXEL_CLASS_NAME, "_note": "align pixel-space diffusion: no VAE",
+             "unet": ["diffusers", type(unet).__name__], "text_encoder": ["transformers", type(text_encoder).__name__],
+             "tokenizer": ["transformers", type(tokenizer).__name__],
+             "scheduler": ["diffusers", type(scheduler).__name__]}
+    (out / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return out
+
+
+def save_parts(parts: DiffusionParts, out: str | Path) -> Path:
+    """A fully fine-tuned pipeline: diffusers' StableDiffusionPipeline layout, or the pixel layout."""
+    out = Path(out)
+    if parts.vae is None:
+        return save_pixel_pipeline(out, parts.unet, parts.text_encoder, parts.tokenizer, parts.scheduler)
+    from diffusers import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
+                                   unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+    pipe.save_pretrained(out)
+    return out
+
+
+# ---------------------------------------------------------------------------- prompts
+
+@torch.no_grad()
+def encode_prompts(parts: DiffusionParts, prompts: list[str], batch_size: int = 32) -> torch.Tensor:
+    """c = the text encoder's last hidden states (B, L, D), L = the tokenizer's model_max_length
+    (77 for SD), padded to max length and truncated as StableDiffusionPipeline does."""
+    tok, enc = parts.tokenizer, parts.text_encoder
+    device = next(enc.parameters()).device
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        ids = tok(list(prompts[i:i + batch_size]), padding="max_length", max_length=tok.model_max_length,
+                  truncation=True, return_tensors="pt").input_ids.to(device)                  # (b, L)
+        out.append(enc(ids)[0])                                                               # (b, L, D)
+    return torch.cat(out)
+
+
+def negative_embeds(parts: DiffusionParts) -> torch.Tensor:
+    """∅ = the embedding of the empty prompt (1, L, D), shared by every sample for CFG."""
+    return encode_prompts(parts, [""])
+
+
+# ---------------------------------------------------------------------------- LoRA and weights
+
+def add_unet_lora(unet, lora) -> None:
+    """LoRA adapters on the UNet via peft, as diffusers' training scripts (`unet.add_adapter`).
+
+    lora: align.rl.config.LoraParams; ["all-linear"] means the attention projections here.
+    Gaussian init of A (B = 0, so the adapted UNet starts equal to the base, ratio = 1).
+    """
+    from peft import LoraConfig
+    targets = LORA_TARGETS if list(lora.target_modules) in ([], ["all-linear"]) else list(lora.target_modules)
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+                                init_lora_weights="gaussian", target_modules=targets))
+    for p in unet.parameters():  # trained in float32 even when the base is bf16/fp16
+        if p.requires_grad:
+            p.data = p.data.float()
+
+
+def save_unet_lora(unet, out: str | Path) -> Path:
+    """out/pytorch_lora_weights.safetensors, loadable by `StableDiffusionPipeline.load_lora_weights(out)`;
+    the LoRA config (rank, alpha, targets) travels in the file's metadata."""
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    meta = unet.peft_config["default"].to_dict()
+    StableDiffusionPipeline.save_lora_weights(save_directory=str(out), unet_lora_layers=state, safe_serialization=True,
+                                              unet_lora_adapter_metadata=meta)
+    return Path(out)
+
+
+def trainable_state(module) -> dict[str, torch.Tensor]:
+    """The parameters being trained (LoRA A/B, or all), by name: what a checkpoint must hold."""
+    return {n: p.detach().contiguous().cpu() for n, p in module.named_parameters() if p.requires_grad}
+
+
+def load_trainable_state(module, state: dict[str, torch.Tensor], where: str) -> None:
+    params = dict(module.named_parameters())
+    unknown = [k for k in state if k not in params]
+    missing = [n for n, p in params.items() if p.requires_grad and n not in state]
+    if unknown or missing:
+        raise ValueError(f"{where}: checkpoint does not match the model (unknown {unknown[:3]}, missing "
+                         f"{missing[:3]}); was it written with another pipeline or LoRA setting?")
+    with torch.no_grad():
+        for k, v in state.items():
+            params[k].copy_(v)
+
+
+# ---------------------------------------------------------------------------- grids
+
+def image_grid(images: torch.Tensor, nrow: int, min_size: int = 96) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1] -> one (3, H', W') grid, nrow images per row; tiny images are
+    enlarged ×k (nearest) so that each is at least `min_size` pixels."""
+    from torchvision.utils import make_grid
+    images = images.float().clamp(0, 1).cpu()
+    k = max(1, math.ceil(min_size / images.shape[-1]))
+    if k > 1:
+        images = torch.nn.functional.interpolate(images, scale_factor=k, mode="nearest")
+    return make_grid(images, nrow=nrow, padding=2, pad_value=1.0)
+
+
+def save_png(grid: torch.Tensor, path: str | Path) -> Path:
+    """(3, H, W) in [0, 1] -> PNG, written atomically."""
+    from PIL import Image
+
+    from align.runner import atomic_write_bytes
+    arr = (grid.clamp(0, 1) * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+    buf = BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return atomic_write_bytes(path, buf.getvalue())
