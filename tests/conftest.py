@@ -29,3 +29,10 @@ def tiny_llama(tmp_path_factory):
     """A tiny random Llama-style model (RoPE, RMSNorm, SwiGLU) with a pad token, saved by path."""
     from text_rlhf.tiny import save_tiny
     return str(save_tiny(tmp_path_factory.mktemp("llama"), "llama", CORPUS, vocab_size=300, pad=True))
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_path(tmp_path_factory):
+    """A tiny random Stable Diffusion pipeline (latents 4×16×16 -> 32 px), saved by path."""
+    from image_rlhf.tiny import tiny_sd_pipeline
+    return str(tiny_sd_pipeline(tmp_path_factory.mktemp("tiny_sd_session"), sample_size=16))
