@@ -13,3 +13,8 @@ def nan_after_first(prompts, responses):
 
 def wrong_count(prompts, responses):
     return [0.0]
+
+
+def vowels(prompts, responses):
+    """Share of the response's characters that are vowels: a dense signal every token moves."""
+    return [sum(c in "aeiou" for c in r) / max(1, len(r)) for r in responses]

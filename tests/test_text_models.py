@@ -93,3 +93,47 @@ def test_score_lands_on_eos_or_last_token_never_a_pad():
     expected = torch.tensor([[-0.05, -0.10, -0.15 + 2.0, 0.0, 0.0], [-0.05, -0.05, -0.05, -0.05, -0.05 - 1.0]])
     torch.testing.assert_close(rewards, expected)
     assert (rewards[resp_mask == 0] == 0).all()
+
+
+def test_rollout_samples_from_the_raw_policy_whatever_the_checkpoint_says(tiny_gpt2):
+    """A checkpoint's generation_config (top_k=1, a repetition penalty) and transformers' default
+    top_k=50 must not shape PPO's samples: the processed scores equal the raw logits."""
+    from text_rlhf.policy import raw_sampling
+    from text_rlhf.ppo import PPOConfig, sampling_config
+    tok = load_tokenizer(tiny_gpt2)
+    lm = load_causal_lm(tiny_gpt2)
+    lm.generation_config.top_k = 1
+    lm.generation_config.repetition_penalty = 3.0
+    gen = sampling_config(PPOConfig(max_new_tokens=6), tok)
+    enc = tok(["red circle"] * 16, return_tensors="pt")
+    torch.manual_seed(0)
+    with torch.no_grad(), raw_sampling(lm):
+        out = lm.generate(**enc, generation_config=gen, output_scores=True, output_logits=True,
+                          return_dict_in_generate=True)
+    for scores, logits in zip(out.scores, out.logits):
+        torch.testing.assert_close(scores, logits)  # no warper: no -inf from top-k, no penalty
+    assert len({tuple(r) for r in out.sequences.tolist()}) > 8  # top_k=1 would make all 16 identical
+    assert lm.generation_config.top_k == 1  # restored afterwards
+
+
+def test_no_stop_token_means_no_early_stop(tiny_gpt2):
+    """stop_at_eos=False: EOS is an ordinary token; rows never stop early, nothing is padded."""
+    from text_rlhf.policy import raw_sampling
+    from text_rlhf.ppo import PPOConfig, sampling_config
+    tok = load_tokenizer(tiny_gpt2)
+    lm = load_causal_lm(tiny_gpt2)
+
+    def favour_eos(module, inputs, logits):  # EOS gets ~half the probability mass at every step
+        logits = logits.clone()
+        logits[..., tok.eos_token_id] = logits.logsumexp(-1)
+        return logits
+
+    lm.get_output_embeddings().register_forward_hook(favour_eos)
+    enc = tok(["red circle"] * 8, return_tensors="pt")
+    for stop, expect_full in ((True, False), (False, True)):
+        gen = sampling_config(PPOConfig(max_new_tokens=12, stop_at_eos=stop), tok)
+        with torch.no_grad(), raw_sampling(lm):
+            seq = lm.generate(**enc, generation_config=gen)
+        resp = seq[:, enc["input_ids"].shape[1]:]
+        assert (resp == tok.eos_token_id).any()
+        assert (resp.shape[1] == 12) if expect_full else (response_mask(resp, tok.eos_token_id) == 0).any()

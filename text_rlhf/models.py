@@ -60,13 +60,29 @@ def dtype_of(name: str) -> torch.dtype:
             "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}[name]
 
 
-def load_causal_lm(path: str, dtype: torch.dtype = torch.float32):
+def fuse_activations(model: nn.Module) -> int:
+    """Swap transformers' `NewGELUActivation` (GPT-2's tanh-GELU as five Python-level ops) for
+    torch's fused `gelu(approximate="tanh")`: the same function (|Δ| ~1e-7 in fp32), one kernel
+    forward and backward — 25-30% of a small GPT-2's training step on a CPU. Returns the count."""
+    from transformers.activations import NewGELUActivation
+    n = 0
+    for parent in model.modules():
+        for name, child in list(parent.named_children()):
+            if type(child) is NewGELUActivation:
+                setattr(parent, name, nn.GELU(approximate="tanh"))
+                n += 1
+    return n
+
+
+def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, fused_activations: bool = True):
     from transformers import AutoModelForCausalLM
     path = _check_path(path, "model")
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except OSError as e:
         raise ModelLoadError(f"model: cannot load {path!r}: {e}") from e
+    if fused_activations:
+        fuse_activations(model)
     return model
 
 
@@ -81,6 +97,7 @@ def load_seq_scorer(path: str, dtype: torch.dtype = torch.float32, pad_token_id:
         raise ModelLoadError(f"reward model: cannot load {path!r}: {e}") from e
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
+    fuse_activations(model)
     return model
 
 

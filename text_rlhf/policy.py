@@ -85,6 +85,26 @@ def reference_log_probs(policy: PolicyWithValue, ref_lm, input_ids, attention_ma
         return policy(input_ids, attention_mask, response_len, temperature, with_values=False)[0]
 
 
+@contextlib.contextmanager
+def raw_sampling(lm):
+    """`generate` with nothing inherited from the checkpoint's generation_config.
+
+    transformers fills every unset field of the GenerationConfig we pass from the model's own
+    (a chat model's temperature 0.6 / top_p 0.9, a repetition penalty, suppressed tokens, its EOS)
+    and then from library defaults (top_k = 50). Any of those would make the samples come from a
+    distribution other than π, and the KL estimate and the PPO ratio would be wrong. Inside this
+    context the model's generation_config is a blank one; the caller sets top_k=0 etc. explicitly.
+    """
+    from transformers import GenerationConfig
+    hf = unwrap_hf(lm)
+    saved = hf.generation_config
+    hf.generation_config = GenerationConfig()
+    try:
+        yield
+    finally:
+        hf.generation_config = saved
+
+
 def response_mask(responses: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """(B, T) 1 up to and including the first EOS, 0 after (generate pads finished rows; pad may equal EOS)."""
     if eos_id is None:

@@ -29,9 +29,9 @@ from align.rl import clipped_surrogate, clipped_value_loss, gae, kl_estimate, ma
 from align.rl.config import LoraParams, PPOParams
 from align.runner import progress
 from align.session import rng_state, set_rng_state, start_run
-from text_rlhf.models import (SequenceScorer, apply_lora, load_causal_lm, load_seq_scorer, load_tokenizer,
+from text_rlhf.models import (SequenceScorer, apply_lora, fuse_activations, load_causal_lm, load_seq_scorer, load_tokenizer,
                               ModelLoadError, pad_batch, save_hf, unwrap_hf)
-from text_rlhf.policy import PolicyWithValue, disable_dropout, reference_log_probs, response_mask
+from text_rlhf.policy import PolicyWithValue, disable_dropout, raw_sampling, reference_log_probs, response_mask
 
 log = logging.getLogger(__name__)
 
@@ -160,6 +160,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         from transformers import AutoModel
         init = cfg.value_init or (cfg.reward if Path(cfg.reward).exists() else cfg.policy)
         critic = AutoModel.from_pretrained(str(Path(init) / "model") if (Path(init) / "model").is_dir() else init)
+        fuse_activations(critic)
         disable_dropout(critic)
     elif cfg.value_model != "head":
         raise ValueError(f"value_model must be 'head' or 'separate', not {cfg.value_model!r}")
@@ -183,11 +184,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
              "(micro %d); value=%s, LoRA r=%d, reward=%s", len(prompts_all), cfg.iterations, global_batch,
              cfg.batch_size, world, p.ppo_epochs, cfg.batch_size // p.mini_batch_size, p.mini_batch_size, micro,
              cfg.value_model, cfg.lora.r, cfg.reward)
-    from transformers import GenerationConfig
-    gen_cfg = GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k or None, top_p=cfg.top_p,
-                               max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, use_cache=True,
-                               pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                               eos_token_id=tok.eos_token_id if cfg.stop_at_eos else None)
+    gen_cfg = sampling_config(cfg, tok)
 
     def write(ckpt_dir: Path):
         torch.save({k: v for k, v in policy.state_dict().items()}, ckpt_dir / "policy.pt")
@@ -205,7 +202,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_prompt_length)
         prompt_ids, prompt_mask = enc["input_ids"].to(acc.device), enc["attention_mask"].to(acc.device)
         P = prompt_ids.shape[1]
-        with torch.no_grad(), acc.autocast():
+        with torch.no_grad(), acc.autocast(), raw_sampling(policy.lm):
             seq = policy.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
         responses = seq[:, P:]                                                   # (B, T)
         T = responses.shape[1]
@@ -213,8 +210,16 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         mask = torch.cat([prompt_mask, resp_mask], dim=1)                       # (B, P+T)
         t_gen = time.perf_counter()
         # ------------------------------------------------------------ 2. score
+        first = None
+        if cfg.batch_size == p.mini_batch_size == micro:
+            # the whole rollout is one mini-batch: the first update's forward (with grad) sees θ_old,
+            # so its detached outputs are the old log-probs and values — no separate no-grad pass
+            with acc.autocast():
+                first = model(seq, mask, T, cfg.temperature)
+            old_log_prob, old_values = first[0].detach(), first[1].detach()
         with torch.no_grad(), acc.autocast():
-            old_log_prob, old_values = policy(seq, mask, T, cfg.temperature)   # (B, T), (B, T)
+            if first is None:
+                old_log_prob, old_values = policy(seq, mask, T, cfg.temperature)   # (B, T), (B, T)
             ref_log_prob = reference_log_probs(policy, ref_lm, seq, mask, T, cfg.temperature)
             texts = tok.batch_decode(responses.masked_fill(resp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
             scores = reward_fn(prompts, texts, seq, mask).float()              # (B,)
@@ -240,7 +245,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             advantages = masked_whiten(advantages, m)
         t_score = time.perf_counter()
         # ------------------------------------------------------------ 5. update
-        stats = _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, advantages, returns, cfg, micro)
+        stats = _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, advantages, returns, cfg, micro,
+                        first)
         t_upd = time.perf_counter()
         # ------------------------------------------------------------ 6. KL control
         seq_kl = acc.gather(kl.sum(1)).mean().item()
@@ -267,6 +273,17 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             run.checkpoint(it, write, {"kl_ctl": kl_ctl.state_dict(), "reward_shift": shift})
     bar.close()
     return PPOResult(_finish(run, cfg, policy, tok, shift), policy)
+
+
+def sampling_config(cfg: PPOConfig, tok):
+    """Raw sampling from π: every knob explicit (top_k=0 is "off"; left None, transformers would
+    fill it with 50). Use with policy.raw_sampling so nothing comes from the checkpoint either."""
+    from transformers import GenerationConfig
+    return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                            typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, epsilon_cutoff=0.0,
+                            eta_cutoff=0.0, max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, use_cache=True,
+                            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+                            eos_token_id=tok.eos_token_id if cfg.stop_at_eos else None)
 
 
 def token_rewards(kl: torch.Tensor, kl_coef: float, scores: torch.Tensor, resp_mask: torch.Tensor) -> torch.Tensor:
@@ -300,9 +317,11 @@ def _check_finite(scores, prompts, it, spec):
                                  "the last checkpoint is intact")
 
 
-def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, advantages, returns, cfg, micro) -> dict:
+def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, advantages, returns, cfg, micro,
+            first=None) -> dict:
     """`ppo_epochs` passes over the rollout in shuffled mini-batches; losses are token-weighted so that
-    micro-batch accumulation gives the same gradient as one big batch."""
+    micro-batch accumulation gives the same gradient as one big batch. `first`: the (log_prob, values)
+    of a forward with grad over the whole rollout at θ_old, used as the first mini-batch's forward."""
     p = cfg.ppo
     B = seq.shape[0]
     sums: dict[str, float] = {}
@@ -310,6 +329,8 @@ def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, ad
     stop = False
     for epoch in range(p.ppo_epochs):
         perm = torch.randperm(B, device=seq.device)
+        if first is not None and epoch == 0:
+            perm = torch.arange(B, device=seq.device)  # one mini-batch: its order does not change the mean
         for start in range(0, B, p.mini_batch_size):
             mb = perm[start:start + p.mini_batch_size]
             mb_tokens = m[mb].sum().clamp_min(1.0)
@@ -319,8 +340,11 @@ def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, ad
                 last_micro = ms + micro >= len(mb)
                 sync = nullcontext() if last_micro else acc.no_sync(model)
                 with sync:
-                    with acc.autocast():
-                        log_prob, values = model(seq[idx], mask[idx], T, cfg.temperature)
+                    if first is not None and epoch == 0:
+                        log_prob, values = first
+                    else:
+                        with acc.autocast():
+                            log_prob, values = model(seq[idx], mask[idx], T, cfg.temperature)
                     w = m[idx].sum() / mb_tokens
                     pg_loss, pg_stats = clipped_surrogate(log_prob, old_log_prob[idx], advantages[idx], p.clip_range, m[idx])
                     vf_loss, vf_stats = clipped_value_loss(values, old_values[idx], returns[idx], p.clip_range_value, m[idx])
