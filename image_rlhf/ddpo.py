@@ -29,7 +29,7 @@ from align.data import load_prompts
 from align.rl import PerPromptStatTracker, clipped_surrogate, kl_k1, kl_k2
 from align.rl.config import LoraParams
 from align.runner import progress
-from align.session import rng_state, set_rng_state, start_run
+from align.session import adamw, rng_state, set_rng_state, start_run
 from image_rlhf.pipeline import (add_unet_lora, check_pipeline, encode_prompts, image_grid, load_pipeline,
                                  load_trainable_state, negative_embeds, save_parts, save_png, save_unet_lora,
                                  trainable_state)
@@ -157,7 +157,7 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
     guidance = cfg.guidance_scale if cfg.train_cfg else 1.0
     params = [p for p in unet.parameters() if p.requires_grad]
     # AdamW as ddpo-pytorch (β = 0.9/0.999, weight decay 1e-4, eps 1e-8)
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
+    optimizer = adamw(params, lr=cfg.lr, betas=(0.9, 0.999), weight_decay=1e-4, eps=1e-8)
     tracker = (PerPromptStatTracker(cfg.buffer_size, cfg.min_count) if cfg.buffer_size > 0
                else PerPromptStatTracker(buffer_size=0, min_count=1))  # empty buffers: always the batch statistics
     if run.resume_dir:

@@ -28,7 +28,7 @@ from align.reward import normalizer_from_scores
 from align.rl import clipped_surrogate, clipped_value_loss, gae, kl_estimate, make_kl_controller, masked_mean, masked_whiten
 from align.rl.config import LoraParams, PPOParams
 from align.runner import progress
-from align.session import rng_state, set_rng_state, start_run
+from align.session import adamw, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, fuse_activations, load_causal_lm, load_seq_scorer, load_tokenizer,
                               ModelLoadError, pad_batch, save_hf, unwrap_hf)
 from text_rlhf.policy import PolicyWithValue, disable_dropout, raw_sampling, reference_log_probs, response_mask
@@ -166,7 +166,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         raise ValueError(f"value_model must be 'head' or 'separate', not {cfg.value_model!r}")
     model = PolicyWithValue(lm, critic)
     reward_fn = RewardFn(cfg.reward, tok, acc.device, cfg.reward_batch_size)
-    optimizer = torch.optim.AdamW([q for q in model.parameters() if q.requires_grad], lr=cfg.lr, eps=1e-5)
+    optimizer = adamw(model.parameters(), lr=cfg.lr, eps=1e-5)
     kl_ctl = make_kl_controller(p.kl.kl_coef, p.kl.adaptive, p.kl.target, p.kl.horizon)
     shift = None
     if run.resume_dir:

@@ -19,7 +19,7 @@ from align.data import batch_groups, count_pairs, load_hf_preferences, load_pref
 from align.reward import PairBatch, batch_loss, evaluate_pairs
 from align.rl.config import LoraParams
 from align.runner import progress
-from align.session import rng_state, set_rng_state, start_run
+from align.session import adamw, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, encode_pairs, load_seq_scorer, load_tokenizer, pad_batch,
                               save_hf)
 
@@ -98,8 +98,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         model.gradient_checkpointing_enable()
     model = apply_lora(model, cfg.lora, "SEQ_CLS")
     scorer = SequenceScorer(model)
-    optimizer = torch.optim.AdamW([p for p in scorer.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = adamw(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scorer, optimizer = acc.prepare(scorer, optimizer)
     schedule = _schedule(train, cfg.max_pairs_per_batch * acc.num_processes, cfg.epochs, cfg.seed)
     total_steps = len(schedule)

@@ -16,7 +16,7 @@ import torch
 from align.data import load_sft
 from align.rl.config import LoraParams
 from align.runner import progress
-from align.session import rng_state, set_rng_state, start_run
+from align.session import adamw, rng_state, set_rng_state, start_run
 from text_rlhf.models import apply_lora, dtype_of, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, save_hf
 
 log = logging.getLogger(__name__)
@@ -102,8 +102,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     accum = cfg.batch_size // micro
     steps_per_epoch = math.ceil(len(train_set) / (micro * acc.num_processes)) // accum or 1
     total_steps = max(1, int(steps_per_epoch * cfg.epochs))
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg.lr,
-                                  weight_decay=cfg.weight_decay)
+    optimizer = adamw(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     warmup = int(cfg.warmup_ratio * total_steps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min((s + 1) / max(1, warmup), max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
