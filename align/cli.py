@@ -3,6 +3,7 @@
 
     align text sft|rm|ppo ...      text_rlhf.cli
     align image rm|ddpo ...        image_rlhf.cli
+    align compare ...              align.compare (+ text_rlhf.compare / image_rlhf.compare)
 """
 from __future__ import annotations
 
@@ -38,7 +39,48 @@ def build_parser() -> argparse.ArgumentParser:
             sub.add_parser(name, help=f"(unavailable: {e})")
             continue
         mod.add_parsers(sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0]))
+    add_compare_parser(sub)
     return parser
+
+
+def add_compare_parser(sub) -> None:
+    c = sub.add_parser("compare", help="plain vs engineered prompts: generators × a judge -> score, success "
+                                       "and win-rate tables with bootstrap CIs")
+    c.add_argument("--model", action="append", help="generator(s): PATH or NAME=PATH, comma-separated or "
+                   "repeated; the first is the baseline (e.g. base), the others are compared with it")
+    c.add_argument("--kind", choices=["text", "image"], help="default: inferred from the first model folder")
+    c.add_argument("--prompts", help='JSONL {"prompt", "engineered"?, "id"?} per line, or plain prompts one per line')
+    c.add_argument("--judge", help="reward model / CLIP reward folder, image built-in, or module:function (gold judge)")
+    c.add_argument("--template", help="engineered variant: fewshot-qa, sd-tags, or a text with {prompt}")
+    c.add_argument("--fewshot", help='{"prompt", "response"} JSONL of examples for --template fewshot-qa')
+    c.add_argument("--seeds", help="comma-separated seeds (default 0)")
+    c.add_argument("--success-threshold", type=float, help="success = score >= this (default 1.0 for "
+                   "module:function judges, none otherwise)")
+    c.add_argument("--max-new-tokens", type=int, help="text: response length limit (default 64)")
+    c.add_argument("--sample", action="store_true", default=None, help="text: sample (temperature 1) instead of greedy")
+    c.add_argument("--stop", help="text: cut responses at the first occurrence of this string (e.g. '\\nQ:')")
+    c.add_argument("--num-steps", type=int, help="image: DDIM steps (default 50)")
+    c.add_argument("--batch-size", type=int, help="prompts per generate call")
+    c.add_argument("--limit", type=int, help="first N prompts only")
+    c.add_argument("--out", help="write OUT/compare.md and OUT/compare.json")
+    c.add_argument("--config", help="YAML of CompareConfig fields; flags and key=value override it")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    c.set_defaults(func=_compare, overrides=[])
+    c.epilog = "Any CompareConfig field as key=value (e.g. image.guidance_scale=7.5 n_boot=5000)."
+
+
+def _compare(args) -> None:
+    compare = importlib.import_module("align.compare")  # imports torch: not at `align --help` time
+    from align.config import load_config
+    # --stop '\nQ:' arrives as backslash + n: read the escapes \n and \t as newline and tab
+    stop = args.stop.replace("\\n", "\n").replace("\\t", "\t") if args.stop else args.stop
+    fields = {"models": args.model, "kind": args.kind, "prompts": args.prompts, "judge": args.judge,
+              "template": args.template, "fewshot": args.fewshot, "success_threshold": args.success_threshold,
+              "text.max_new_tokens": args.max_new_tokens, "text.sample": args.sample, "text.stop": stop,
+              "image.num_steps": args.num_steps, "batch_size": args.batch_size, "limit": args.limit,
+              "out": args.out,
+              "seeds": [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None}
+    compare.run_compare(load_config(compare.CompareConfig, args.config, args.overrides, **fields))
 
 
 def setup_logging(verbose: bool) -> None:

@@ -1,0 +1,115 @@
+"""`align compare` for diffusion pipelines: a DDIM generator (CFG, seeds) and the image judges.
+
+A generator is a pipeline folder or hub id (SD 1.x/2.x or the pixel layout), a DDPO run folder
+(its `pipeline/`, or its `lora/` on the base pipeline named in its config.yaml), or PIPELINE+LORA
+(diffusers LoRA weights as `align image ddpo` saves them). Sampling is the DDPO rollout itself
+(`sample_trajectories`: DDIM with η, classifier-free guidance), so an aligned model is evaluated
+under the policy it was trained as. Noise comes from a CPU generator seeded per (seed, batch): the
+plain and engineered arms start each prompt from the same x_T and draw the same z_t.
+
+Judges: a CLIP reward folder (`align image rm`, or its run folder), a built-in (brightness, jpeg,
+...), or module:function scoring (prompts, images (B, 3, H, W) in [0, 1]) -> (B,).
+"""
+from __future__ import annotations
+
+import logging
+import re
+from pathlib import Path
+
+import torch
+
+from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
+from image_rlhf.pipeline import encode_prompts, image_grid, load_pipeline, negative_embeds, save_png
+from image_rlhf.rewards import load_reward
+from image_rlhf.sampling import decode_latents, sample_trajectories
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 8
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def resolve_model(spec: str) -> tuple[str, str | None]:
+    """(pipeline, LoRA folder or None) of a generator spec (see the module docstring)."""
+    if "+" in spec and not Path(spec).exists():
+        base, _, lora = spec.partition("+")
+        return base, lora
+    p = Path(spec)
+    if (p / LORA_FILE).is_file():
+        return _base_of_run(p.parent, spec), str(p)
+    if (p / "config.yaml").is_file() and not (p / "model_index.json").is_file():  # a DDPO run folder
+        if (p / "pipeline" / "model_index.json").is_file():
+            return str(p / "pipeline"), None
+        if (p / "lora" / LORA_FILE).is_file():
+            return _base_of_run(p, spec), str(p / "lora")
+    return spec, None
+
+
+def _base_of_run(run: Path, spec: str) -> str:
+    from omegaconf import OmegaConf
+    cfg = run / "config.yaml"
+    base = OmegaConf.load(cfg).get("pipeline") if cfg.is_file() else None
+    if not base:
+        raise ValueError(f"{spec}: LoRA weights without their base pipeline (no 'pipeline:' in {cfg}); "
+                         f"pass PIPELINE+{spec}")
+    return str(base)
+
+
+class ImageGenerator:
+    """gen(prompts, seed) -> images (B, 3, H, W) in [0, 1] on the pipeline's device."""
+
+    deterministic = False  # x_T is random even at η = 0
+
+    def __init__(self, spec: str, params, device="cpu", dtype=torch.float32):
+        pipeline, lora = resolve_model(spec)
+        self.parts = load_pipeline(pipeline, device=device, dtype=dtype)
+        if lora:
+            self.parts.unet.load_lora_adapter(lora, prefix="unet", weight_name=LORA_FILE)
+            log.info("%s: LoRA %s on %s", spec, lora, pipeline)
+        self.params = params
+        self.latent_shape = self.parts.latent_shape(params.resolution)
+        self.neg = negative_embeds(self.parts) if params.guidance_scale > 1 else None
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], seed: int) -> torch.Tensor:
+        p = self.params
+        embeds = encode_prompts(self.parts, list(prompts))                               # (B, L, D)
+        traj = sample_trajectories(self.parts.unet, self.parts.scheduler, embeds, self.neg, p.num_steps,
+                                   p.guidance_scale, p.eta, generator=torch.Generator().manual_seed(seed),
+                                   latent_shape=self.latent_shape)
+        return decode_latents(self.parts.vae, traj.final_latents)                        # (B, 3, H, W)
+
+
+def load_generator(path: str, cfg: CompareConfig, device) -> ImageGenerator:
+    return ImageGenerator(path, cfg.image, device, torch_dtype(cfg.dtype))
+
+
+def load_judge(spec: str, cfg: CompareConfig, device):
+    """A CLIP reward folder (or an `align image rm` run folder), a built-in, or module:function."""
+    if is_function_spec(spec):
+        return FunctionJudge(spec)  # outputs are checked (count, finite) by align.compare.evaluate
+    p = Path(spec)
+    if p.is_dir() and (p / "model").is_dir() and not (p / "align_reward.json").is_file():
+        spec = str(p / "model")
+    return load_reward(spec, device=device)
+
+
+def describe(cfg: CompareConfig) -> str:
+    i = cfg.image
+    return f"{i.num_steps} DDIM steps, η = {i.eta:g}, guidance {i.guidance_scale:g}"
+
+
+def samples_markdown(arms, items, out_dir, n: int = 8) -> str:
+    """One PNG grid per arm (first seed, first n prompts) under out_dir/samples/, linked."""
+    lines = []
+    for name, arm in arms.items():
+        imgs = [s for s in arm.samples[:n] if torch.is_tensor(s)]
+        if not imgs:
+            continue
+        fname = re.sub(r"[^\w.-]", "_", name) + ".png"
+        path = save_png(image_grid(torch.stack(imgs), nrow=len(imgs)), Path(out_dir) / "samples" / fname)
+        lines.append(f"**{name}**\n\n![{name}](samples/{path.name})")
+    if lines:
+        ids = ", ".join(it.id for it in items[:n])
+        lines.insert(0, f"First seed; columns are prompts {ids}.")
+    return "\n\n".join(lines)

@@ -1,0 +1,134 @@
+"""`align compare` for causal LMs: a batched generator and the judges (a reward model or a function).
+
+Generation is greedy by default (deterministic: the model's single best answer, so seeds change
+nothing and one run serves them all); `text.sample=true` samples at `text.temperature` with a seed
+per generate call. Either way the GenerationConfig is explicit and nothing is inherited from the
+checkpoint's generation_config (`raw_sampling`): a chat model's top_p or repetition penalty would
+otherwise change what "the model's answer" means between checkpoints.
+
+A response is the continuation up to (not including) the first EOS. Few-shot prompts invite the
+model to go on after its answer ("\\n\\nQ: next question ..."): `text.stop` cuts every response, of
+every arm alike, at the first occurrence of a string (e.g. "\\nQ:"), so a plain and a few-shot
+prompt are judged on the answer alone. Nothing is cut by default: the raw continuation is what a
+user of the model would get.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import torch
+
+from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
+from text_rlhf.models import (SequenceScorer, load_causal_lm, load_seq_scorer, load_tokenizer)
+from text_rlhf.policy import raw_sampling, response_mask
+from text_rlhf.rm import TextScorer
+
+log = logging.getLogger(__name__)
+
+DEFAULT_BATCH_SIZE = 16
+
+
+def _max_positions(config) -> int | None:
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def generation_config(tok, params):
+    """Greedy or raw sampling, every knob explicit (left None, transformers would fill top_k=50)."""
+    from transformers import GenerationConfig
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    common = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=0, num_beams=1, repetition_penalty=1.0,
+                  no_repeat_ngram_size=0, use_cache=True, **ids)
+    if not params.sample:
+        return GenerationConfig(do_sample=False, **common)
+    return GenerationConfig(do_sample=True, temperature=params.temperature, top_k=0, top_p=1.0, typical_p=1.0,
+                            epsilon_cutoff=0.0, eta_cutoff=0.0, **common)
+
+
+class TextGenerator:
+    """gen(prompts, seed) -> responses (str), left-padded batches, cut at EOS (and at `stop`)."""
+
+    def __init__(self, path: str, params, device="cpu", dtype=torch.float32):
+        self.tok = load_tokenizer(path, padding_side="left")
+        self.lm = load_causal_lm(path, dtype=dtype).to(device).eval()
+        self.lm.requires_grad_(False)
+        self.params, self.device = params, torch.device(device)
+        self.gen_cfg = generation_config(self.tok, params)
+        self.deterministic = not params.sample
+        self.max_positions = _max_positions(self.lm.config)
+
+    @torch.no_grad()
+    def __call__(self, prompts: list[str], seed: int) -> list[str]:
+        enc = self.tok(list(prompts), return_tensors="pt", padding=True)
+        ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)   # (B, P)
+        if self.max_positions:
+            lengths = mask.sum(1)
+            too_long = (lengths + self.params.max_new_tokens > self.max_positions).nonzero().flatten()
+            if len(too_long):
+                i = int(too_long[0])
+                shown = prompts[i] if len(prompts[i]) <= 60 else prompts[i][:60] + "…"
+                raise ValueError(f"prompt {shown!r} is {int(lengths[i])} tokens: with max_new_tokens "
+                                 f"{self.params.max_new_tokens} it exceeds the model's {self.max_positions} positions")
+        rng = contextlib.nullcontext()
+        if self.params.sample:  # generate draws from the global RNG: seed it, and restore it after
+            devices = [self.device] if self.device.type == "cuda" else []
+            rng = torch.random.fork_rng(devices=devices)
+        with rng, raw_sampling(self.lm):
+            if self.params.sample:
+                torch.manual_seed(seed)
+            seq = self.lm.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg)
+        responses = seq[:, ids.shape[1]:]                                                   # (B, T)
+        keep = response_mask(responses, self.tok.eos_token_id)                              # (B, T) incl. EOS
+        texts = self.tok.batch_decode(responses.masked_fill(keep == 0, self.tok.pad_token_id),
+                                      skip_special_tokens=True)                            # EOS and pads dropped
+        if self.params.stop:
+            texts = [t.split(self.params.stop, 1)[0] for t in texts]
+        return texts
+
+
+class RMJudge:
+    """A reward model folder (`align text rm`): the score of prompt + response + EOS, as it was trained."""
+
+    def __init__(self, path: str, device="cpu", dtype=torch.float32):
+        self.tok = load_tokenizer(path, padding_side="right")
+        model = load_seq_scorer(path, dtype=dtype, pad_token_id=self.tok.pad_token_id)
+        scorer = SequenceScorer(model).to(device).eval()
+        scorer.requires_grad_(False)
+        limit = _max_positions(model.config) or 10 ** 6
+        self.score = TextScorer(scorer, self.tok, min(limit, self.tok.model_max_length), device)
+
+    @torch.no_grad()
+    def __call__(self, prompts, responses) -> torch.Tensor:
+        return self.score(list(prompts), list(responses))
+
+
+def load_generator(path: str, cfg: CompareConfig, device) -> TextGenerator:
+    return TextGenerator(path, cfg.text, device, torch_dtype(cfg.dtype))
+
+
+def load_judge(spec: str, cfg: CompareConfig, device):
+    """module:function (gold judge) or a reward-model folder / hub id."""
+    if is_function_spec(spec):
+        return FunctionJudge(spec)
+    return RMJudge(spec, device, torch_dtype(cfg.dtype))
+
+
+def describe(cfg: CompareConfig) -> str:
+    t = cfg.text
+    how = f"sampling at temperature {t.temperature:g}" if t.sample else "greedy decoding"
+    return f"{how}, ≤ {t.max_new_tokens} new tokens" + (f", responses cut at {t.stop!r}" if t.stop else "")
+
+
+def samples_markdown(arms, items, out_dir, n: int = 3, width: int = 160) -> str:
+    """A few responses of every arm (first seed) for the first n prompts."""
+    from align.report import markdown_table
+    rows = []
+    for i, item in enumerate(items[:n]):
+        for name, arm in arms.items():
+            text = arm.samples[i] if i < len(arm.samples) else ""
+            text = text if len(text) <= width else text[:width] + "…"
+            rows.append({"prompt": item.id, "arm": name, "score": arm.scores[i, 0].item(), "response": repr(text)})
+    return markdown_table(rows)
