@@ -28,6 +28,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     p.epilog = "Any number of key=value config overrides may follow, anywhere (e.g. ppo.clip_range=0.1 lr=1e-5)."
 
 
+def stage_config(cls, args, **fields):
+    """The config of a training command: dataclass defaults < --config (its `stages.<command>` block)
+    < flags (None = not given) < key=value overrides."""
+    from align.config import load_config
+    return load_config(cls, args.config, args.overrides, section=args.stage, **fields)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="align", description="Align generative models with what people ask for.")
     parser.add_argument("-v", "--verbose", action="store_true", help="show library warnings and load reports")

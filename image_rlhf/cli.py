@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from align.cli import add_run_args
+from align.cli import add_run_args, stage_config
 
 
 def add_parsers(p: argparse.ArgumentParser) -> None:
@@ -25,17 +25,12 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
     d.set_defaults(func=_ddpo)
 
 
-def _load(cls, args, **fields):
-    from align.config import load_config
-    return load_config(cls, args.config, args.overrides, section=args.stage, **fields)
-
-
 def _rm(args):
     from image_rlhf.rm import ImageRMConfig, run_image_rm
-    run_image_rm(_load(ImageRMConfig, args, clip=args.clip, data=args.data, out=args.out), resume=args.resume)
+    run_image_rm(stage_config(ImageRMConfig, args, clip=args.clip, data=args.data, out=args.out), resume=args.resume)
 
 
 def _ddpo(args):
     from image_rlhf.ddpo import DDPOConfig, run_ddpo
-    run_ddpo(_load(DDPOConfig, args, pipeline=args.pipeline, reward=args.reward, prompts=args.prompts, out=args.out),
+    run_ddpo(stage_config(DDPOConfig, args, pipeline=args.pipeline, reward=args.reward, prompts=args.prompts, out=args.out),
              resume=args.resume)

@@ -172,3 +172,12 @@ def test_reward_model_with_lora_on_llama_saves_merged_and_adapter(tiny_llama, da
     from text_rlhf.models import SequenceScorer, load_seq_scorer
     scorer = SequenceScorer(load_seq_scorer(str(model_dir)))
     assert torch.isfinite(scorer(torch.tensor([[5, 6, 7]]), torch.ones(1, 3, dtype=torch.long))).all()
+
+
+def test_bad_input_leaves_no_run_folder_behind(tiny_gpt2, tmp_path, caplog):
+    """A typo in --data must not create a half-made run that then demands --resume."""
+    f = tmp_path / "demos.jsonl"
+    f.write_text('{"prompt": "a"}\n')
+    out = tmp_path / "o"
+    code, _ = run_cli(["text", "sft", "--model", tiny_gpt2, "--data", str(f), "--out", str(out)], caplog)
+    assert code == 2 and not out.exists()

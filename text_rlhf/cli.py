@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import argparse
 
-from align.cli import add_run_args
+from align.cli import add_run_args, stage_config
 
 
 def add_parsers(p: argparse.ArgumentParser) -> None:
@@ -31,22 +31,17 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
     q.set_defaults(func=_ppo)
 
 
-def _load(cls, args, **fields):
-    from align.config import load_config
-    return load_config(cls, args.config, args.overrides, section=args.stage, **fields)
-
-
 def _sft(args):
     from text_rlhf.sft import SFTConfig, run_sft
-    run_sft(_load(SFTConfig, args, model=args.model, data=args.data, out=args.out), resume=args.resume)
+    run_sft(stage_config(SFTConfig, args, model=args.model, data=args.data, out=args.out), resume=args.resume)
 
 
 def _rm(args):
     from text_rlhf.rm import RMConfig, run_rm
-    run_rm(_load(RMConfig, args, model=args.model, data=args.data, out=args.out), resume=args.resume)
+    run_rm(stage_config(RMConfig, args, model=args.model, data=args.data, out=args.out), resume=args.resume)
 
 
 def _ppo(args):
     from text_rlhf.ppo import PPOConfig, run_ppo
-    run_ppo(_load(PPOConfig, args, policy=args.policy, reward=args.reward, prompts=args.prompts, out=args.out),
+    run_ppo(stage_config(PPOConfig, args, policy=args.policy, reward=args.reward, prompts=args.prompts, out=args.out),
             resume=args.resume)

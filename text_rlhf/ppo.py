@@ -141,10 +141,10 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     if cfg.temperature != 1.0 or cfg.top_k or cfg.top_p < 1.0:
         log.warning("sampling with temperature=%s top_k=%s top_p=%s: samples no longer come from π, so the KL "
                     "penalty and the PPO ratio refer to a different distribution", cfg.temperature, cfg.top_k, cfg.top_p)
+    prompts_all = load_prompts(cfg.prompts)  # bad input fails before the run folder exists
+    tok = load_tokenizer(cfg.policy, padding_side="left")
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
-    prompts_all = load_prompts(cfg.prompts)
-    tok = load_tokenizer(cfg.policy, padding_side="left")
 
     # models: policy (+ value head or critic), reference, reward
     lm = load_causal_lm(cfg.policy)

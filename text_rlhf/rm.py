@@ -80,9 +80,9 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"rm: --{name} is required")
+    groups = load_groups(cfg.data, cfg.hf_limit)  # bad input fails before the run folder exists
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
-    groups = load_groups(cfg.data, cfg.hf_limit)
     if cfg.eval_data:
         train, held = groups, load_groups(cfg.eval_data, cfg.hf_limit)
     else:  # split by prompt, so no held-out prompt was seen in training

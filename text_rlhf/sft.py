@@ -80,10 +80,10 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"sft: --{name} is required")
+    records = load_sft(cfg.data)  # bad input fails before the run folder exists
+    tok = load_tokenizer(cfg.model, padding_side="right")
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
-    tok = load_tokenizer(run.resume_dir / "model" if run.resume_dir else cfg.model, padding_side="right")
-    records = load_sft(cfg.data)
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(records), generator=g).tolist()
     n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 1 else 0
