@@ -96,18 +96,11 @@ def setup_logging(verbose: bool) -> None:
     if not verbose:
         for noisy in ("transformers", "diffusers", "accelerate", "torch", "peft"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        # read by transformers/huggingface_hub when they are first imported (after this point: the
+        # commands import them lazily), so align itself never imports transformers
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-        try:
-            from huggingface_hub.utils import disable_progress_bars
-            disable_progress_bars()
-        except ImportError:
-            pass
-        try:
-            import transformers
-            transformers.utils.logging.set_verbosity_error()
-            transformers.utils.logging.disable_progress_bar()
-        except ImportError:
-            pass
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
 def main(argv: list[str] | None = None) -> int:
