@@ -505,6 +505,7 @@ def profile_child_main(spec: dict) -> None:
         "sample_fwd_classic_attn": case(False, Bs, proc=AttnProcessor),
         "sample_fwd_sdpa_math": case(False, Bs, ctx=math_sdpa),
         "sample_fwd_channels_last": case(False, Bs, cl=True),
+        "sample_fwd_nolora_channels_last": case(False, Bs, lora=False, cl=True),
         "train_fwd_bwd": case(True, Bt),
         "train_fwd_bwd_classic_attn": case(True, Bt, proc=AttnProcessor),
         "train_fwd_bwd_sdpa_math": case(True, Bt, ctx=math_sdpa),
