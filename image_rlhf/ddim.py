@@ -50,7 +50,7 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
                            timestep: int | torch.Tensor, sample: torch.Tensor, eta: float = 1.0,
                            prev_sample: torch.Tensor | None = None,
                            generator: torch.Generator | None = None, reduce: str = "mean",
-                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+                           return_mean: bool = False) -> tuple[torch.Tensor, ...]:
     """x_{t−1} and log p(x_{t−1} | x_t) for one DDIM step (Song et al. 2021 eq. 12; DDPO §4.2).
 
     model_output, sample: (B, C, H, W). timestep: an int, a 0-d tensor, or a (B,) tensor of
@@ -68,7 +68,8 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
         clip_range clips almost everything at a larger size.
       "sum": the true log-density of the D-dimensional Gaussian (= "mean" × D).
 
-    Returns (prev_sample (B, C, H, W), log_prob (B,)) with log_prob in at least float32.
+    Returns (prev_sample (B, C, H, W), log_prob (B,)) with log_prob in at least float32;
+    return_mean=True appends μ_θ (B, C, H, W), the policy mean (for `step_kl`; no extra cost).
     η = 0 is deterministic DDIM: σ_t = 0 and the density is a Dirac, so log_prob is None and
     prev_sample equals `DDIMScheduler.step(...).prev_sample` bit for bit; scoring a given
     prev_sample at η = 0 raises. η > 0 with σ_t = 0 (the last step when ᾱ_{t−1} = ᾱ_t, e.g.
@@ -89,21 +90,10 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
     cfg = scheduler.config
     B = sample.shape[0]
 
-    # 1. get previous step value (t_prev = t − T/S), per sample
-    alphas_cumprod = scheduler.alphas_cumprod
-    t = torch.as_tensor(timestep, device=alphas_cumprod.device).long().reshape(-1).expand(B)  # (B,)
-    prev_t = t - cfg.num_train_timesteps // scheduler.num_inference_steps                    # (B,)
-
-    # 2. compute alphas, betas (float32, as the scheduler; ᾱ_{t−1} = final_alpha_cumprod when t_prev < 0)
-    alpha_prod_t = alphas_cumprod[t]                                                         # (B,)
-    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=alphas_cumprod.dtype)
-    alpha_prod_t_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final)  # (B,)
+    # 1.-2. t_prev = t − T/S and the alphas, per sample; 5. (early, on (B,) scalars) σ_t(η) of eq. 16
+    t, alpha_prod_t, alpha_prod_t_prev = _alphas(scheduler, timestep, B)
     beta_prod_t = 1 - alpha_prod_t
-    beta_prod_t_prev = 1 - alpha_prod_t_prev
-
-    # 5. (computed early, on (B,) scalars) variance "σ_t(η)" of eq. 16
-    variance = (beta_prod_t_prev / beta_prod_t) * (1 - alpha_prod_t / alpha_prod_t_prev)
-    std_dev_t = eta * variance ** (0.5)
+    std_dev_t = eta * _variance(alpha_prod_t, alpha_prod_t_prev) ** (0.5)
     dir_coef = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)
     if eta > 0 and bool((std_dev_t == 0).any()):
         raise ValueError(f"σ_t = 0 at timesteps {t[std_dev_t == 0].unique().tolist()} (ᾱ_t−1 = ᾱ_t): the "
@@ -140,7 +130,7 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
     # 7. x_{t−1} without noise: the mean μ_θ of the policy
     prev_sample_mean = b(alpha_prod_t_prev ** (0.5)) * pred_original_sample + pred_sample_direction
     if eta == 0:
-        return prev_sample_mean, None
+        return (prev_sample_mean, None, prev_sample_mean) if return_mean else (prev_sample_mean, None)
 
     # 8. sample x_{t−1} = μ_θ + σ_t·z, or score the given one
     std = b(std_dev_t)
@@ -157,4 +147,46 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
     log_prob = -((x - mu) ** 2) / (2 * sd**2) - torch.log(sd) - _HALF_LOG_2PI               # (B, C, H, W)
     dims = tuple(range(1, log_prob.ndim))
     log_prob = log_prob.mean(dim=dims) if reduce == "mean" else log_prob.sum(dim=dims)       # (B,)
-    return prev_sample, log_prob
+    return (prev_sample, log_prob, prev_sample_mean) if return_mean else (prev_sample, log_prob)
+
+
+def _alphas(scheduler: DDIMScheduler, timestep, B: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """t (B,), ᾱ_t (B,), ᾱ_{t−1} (B,): alphas_cumprod[t − T/S], or final_alpha_cumprod when t − T/S < 0
+    (float32, as the scheduler)."""
+    alphas_cumprod = scheduler.alphas_cumprod
+    t = torch.as_tensor(timestep, device=alphas_cumprod.device).long().reshape(-1).expand(B)  # (B,)
+    prev_t = t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps      # (B,)
+    final = torch.as_tensor(scheduler.final_alpha_cumprod, dtype=alphas_cumprod.dtype)
+    alpha_prod_t_prev = torch.where(prev_t >= 0, alphas_cumprod[prev_t.clamp(min=0)], final)
+    return t, alphas_cumprod[t], alpha_prod_t_prev
+
+
+def _variance(alpha_prod_t: torch.Tensor, alpha_prod_t_prev: torch.Tensor) -> torch.Tensor:
+    """σ_t(1)² = (1 − ᾱ_{t−1})/(1 − ᾱ_t) · (1 − ᾱ_t/ᾱ_{t−1})  (DDIM eq. 16 at η = 1)."""
+    return ((1 - alpha_prod_t_prev) / (1 - alpha_prod_t)) * (1 - alpha_prod_t / alpha_prod_t_prev)
+
+
+def ddim_std_dev(scheduler: DDIMScheduler, timestep, eta: float = 1.0) -> torch.Tensor:
+    """σ_t(η) of the step from t (int or (B,)) as `ddim_step_with_logprob` uses it: (B,) float32."""
+    n = torch.as_tensor(timestep).numel()
+    _, alpha_prod_t, alpha_prod_t_prev = _alphas(scheduler, timestep, n)
+    return eta * _variance(alpha_prod_t, alpha_prod_t_prev) ** 0.5
+
+
+def step_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:
+    """KL(N(μ_p, σ_t² I) ‖ N(μ_q, σ_t² I)) = ‖μ_p − μ_q‖² / (2σ_t²), summed over all D = C·H·W elements (B,).
+
+    mean_p, mean_q: (B, C, H, W) μ of two policies at the same x_t (e.g. `return_mean=True`);
+    std_dev_t: (B,) or scalar, the σ_t both share (same scheduler, same η). Computed in float64.
+
+    The sum, not the per-element mean that the log-probs use for the ratio: the mean there only
+    rescales the log-ratio so that one clip_range fits every resolution; a KL is a divergence
+    between distributions, and the divergence of the D-dimensional step is the sum. Summed over the
+    S steps of a trajectory sampled from p, its expectation is the KL between the two models'
+    distributions over whole trajectories (chain rule; x_T ~ N(0, I) under both), in nats —
+    comparable across resolutions and step counts as a KL budget (Gao et al. 2022 plot gold
+    reward against √KL).
+    """
+    diff = (mean_p.double() - mean_q.double()).flatten(1)                                  # (B, D)
+    var = torch.as_tensor(std_dev_t, dtype=torch.float64, device=diff.device).reshape(-1) ** 2
+    return diff.pow(2).sum(dim=1) / (2 * var)                                               # (B,)

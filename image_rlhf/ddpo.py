@@ -33,6 +33,7 @@ from align.session import adamw, rng_state, set_rng_state, start_run
 from image_rlhf.pipeline import (add_unet_lora, check_pipeline, encode_prompts, image_grid, load_pipeline,
                                  load_trainable_state, negative_embeds, save_parts, save_png, save_unet_lora,
                                  trainable_state)
+from image_rlhf.ddim import ddim_std_dev, step_kl
 from image_rlhf.sampling import decode_latents, sample_trajectories, step_log_prob
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,17 @@ class DDPOConfig:
     alone (half the UNet batch); guidance_scale then applies only to the grid images."""
     kl_coef: float = 0.0
     """DPOK's KL-to-reference weight on per-step log-probs (0 = off); reference = the initial UNet."""
+    monitor: str = ""
+    """A second reward (same forms as `reward`) scored on every epoch's samples and logged as
+    monitor/mean and monitor/std, never used for advantages: a gold judge (Gao et al. 2022)."""
+    log_kl: bool = False
+    """Log kl/ref: mean over sampled trajectories of Σ_t KL(π_θ(·|x_t) ‖ π_ref(·|x_t)), the exact
+    Gaussian KL of each step summed over all elements (ddim.step_kl), π_ref = the initial UNet.
+    Costs one no-grad reference forward per logged step (the policy means come from sampling)."""
+    kl_samples: int = 0
+    """Trajectories per process that kl/ref averages over: 0 = all sampled, else the first N. With N
+    smaller than a sampling batch the reference forward runs on fewer rows than sampling did, so float32
+    rounding differs a little: before any update kl/ref is ~1e-8 instead of exactly 0."""
     lora: LoraParams = field(default_factory=lambda: LoraParams(r=4, alpha=4.0))
     """LoRA on the UNet's attention projections (to_q/to_k/to_v/to_out.0); r = 0 trains every weight."""
     mixed_precision: str = "no"
@@ -147,11 +159,13 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         add_unet_lora(unet, cfg.lora)
     else:
         unet.requires_grad_(True)
-        if cfg.kl_coef > 0:  # full fine-tuning: the reference is a frozen copy (LoRA: adapters disabled)
+        if cfg.kl_coef > 0 or cfg.log_kl:  # full fine-tuning: the reference is a frozen copy (LoRA: adapters off)
             ref_unet = copy.deepcopy(unet).requires_grad_(False)
             if weight_dtype != torch.float32:
                 ref_unet.to(weight_dtype)
     reward_fn = load_reward(cfg.reward, acc.device)
+    monitor_fn = load_reward(cfg.monitor, acc.device) if cfg.monitor else None
+    kl_rows = (n_local if cfg.kl_samples <= 0 else min(cfg.kl_samples, n_local)) if cfg.log_kl else 0
     latent_shape = parts.latent_shape(cfg.resolution)
     neg = negative_embeds(parts)                                                             # (1, L, D) ∅
     guidance = cfg.guidance_scale if cfg.train_cfg else 1.0
@@ -193,21 +207,29 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         t0 = time.perf_counter()
         # ------------------------------------------------------------ 1. sample, 2. reward
         unet.eval()
-        batches, reward_error = [], None
+        batches, reward_error, monitor_error, kls, t_kl = [], None, None, [], 0.0
         for i in range(cfg.num_batches_per_epoch):
             g = _generator(cfg.seed, epoch, rank, i)
             idx = torch.randint(len(prompts_all), (cfg.sample_batch_size,), generator=g).tolist()
             prompts = [prompts_all[j] for j in idx]
             embeds = encode_prompts(parts, prompts)                                          # (B, L, D) c
+            n_kl = min(kl_rows - i * cfg.sample_batch_size, cfg.sample_batch_size)          # KL rows of this batch
             with torch.no_grad(), acc.autocast():
                 traj = sample_trajectories(unet, parts.scheduler, embeds, neg if guidance > 1 else None, cfg.num_steps,
-                                           guidance, cfg.eta, generator=g, latent_shape=latent_shape)
+                                           guidance, cfg.eta, generator=g, latent_shape=latent_shape,
+                                           return_means=n_kl > 0)
                 images = decode_latents(parts.vae, traj.final_latents)                      # (B, 3, H, W) in [0, 1]
                 # 2. reward, per batch (images are not kept)
                 rewards, err = _score(reward_fn, prompts, images, cfg.reward)               # (B,)
-            reward_error = reward_error or err
+                monitor = _score(monitor_fn, prompts, images, cfg.monitor) if monitor_fn else (None, None)
+            reward_error, monitor_error = reward_error or err, monitor_error or monitor[1]
+            if n_kl > 0:
+                t_kl -= time.perf_counter()
+                kls.append(_kl_to_ref(unet, ref_unet, parts.scheduler, traj, n_kl, neg if guidance > 1 else None,
+                                      guidance, acc))                                        # (n_kl,)
+                t_kl += time.perf_counter()
             batches.append(dict(prompts=prompts, embeds=embeds, latents=traj.latents, log_probs=traj.log_probs,
-                                rewards=rewards))
+                                rewards=rewards, monitor=monitor[0]))
         # ------------------------------------------------------------ 2b. gather rewards over processes
         timesteps = traj.timesteps                                                            # (S,)
         prompts = [p for b in batches for p in b["prompts"]]
@@ -218,6 +240,14 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         all_rewards = acc.gather(rewards).cpu()                                              # (world·N,), rank order
         all_prompts = _gather_strings(prompts, acc)
         _check_finite(all_rewards, all_prompts, epoch, cfg.reward, reward_error)
+        extra = {}
+        if monitor_fn is not None:  # the gold judge: logged, never trained on
+            all_monitor = acc.gather(torch.cat([b["monitor"] for b in batches]).to(acc.device)).cpu()  # (world·N,)
+            _check_finite(all_monitor, all_prompts, epoch, cfg.monitor, monitor_error)
+            extra.update({"monitor/mean": all_monitor.mean().item(), "monitor/std": all_monitor.std(unbiased=False).item()})
+        if kl_rows:
+            all_kl = acc.gather(torch.cat(kls).to(acc.device)).cpu()                       # (world·kl_rows,) float64
+            extra.update({"kl/ref": all_kl.mean().item(), "time/kl_s": t_kl})
         t_sample = time.perf_counter()
         # ------------------------------------------------------------ 3. advantages
         advantages = compute_advantages(tracker, all_prompts, all_rewards, cfg.adv_clip)
@@ -233,7 +263,7 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         metrics = {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(unbiased=False).item(),
                    "reward/min": all_rewards.min().item(), "reward/max": all_rewards.max().item(),
                    "reward/prompts_tracked": float(len(tracker.stats)) if cfg.buffer_size > 0 else 0.0,
-                   **stats, "time/sample_s": t_sample - t0, "time/update_s": t_update - t_sample,
+                   **extra, **stats, "time/sample_s": t_sample - t0, "time/update_s": t_update - t_sample,
                    "time/images_per_s": n_local * world / (t_update - t0)}
         if run.is_main:
             metrics["grid/reward"] = _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run,
@@ -308,17 +338,42 @@ def _update(model, unet, ref_unet, optimizer, acc, scheduler, latents, timesteps
     return dict(zip(sums, means.tolist()))
 
 
+@contextlib.contextmanager
+def _reference(unet, ref_unet):
+    """π_ref, the UNet before training: the frozen copy (full fine-tuning), or the UNet with its LoRA
+    adapters off (LoRA B starts at 0, so that is exactly the initial UNet)."""
+    if ref_unet is not None:
+        yield ref_unet
+        return
+    unet.disable_adapters()
+    try:
+        yield unet
+    finally:
+        unet.enable_adapters()
+
+
 @torch.no_grad()
 def _ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta, acc) -> torch.Tensor:
-    """log π_ref of the same transitions: the frozen copy, or the UNet with its LoRA adapters off."""
-    with acc.autocast():
-        if ref_unet is not None:
-            return step_log_prob(ref_unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta).float()
-        unet.disable_adapters()
-        try:
-            return step_log_prob(unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta).float()
-        finally:
-            unet.enable_adapters()
+    """log π_ref of the same transitions."""
+    with acc.autocast(), _reference(unet, ref_unet) as ref:
+        return step_log_prob(ref, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta).float()
+
+
+@torch.no_grad()
+def _kl_to_ref(unet, ref_unet, scheduler, traj, n, neg, guidance, acc) -> torch.Tensor:
+    """Σ_s KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) over the S steps of the first n trajectories (n,) float64.
+
+    Both steps are Gaussians with the same σ_t, so each is ‖μ_θ − μ_ref‖²/(2σ_t²) (ddim.step_kl): μ_θ was
+    kept while sampling, μ_ref costs one reference forward per step, on the same batch layout as the
+    sampling forward (all n rows at one t), so that before any update the two are bit-identical: 0."""
+    kl = torch.zeros(n, dtype=torch.float64, device=traj.latents.device)
+    with acc.autocast(), _reference(unet, ref_unet) as ref:
+        for s, t in enumerate(traj.timesteps):
+            x_t, x_prev = traj.latents[:n, s], traj.latents[:n, s + 1]                      # (n, C, H, W)
+            _, mean_ref = step_log_prob(ref, scheduler, x_t, t, x_prev, traj.prompt_embeds[:n], neg, guidance,
+                                        traj.eta, return_mean=True)
+            kl += step_kl(traj.means[:n, s], mean_ref, ddim_std_dev(scheduler, t, traj.eta))
+    return kl
 
 
 def _score(reward_fn, prompts, images, spec) -> tuple[torch.Tensor, ValueError | None]:
@@ -403,6 +458,7 @@ def _finish(run, cfg, parts, unet) -> Path:
         ("grid reward (fixed prompts and seeds; first = before training)", "grid/reward"),
         ("approx KL[π_old‖π] per step", "policy/approx_kl"),
         ("clip fraction", "policy/clipfrac"), ("KL to reference (k1)", "policy/kl_ref"),
+        ("monitor (gold) reward", "monitor/mean"), ("KL to reference per trajectory (exact, nats)", "kl/ref"),
         ("images/s", "time/images_per_s")])
     grids = sorted((out / "grids").glob("epoch-*.png"))
     shown = [grids[0], grids[-1]] if len(grids) > 1 else grids
@@ -415,5 +471,6 @@ def _finish(run, cfg, parts, unet) -> Path:
             f"| metric | first epoch | last epoch |\n|---|---|---|\n{rows}\n\n"
             f"Result: `{result}`" + (" (`StableDiffusionPipeline.load_lora_weights`)." if cfg.lora.r > 0 else "."))
     run.finish("DDPO report", [("Summary", body), ("Samples (rows: seeds, columns: prompts)", grid_md or "none")],
-               ["reward/mean", "grid/reward", "policy/approx_kl", "policy/clipfrac", "policy/kl_ref"])
+               ["reward/mean", "grid/reward", "monitor/mean", "kl/ref", "policy/approx_kl", "policy/clipfrac",
+                "policy/kl_ref"])
     return result

@@ -9,6 +9,7 @@ Notation:
     latents        (B, S+1, C, H, W)  x_T, x_{T−1}, ..., x_0 (latent space for SD, pixels without a VAE)
     timesteps      (S,)               t of step s (scheduler.timesteps after set_timesteps(S))
     log_probs      (B, S)             log π_θ(x_{t−1} | x_t, c), mean over C·H·W (see ddim.py)
+    means          (B, S, C, H, W)    μ_θ(x_t, t, c), the policy mean of each step (only when asked)
     prompt_embeds  (B, L, D)          c, the text encoder's hidden states
     guidance_scale w                  ε̂ = ε_θ(x_t, ∅) + w·(ε_θ(x_t, c) − ε_θ(x_t, ∅))  (Ho & Salimans 2022)
 """
@@ -31,6 +32,7 @@ class Trajectory:
     negative_embeds: torch.Tensor | None   # (B, L, D) ∅ (None when guidance_scale <= 1)
     guidance_scale: float = 5.0
     eta: float = 1.0
+    means: torch.Tensor | None = None      # (B, S, C, H, W) μ_θ per step (sample_trajectories(return_means=True))
 
     @property
     def latents_t(self) -> torch.Tensor:       # (B, S, C, H, W) x_t
@@ -67,13 +69,15 @@ def _guided_noise_pred(unet, latents, timesteps, prompt_embeds, negative_embeds,
 def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_embeds: torch.Tensor | None,
                         num_steps: int, guidance_scale: float = 5.0, eta: float = 1.0,
                         generator: torch.Generator | None = None,
-                        latent_shape: tuple[int, int, int] | None = None) -> Trajectory:
+                        latent_shape: tuple[int, int, int] | None = None,
+                        return_means: bool = False) -> Trajectory:
     """Run S = num_steps DDIM steps from x_T ~ N(0, I) and record every transition (DDPO Alg. 1).
 
     unet: a diffusers UNet2DConditionModel (latent SD UNet or a pixel UNet); scheduler: a
     DDIMScheduler (its timesteps are set here). latent_shape (C, H, W) defaults to the UNet's
     (in_channels, sample_size, sample_size). The noise x_T and every z_t come from `generator`.
-    Decoding x_0 is the caller's job (`decode_latents`).
+    Decoding x_0 is the caller's job (`decode_latents`). return_means: also keep μ_θ of every step
+    (`Trajectory.means`, what the KL to a reference needs; taken from the same forward, no extra cost).
     """
     B = prompt_embeds.shape[0]
     device, dtype = prompt_embeds.device, unet.dtype
@@ -85,36 +89,40 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     gen_device = generator.device if generator is not None else device
     latents = torch.randn((B, *latent_shape), generator=generator, device=gen_device, dtype=dtype).to(device)
     latents = latents * scheduler.init_noise_sigma                                            # x_T
-    all_latents, all_log_probs = [latents], []
+    all_latents, all_log_probs, all_means = [latents], [], []
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(latents, t)
         noise_pred = _guided_noise_pred(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
-        latents, log_prob = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta, generator=generator)
+        latents, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta,
+                                                         generator=generator, return_mean=True)
         latents = latents.to(dtype)
         all_latents.append(latents)
         all_log_probs.append(log_prob if log_prob is not None else torch.full((B,), float("nan"), device=device))
+        if return_means:
+            all_means.append(mean)
     return Trajectory(latents=torch.stack(all_latents, dim=1),                               # (B, S+1, C, H, W)
                       timesteps=scheduler.timesteps.clone(),                                 # (S,)
                       log_probs=torch.stack(all_log_probs, dim=1),                           # (B, S)
                       prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
-                      guidance_scale=guidance_scale, eta=eta)
+                      guidance_scale=guidance_scale, eta=eta,
+                      means=torch.stack(all_means, dim=1) if return_means else None)      # (B, S, C, H, W)
 
 
 def step_log_prob(unet, scheduler, latents_t: torch.Tensor, timesteps: torch.Tensor | int,
                   next_latents: torch.Tensor, prompt_embeds: torch.Tensor,
                   negative_embeds: torch.Tensor | None, guidance_scale: float = 5.0,
-                  eta: float = 1.0, reduce: str = "mean") -> torch.Tensor:
+                  eta: float = 1.0, reduce: str = "mean", return_mean: bool = False):
     """log π_θ(x_{t−1} | x_t, c) of stored transitions under the current UNet, with gradients (B,).
 
     latents_t, next_latents: (B, C, H, W); timesteps: scalar or (B,). The scheduler must be set to
     the same S as at sampling (`scheduler.set_timesteps(S)`). With the sampling UNet unchanged this
-    equals the recorded `Trajectory.log_probs` (same CFG, same η).
+    equals the recorded `Trajectory.log_probs` (same CFG, same η). return_mean: (log_prob, μ_θ (B, C, H, W)).
     """
     model_in = scheduler.scale_model_input(latents_t, timesteps)
     noise_pred = _guided_noise_pred(unet, model_in, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-    _, log_prob = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents_t, eta=eta,
-                                         prev_sample=next_latents, reduce=reduce)
-    return log_prob
+    _, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents_t, eta=eta,
+                                               prev_sample=next_latents, reduce=reduce, return_mean=True)
+    return (log_prob, mean) if return_mean else log_prob
 
 
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:

@@ -7,7 +7,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 
-from image_rlhf.ddim import ddim_step_with_logprob  # noqa: E402
+from image_rlhf.ddim import ddim_std_dev, ddim_step_with_logprob, step_kl  # noqa: E402
 from image_rlhf.sampling import decode_latents, sample_trajectories, step_log_prob  # noqa: E402
 from image_rlhf.tiny import SD_DDIM_CONFIG, tiny_sd_pipeline  # noqa: E402
 
@@ -80,6 +80,35 @@ def test_eta1_log_prob_matches_hand_computation(prediction_type):
         assert torch.equal(ours, theirs)
         # and μ (computed here from alphas_cumprod) is the mean the scheduler used: x_{t−1} − μ = σ·z
         torch.testing.assert_close(x_prev.double() - mu, sigma * noise.double(), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_step_kl_matches_float64_gaussian_kl(prediction_type):
+    """KL(N(μ_p, σ²I) ‖ N(μ_q, σ²I)) of one step: μ_p, μ_q and σ_t by hand in float64, the KL as the sum
+    over all D elements; and against torch.distributions (per-element Normal KL, summed)."""
+    sched = make_scheduler(prediction_type=prediction_type)
+    x_t, x_prev = rand(*SHAPE, seed=1), rand(*SHAPE, seed=2)
+    out_p, out_q = rand(*SHAPE, seed=3), rand(*SHAPE, seed=3) + 0.1 * rand(*SHAPE, seed=4)
+    for t in (sched.timesteps[0], sched.timesteps[S // 2], sched.timesteps[-1]):
+        _, _, mean_p = ddim_step_with_logprob(sched, out_p, t, x_t, prev_sample=x_prev, return_mean=True)
+        _, _, mean_q = ddim_step_with_logprob(sched, out_q, t, x_t, prev_sample=x_prev, return_mean=True)
+        _, mu_p, sigma = _hand_log_prob(sched, out_p, t, x_t, x_prev, 1.0, prediction_type)
+        _, mu_q, _ = _hand_log_prob(sched, out_q, t, x_t, x_prev, 1.0, prediction_type)
+        std = ddim_std_dev(sched, t, eta=1.0)
+        assert std.shape == (1,) and abs(std.item() - sigma) < 1e-4 * sigma   # float32 σ (1 − ᾱ_t/ᾱ_{t−1} cancels)
+        want = ((mu_p - mu_q) ** 2).sum(dim=(1, 2, 3)) / (2 * sigma**2)                   # (B,) float64
+        got = step_kl(mean_p, mean_q, std)
+        assert got.dtype == torch.float64 and got.shape == (SHAPE[0],)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=0)
+        normal = torch.distributions.Normal
+        per_elem = torch.distributions.kl_divergence(normal(mu_p, sigma), normal(mu_q, sigma))
+        torch.testing.assert_close(got, per_elem.sum(dim=(1, 2, 3)), rtol=1e-4, atol=0)
+        assert torch.equal(step_kl(mean_p, mean_p, std), torch.zeros(SHAPE[0], dtype=torch.float64))
+    # per-sample σ_t: a (B,) timesteps tensor gives each row its own σ
+    ts = sched.timesteps[torch.tensor([0, 4, S - 1])]
+    stds = ddim_std_dev(sched, ts)
+    for i in range(3):
+        assert stds[i] == ddim_std_dev(sched, int(ts[i]))[0]
 
 
 def test_sampling_uses_generator_and_sum_is_mean_times_d():
@@ -157,6 +186,23 @@ def test_trajectory_log_probs_are_reproduced_by_step_log_prob(sd_pipe):
     lp.sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in sd_pipe.unet.parameters())
     sd_pipe.unet.zero_grad(set_to_none=True)
+
+
+def test_trajectory_means_are_the_step_means(sd_pipe):
+    """return_means keeps μ_θ of every step: x_{t−1} − μ_θ is σ_t·z, and recomputing μ from the stored
+    x_t gives the same tensor."""
+    cond, uncond = _embeds(sd_pipe, ["a red circle", "a blue square"])
+    traj = sample_trajectories(sd_pipe.unet, sd_pipe.scheduler, cond, uncond, num_steps=3, guidance_scale=5.0,
+                               generator=torch.Generator().manual_seed(0), return_means=True)
+    assert traj.means.shape == traj.latents_t.shape
+    with torch.no_grad():
+        for s in range(3):
+            _, mean = step_log_prob(sd_pipe.unet, sd_pipe.scheduler, traj.latents_t[:, s], traj.timesteps[s],
+                                    traj.next_latents[:, s], cond, uncond, guidance_scale=5.0, return_mean=True)
+            torch.testing.assert_close(mean, traj.means[:, s], rtol=0, atol=1e-6)
+    plain = sample_trajectories(sd_pipe.unet, sd_pipe.scheduler, cond, uncond, num_steps=3, guidance_scale=5.0,
+                                generator=torch.Generator().manual_seed(0))
+    assert plain.means is None and torch.equal(plain.latents, traj.latents)
 
 
 def test_no_cfg_skips_uncond_half(sd_pipe):
