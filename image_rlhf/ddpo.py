@@ -68,6 +68,9 @@ class DDPOConfig:
     """Share of each trajectory's (shuffled) steps trained on."""
     inner_epochs: int = 1
     """Passes over each epoch's samples."""
+    timesteps_per_forward: int = 1
+    """Trained steps of a train batch that share one UNet forward/backward (UNet batch ×k, activation
+    memory ×k): the gradient is the same sum as one call per step, in k× fewer, larger calls."""
     lr: float = 3e-4
     max_grad_norm: float = 1.0
     adv_clip: float = 5.0
@@ -106,9 +109,13 @@ class DDPOConfig:
     save_every: int = 10
     """Checkpoint every N epochs (and at the end)."""
     grid_prompts: list[str] = field(default_factory=list)
-    """Prompts of the per-epoch sample grid (default: the first 4 distinct prompts)."""
+    """Prompts of the sample grid (default: the first 4 distinct prompts)."""
     grid_seeds: list[int] = field(default_factory=lambda: [0, 1])
-    """Noise seeds of the grid: one row per seed, the same every epoch, so progress is visible."""
+    """Noise seeds of the grid: one row per seed, the same every time, so progress is visible; [] = no grid."""
+    grid_every: int = 10
+    """Grid (grids/epoch-XXX.png, grid/reward) before training, every N epochs and after the last; 0 = none.
+    A grid is a len(grid_seeds) × len(grid_prompts) rollout: at the benchmark's settings one per epoch
+    costs half an epoch's sampling."""
 
 
 @dataclass
@@ -199,7 +206,9 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
 
     grid_dir = run.out / "grids"
     epoch = run.start_step
-    if run.is_main and not (grid_dir / "epoch-000.png").exists():  # the base model, before any update
+    if not cfg.grid_seeds or cfg.grid_every <= 0:
+        grid_prompts = []                                                                     # no grid
+    if run.is_main and grid_prompts and not (grid_dir / "epoch-000.png").exists():  # the base model, before any update
         run.log(0, {"grid/reward": _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run, 0)})
     bar = progress(total=cfg.epochs, desc="ddpo", is_main=run.is_main)
     bar.update(epoch)
@@ -265,7 +274,7 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
                    "reward/prompts_tracked": float(len(tracker.stats)) if cfg.buffer_size > 0 else 0.0,
                    **extra, **stats, "time/sample_s": t_sample - t0, "time/update_s": t_update - t_sample,
                    "time/images_per_s": n_local * world / (t_update - t0)}
-        if run.is_main:
+        if run.is_main and grid_prompts and (epoch % cfg.grid_every == 0 or epoch == cfg.epochs):
             metrics["grid/reward"] = _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run,
                                            epoch)
         run.log(epoch, metrics)
@@ -288,10 +297,12 @@ def compute_advantages(tracker: PerPromptStatTracker, prompts: list[str], reward
 def _update(model, unet, ref_unet, optimizer, acc, scheduler, latents, timesteps, old_log_probs, advantages,
             embeds, neg, guidance, n_train_steps, cfg, epoch, rank) -> dict:
     """`inner_epochs` passes over this process's N samples (shapes as in run_ddpo). Per train batch and
-    trained step: the clipped surrogate, backward; the loss is divided by the n_train_steps ×
-    gradient_accumulation_steps backwards that one optimiser step sums, so it steps on their mean."""
+    trained step: the clipped surrogate; each loss is divided by the n_train_steps × gradient_accumulation_steps
+    losses that one optimiser step sums, so it steps on their mean. `timesteps_per_forward` steps share one
+    UNet call and one backward (the sum of their losses): the same gradient, fewer, larger calls."""
     N, S = old_log_probs.shape
     neg = neg if guidance > 1 else None
+    k_fwd = max(1, cfg.timesteps_per_forward)
     n_backward = n_train_steps * cfg.gradient_accumulation_steps
     sums: dict[str, float] = {}
     n = 0
@@ -305,28 +316,38 @@ def _update(model, unet, ref_unet, optimizer, acc, scheduler, latents, timesteps
             rows = perm[start:start + cfg.train_batch_size]                                  # (b,)
             idx = rows.to(latents.device)
             step_now = (k + 1) % cfg.gradient_accumulation_steps == 0
-            for j in range(n_train_steps):
-                s = step_order[rows, j].to(latents.device)                                   # (b,) step index
-                x_t, x_prev = latents[idx, s], latents[idx, s + 1]                           # (b, C, H, W)
-                t = timesteps[s]                                                             # (b,)
-                sync = step_now and j == n_train_steps - 1  # DDP all-reduces on the last backward only
+            b = len(rows)
+            for j0 in range(0, n_train_steps, k_fwd):
+                # m trained steps of the b samples in one UNet call: rows step-major, (j0, all b), (j0+1, all b), ...
+                m = min(k_fwd, n_train_steps - j0)
+                s = step_order[rows, j0:j0 + m].T.reshape(-1).to(latents.device)            # (m·b,) step index
+                idx_m = idx.repeat(m)                                                        # (m·b,) sample index
+                x_t, x_prev = latents[idx_m, s], latents[idx_m, s + 1]                       # (m·b, C, H, W)
+                t = timesteps[s]                                                             # (m·b,)
+                sync = step_now and j0 + m == n_train_steps  # DDP all-reduces on the last backward only
                 with contextlib.nullcontext() if sync else acc.no_sync(model):
                     with acc.autocast():
-                        log_prob = step_log_prob(model, scheduler, x_t, t, x_prev, embeds[idx], neg, guidance,
-                                                 cfg.eta).float()                           # (b,) log π_θ
-                    old = old_log_probs[idx, s]                                              # (b,) log π_old
-                    loss, st = clipped_surrogate(log_prob, old, advantages[idx], cfg.clip_range)
+                        log_probs = step_log_prob(model, scheduler, x_t, t, x_prev, embeds[idx_m], neg, guidance,
+                                                  cfg.eta).float()                          # (m·b,) log π_θ
+                    olds = old_log_probs[idx_m, s]                                           # (m·b,) log π_old
                     if cfg.kl_coef > 0:
-                        ref_log_prob = _ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds[idx], neg,
-                                                     guidance, cfg.eta, acc)
-                        # k2 = ½(log π − log π_ref)²: as a loss its gradient is ∇KL[π‖π_ref] on samples
-                        # of π (Schulman 2020); k1's expected gradient there is 0
-                        loss = loss + cfg.kl_coef * kl_k2(log_prob, ref_log_prob).mean()
-                        st["kl_ref"] = kl_k1(log_prob, ref_log_prob).mean().detach()
-                    acc.backward(loss / n_backward)
-                for name, v in {"loss": loss, **st}.items():
-                    sums[f"policy/{name}"] = sums.get(f"policy/{name}", 0.0) + float(v.detach())
-                n += 1
+                        ref_log_probs = _ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds[idx_m], neg,
+                                                      guidance, cfg.eta, acc)               # (m·b,) log π_ref
+                    total = 0.0
+                    for c in range(m):  # one loss per trained step, as if each had its own forward
+                        rc = slice(c * b, (c + 1) * b)
+                        log_prob = log_probs[rc]                                             # (b,)
+                        loss, st = clipped_surrogate(log_prob, olds[rc], advantages[idx], cfg.clip_range)
+                        if cfg.kl_coef > 0:
+                            # k2 = ½(log π − log π_ref)²: as a loss its gradient is ∇KL[π‖π_ref] on samples
+                            # of π (Schulman 2020); k1's expected gradient there is 0
+                            loss = loss + cfg.kl_coef * kl_k2(log_prob, ref_log_probs[rc]).mean()
+                            st["kl_ref"] = kl_k1(log_prob, ref_log_probs[rc]).mean().detach()
+                        total = total + loss
+                        for name, v in {"loss": loss, **st}.items():
+                            sums[f"policy/{name}"] = sums.get(f"policy/{name}", 0.0) + float(v.detach())
+                        n += 1
+                    acc.backward(total / n_backward)
             if step_now:
                 if cfg.max_grad_norm:
                     norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))

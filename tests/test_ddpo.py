@@ -7,6 +7,7 @@ drifts brightness one way whatever the reward (measured: with 8 samples per step
 reward by +0.006..+0.009 for `brightness` and +0.002..+0.007 for `darkness` (seeds 0-3), against
 a sampling noise of the epoch mean of ~0.0003. ddpo-pytorch likewise steps on 64-128 samples.
 """
+import contextlib
 import hashlib
 import json
 import shutil
@@ -57,16 +58,17 @@ def test_ddpo_raises_brightness_and_writes_the_run(tiny_sd, prompts_file, tmp_pa
     out = tmp_path / "run"
     cfg = _cfg(tiny_sd, prompts_file, out, epochs=4, sample_batch_size=32, num_batches_per_epoch=2,
                train_batch_size=32, gradient_accumulation_steps=2, num_steps=6, guidance_scale=5.0, lr=2e-3,
-               save_every=2)
+               save_every=2, grid_every=3)
     result = run_ddpo(cfg).model_dir
     rows = [r for r in _metrics(out) if "reward/mean" in r]
     rewards = [r["reward/mean"] for r in rows]
     assert len(rewards) == 4
     assert rewards[-1] - rewards[0] > 0.003, rewards                # +0.006..0.009 measured; noise ~0.0003
     assert all(abs(r["policy/approx_kl"]) < 1e-3 for r in rows)     # one optimiser step per epoch: ratio = 1
-    # the run folder: a grid per epoch (0 = before training), report, curves, TensorBoard, checkpoints
-    for e in range(5):
-        assert (out / "grids" / f"epoch-{e:03d}.png").is_file()
+    # the run folder: grids before training, every grid_every epochs and after the last; report, curves,
+    # TensorBoard, checkpoints
+    assert sorted(p.name for p in (out / "grids").iterdir()) == ["epoch-000.png", "epoch-003.png", "epoch-004.png"]
+    assert [r["step"] for r in _metrics(out) if "grid/reward" in r] == [0, 3, 4]
     report = (out / "report.md").read_text()
     assert "grids/epoch-000.png" in report and "grids/epoch-004.png" in report and "| reward" in report
     assert (out / "curves.png").is_file() and any((out / "tb").iterdir())
@@ -212,8 +214,73 @@ def test_kl_samples_bounds_the_trajectories(tiny_sd, prompts_file, tmp_path):
     sampling ran on 4, and float32 kernels round a little differently per batch size (measured 7.7e-9 nats)."""
     out = tmp_path / "kl_n"
     cfg = _cfg(tiny_sd, prompts_file, out, epochs=2, sample_batch_size=4, num_batches_per_epoch=2, lr=1e-2,
-               train_batch_size=4, log_kl=True, kl_samples=3, train_cfg=False, lora=LoraParams(r=4, alpha=4.0))
+               train_batch_size=4, log_kl=True, kl_samples=3, train_cfg=False, lora=LoraParams(r=4, alpha=4.0),
+               grid_seeds=[])
     run_ddpo(cfg)
+    assert not (out / "grids").exists() or not any((out / "grids").iterdir())   # grid_seeds=[]: no grid
+    assert not any("grid/reward" in r for r in _metrics(out))
     kl = [r["kl/ref"] for r in _metrics(out) if "reward/mean" in r]
     assert abs(kl[0]) < 1e-6 and kl[1] > 1e-3, kl
     assert "monitor/mean" not in _metrics(out)[-1]
+
+
+class _Acc:
+    """The slice of accelerate.Accelerator that `_update` uses, single process."""
+    device = torch.device("cpu")
+    no_sync = autocast = staticmethod(lambda *a: contextlib.nullcontext())
+    backward = staticmethod(lambda loss: loss.backward())
+    clip_grad_norm_ = staticmethod(torch.nn.utils.clip_grad_norm_)
+    gather = staticmethod(lambda t: t)
+
+
+class _RecordingOptimizer:
+    """Keeps the gradient of every optimiser step (after clipping) and steps nothing."""
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads.append([p.grad.clone() for p in self.params])
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+@pytest.mark.parametrize("kl_coef", [0.0, 0.1])
+def test_timesteps_per_forward_gives_the_same_gradient(tiny_sd, kl_coef):
+    """k steps per UNet call (k = 2 leaves a remainder of 1 of 5, k = 5 is all at once) sum the same per-step
+    losses as one call per step: the same gradients at every optimiser step and the same logged statistics."""
+    from image_rlhf.ddpo import _update
+    from image_rlhf.pipeline import add_unet_lora, negative_embeds
+    from image_rlhf.sampling import sample_trajectories
+    parts = load_pipeline(tiny_sd)
+    add_unet_lora(parts.unet, LoraParams(r=4, alpha=4.0))
+    with torch.no_grad():  # LoRA B starts at 0: move it, so that the policy is not the reference
+        for name, p in parts.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.05, generator=torch.Generator().manual_seed(len(name)))
+    embeds, neg = encode_prompts(parts, PROMPTS), negative_embeds(parts)
+    traj = sample_trajectories(parts.unet, parts.scheduler, embeds, neg, 5, 5.0, 1.0,
+                               generator=torch.Generator().manual_seed(0))
+    old_log_probs = traj.log_probs + 1e-4 * torch.randn(traj.log_probs.shape,
+                                                        generator=torch.Generator().manual_seed(1))  # some clipped
+    advantages = torch.tensor([1.0, -0.5, 2.0, -1.5])
+    results = {}
+    for k in (1, 2, 5):
+        cfg = DDPOConfig(train_batch_size=2, gradient_accumulation_steps=1, timesteps_per_forward=k, kl_coef=kl_coef,
+                         max_grad_norm=1.0)
+        opt = _RecordingOptimizer(p for p in parts.unet.parameters() if p.requires_grad)
+        stats = _update(parts.unet, parts.unet, None, opt, _Acc(), parts.scheduler, traj.latents, traj.timesteps,
+                        old_log_probs, advantages, embeds, neg, 5.0, 5, cfg, epoch=0, rank=0)
+        results[k] = (opt.grads, stats)
+    grads1, stats1 = results[1]
+    assert len(grads1) == 2 and any(g.abs().sum() > 0 for g in grads1[0])      # 2 train batches of 2 samples
+    assert 0 < stats1["policy/clipfrac"] < 1
+    for k in (2, 5):
+        grads, stats = results[k]
+        for step1, stepk in zip(grads1, grads, strict=True):
+            for a, b in zip(step1, stepk, strict=True):
+                torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-7)
+        assert stats.keys() == stats1.keys()
+        for key in stats:
+            assert stats[key] == pytest.approx(stats1[key], rel=1e-4, abs=1e-7), key
