@@ -4,6 +4,7 @@
     align text sft|rm|ppo ...      text_rlhf.cli
     align image rm|ddpo ...        image_rlhf.cli
     align compare ...              align.compare (+ text_rlhf.compare / image_rlhf.compare)
+    align demo ...                 align.demo (+ text_rlhf.demo / image_rlhf.demo)
 """
 from __future__ import annotations
 
@@ -47,7 +48,28 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod.add_parsers(sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0]))
     add_compare_parser(sub)
+    add_demo_parser(sub)
     return parser
+
+
+def add_demo_parser(sub) -> None:
+    d = sub.add_parser("demo", help="the whole recipe on the miniature worlds (base -> SFT -> RM -> RL), with a "
+                                    "report of plain vs engineered prompts before and after alignment")
+    d.add_argument("--world", choices=["text", "image", "both"], default="both")
+    d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); its world folders are replaced")
+    d.add_argument("--fresh", action="store_true", help="retrain the cached base models (cache: $ALIGN_CACHE, "
+                   "default ~/.cache/align/worlds)")
+    d.add_argument("--preset", default="default", help="default (the demo) or small (a fast smoke run)")
+    d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    d.set_defaults(func=_demo, overrides=[])
+
+
+def _demo(args) -> None:
+    if args.overrides:
+        raise ValueError(f"align demo takes no key=value overrides (got {' '.join(args.overrides)})")
+    demo = importlib.import_module("align.demo")
+    worlds = ["text", "image"] if args.world == "both" else [args.world]
+    demo.run_demo(worlds, args.out, preset=args.preset, fresh=args.fresh)
 
 
 def add_compare_parser(sub) -> None:

@@ -26,6 +26,7 @@ from align.runner import atomic_write_json, atomic_write_text
 logger = logging.getLogger(__name__)
 
 WORLDS = {"text": "text_rlhf.demo", "image": "image_rlhf.demo"}
+CACHE_MARKER = "align-cache.json"   # not config.json: HF folders have their own
 INSTRUCTGPT_WIN_RATE = 0.71   # 175B InstructGPT preferred to few-shot 175B GPT-3 (Ouyang et al. 2022, Fig. 1/3)
 
 
@@ -84,14 +85,14 @@ def cached(name: str, config: dict, build: Callable[[Path], None], fresh: bool =
     half-written cache entry that a later run would trust. Returns (folder, was_cached)."""
     root = cache_root()
     final = root / f"{name}-{config_key(config)}"
-    if final.is_dir() and (final / "config.json").is_file() and not fresh:
+    if final.is_dir() and (final / CACHE_MARKER).is_file() and not fresh:
         return final, True
     tmp = root / f".{final.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         build(tmp)
-        atomic_write_json(tmp / "config.json", config)   # written last: its presence marks the entry complete
+        atomic_write_json(tmp / CACHE_MARKER, config)   # written last: its presence marks the entry complete
         if final.exists():
             shutil.rmtree(final)
         tmp.rename(final)
@@ -166,3 +167,138 @@ def plot_overopt(rows: list[dict], fit: dict, path: Path, title: str) -> Path:
     fig.savefig(path)
     plt.close(fig)
     return path
+
+
+# ---------------------------------------------------------------------------- the verdict and the report
+
+def headline(result: WorldResult) -> dict:
+    """The issue's three questions for one world, from its compare results (first model = base,
+    last = aligned): does aligned-plain beat base-engineered on mean gold score and in ≥ 71% of
+    paired comparisons, and does the engineered − plain gap shrink from base to aligned?"""
+    arms, base, aligned = result.compare["arms"], result.models[0], result.models[-1]
+    mean = {name: s["mean"] for name, s in arms.items()}
+    pair = next((p for p in result.compare["pairs"]
+                 if p["a"] == f"{aligned}-plain" and p["b"] == f"{base}-engineered"), None)
+    gap_base = mean[f"{base}-engineered"] - mean[f"{base}-plain"]
+    gap_aligned = mean[f"{aligned}-engineered"] - mean[f"{aligned}-plain"]
+    h = {"base_plain": mean[f"{base}-plain"], "base_engineered": mean[f"{base}-engineered"],
+         "aligned_plain": mean[f"{aligned}-plain"], "aligned_engineered": mean[f"{aligned}-engineered"],
+         "gap_base": gap_base, "gap_aligned": gap_aligned,
+         "win_rate": pair["win_rate"] if pair else float("nan"),
+         "win_ci": (pair["ci_low"], pair["ci_high"]) if pair else (float("nan"), float("nan"))}
+    h["checks"] = {
+        "aligned-plain ≥ base-engineered (mean gold)": h["aligned_plain"] >= h["base_engineered"],
+        f"aligned-plain wins ≥ {INSTRUCTGPT_WIN_RATE:.0%} vs base-engineered": h["win_rate"] >= INSTRUCTGPT_WIN_RATE,
+        "engineered − plain gap shrinks (base → aligned)": gap_aligned < gap_base,
+    }
+    return h
+
+
+def _fmt_ci(ci) -> str:
+    lo, hi = ci
+    return "" if lo is None or lo != lo else f" [{lo:.2f}, {hi:.2f}]"
+
+
+def summary(results: list[WorldResult], total_s: float) -> str:
+    """The one-screen summary printed at the end of `align demo`."""
+    lines = ["", "align demo — plain vs prompt-engineered prompts, judged by each world's gold judge (held-out prompts)", ""]
+    head = f"{'world':<6} {'base plain':>10} {'base eng.':>10} {'aligned plain':>13} {'aligned eng.':>12} " \
+           f"{'gap base→aligned':>17}  aligned-plain vs base-eng. (95% CI)"
+    lines.append(head)
+    for r in results:
+        h = headline(r)
+        lines.append(f"{r.world:<6} {h['base_plain']:>10.3f} {h['base_engineered']:>10.3f} {h['aligned_plain']:>13.3f} "
+                     f"{h['aligned_engineered']:>12.3f} {h['gap_base']:>+8.3f}→{h['gap_aligned']:<+8.3f}  "
+                     f"{h['win_rate']:.1%}{_fmt_ci(h['win_ci'])}  (InstructGPT: 71 ± 4%)")
+    lines.append("")
+    for r in results:
+        for check, ok in headline(r)["checks"].items():
+            lines.append(f"  [{'pass' if ok else 'FAIL'}] {r.world}: {check}")
+        for note in r.notes:
+            lines.append(f"  note ({r.world}): {note}")
+    stages = ", ".join(f"{r.world} {sum(r.timings.values()) / 60:.1f} min" for r in results)
+    lines += ["", f"total {total_s / 60:.1f} min ({stages})"]
+    return "\n".join(lines)
+
+
+def world_markdown(r: WorldResult, out: Path) -> str:
+    from align.compare import to_markdown
+    from align.report import markdown_table
+    h = headline(r)
+    parts = [f"## {r.world.capitalize()} world", ""]
+    parts.append(markdown_table([{"check": c, "result": "pass" if ok else "**FAIL**"} for c, ok in h["checks"].items()]))
+    parts += ["", f"Aligned-plain vs base-engineered: mean gold {h['aligned_plain']:.3f} vs {h['base_engineered']:.3f}; "
+              f"aligned-plain wins {h['win_rate']:.1%}{_fmt_ci(h['win_ci'])} of paired held-out comparisons "
+              f"(ties half; InstructGPT 175B vs few-shot GPT-3: 71 ± 4%). Engineered − plain gap: "
+              f"{h['gap_base']:+.3f} (base) → {h['gap_aligned']:+.3f} (aligned).", ""]
+    if r.notes:
+        parts += ["**Shortfalls and caveats**", ""] + [f"- {n}" for n in r.notes] + [""]
+    parts += ["### Plain vs engineered, by model (gold judge)", "", to_markdown(r.compare), ""]
+    if len(r.overopt) >= 3:
+        fit = fit_gao([x["kl"] for x in r.overopt], [x["gold"] for x in r.overopt])
+        png = plot_overopt(r.overopt, fit, out / f"overopt_{r.world}.png",
+                           f"{r.world}: proxy RM vs gold during RL (Gao et al. 2022 fit)")
+        peak = f"; fitted gold peaks at d = {fit['d_peak']:.2f} (KL {fit['d_peak'] ** 2:.1f} nats)" if fit["d_peak"] else ""
+        last = r.overopt[-1]
+        parts += ["### Over-optimisation: proxy RM vs gold as KL grows", "",
+                  f"![over-optimisation]({png.name})", "",
+                  f"R(d) = d(α − β log d), d = √KL, R = gold gain over the initial policy, fitted on {fit['n']} RL steps: "
+                  f"α = {fit['alpha']:.4f}, β = {fit['beta']:.4f}, R² = {fit['r2']:.3f}{peak}. "
+                  f"Over the run: KL {r.overopt[0]['kl']:.2f} → {last['kl']:.2f} nats, proxy "
+                  f"{r.overopt[0]['proxy']:.3f} → {last['proxy']:.3f}, gold {r.overopt[0]['gold']:.3f} → {last['gold']:.3f} "
+                  "(per-batch means of the samples RL trained on).", ""]
+    for title, body in r.sections:
+        parts += [f"### {title}", "", _relink(body, r.out_dir, out), ""]
+    parts += ["### Time per stage", "",
+              markdown_table([{"stage": k, "seconds": round(v, 1)} for k, v in r.timings.items()]
+                             + [{"stage": "total", "seconds": round(sum(r.timings.values()), 1)}]), ""]
+    return "\n".join(parts)
+
+
+def _relink(markdown: str, world_dir: str, out: Path) -> str:
+    """A world writes links relative to its own folder; the report sits in `out`: prefix them."""
+    import re
+    if not world_dir:
+        return markdown
+    try:
+        prefix = Path(os.path.relpath(Path(world_dir).resolve(), out.resolve())).as_posix()
+    except ValueError:
+        return markdown
+    if prefix in ("", "."):
+        return markdown
+    return re.sub(r"\]\((?![a-z]+://|/|#)([^)]+)\)", lambda m: f"]({prefix}/{m.group(1)})", markdown)
+
+
+def write_demo_report(results: list[WorldResult], out: Path, total_s: float) -> Path:
+    text = ["# align demo", "",
+            "The InstructGPT recipe on the miniature worlds (DESIGN.md): base models trained here from scratch, "
+            "then SFT (text), preferences ranked by a noisy gold labeler, a learned reward model, and RL against "
+            "that reward model with a KL leash. The gold judge plays the human; RL never sees it.", "",
+            "```", summary(results, total_s).strip("\n"), "```", ""]
+    text += [world_markdown(r, out) for r in results]
+    atomic_write_json(out / "demo.json", [{"world": r.world, "headline": {k: v for k, v in headline(r).items()},
+                                           "compare": r.compare, "overopt": r.overopt, "timings": r.timings,
+                                           "notes": r.notes} for r in results])
+    return atomic_write_text(out / "report.md", "\n".join(text))
+
+
+def run_demo(worlds: Sequence[str], out: str | Path = "runs/demo", preset: str = "default", fresh: bool = False,
+             progress: bool = True) -> list[WorldResult]:
+    """Run each world's demo into out/<world>, then write out/report.md and print the summary."""
+    out = Path(out)
+    results, t0 = [], time.perf_counter()
+    for name in worlds:
+        if name not in WORLDS:
+            raise ValueError(f"unknown world {name!r} (choose from {', '.join(WORLDS)})")
+        folder = out / name
+        if folder.exists():
+            logger.info("demo: replacing the previous %s world run in %s", name, folder)
+            shutil.rmtree(folder)
+        module = importlib.import_module(WORLDS[name])
+        results.append(module.run(folder, preset=preset, fresh=fresh, progress=progress))
+        write_demo_report(results, out, time.perf_counter() - t0)   # a partial report survives a later crash
+    total = time.perf_counter() - t0
+    report = write_demo_report(results, out, total)
+    print(summary(results, total))
+    print(f"\nreport: {report}")
+    return results

@@ -75,6 +75,9 @@ class PPOConfig:
     """Checkpoint every N iterations (and at the end)."""
     log_samples: int = 4
     """Sample texts kept per logged iteration (samples.jsonl)."""
+    monitor: str = ""
+    """A second scorer, same syntax as `reward`, logged on every rollout as monitor/mean and never
+    optimised: e.g. a gold judge, to watch the proxy reward over-optimise (Gao et al. 2022)."""
 
 
 # ---------------------------------------------------------------------------- reward
@@ -166,6 +169,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         raise ValueError(f"value_model must be 'head' or 'separate', not {cfg.value_model!r}")
     model = PolicyWithValue(lm, critic)
     reward_fn = RewardFn(cfg.reward, tok, acc.device, cfg.reward_batch_size)
+    monitor_fn = RewardFn(cfg.monitor, tok, acc.device, cfg.reward_batch_size) if cfg.monitor else None
     optimizer = adamw(model.parameters(), lr=cfg.lr, eps=1e-5)
     kl_ctl = make_kl_controller(p.kl.kl_coef, p.kl.adaptive, p.kl.target, p.kl.horizon)
     shift = None
@@ -265,6 +269,11 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             "time/generate_s": t_gen - t0, "time/score_s": t_score - t_gen, "time/update_s": t_upd - t_score,
             "time/samples_per_s": global_batch / (t_upd - t0),
         }
+        if monitor_fn is not None:
+            with torch.no_grad():
+                monitored = acc.gather(monitor_fn(prompts, texts, seq, mask).float())
+            _check_finite(monitored, prompts, it, cfg.monitor)
+            metrics["monitor/mean"] = monitored.mean().item()
         run.log(it, metrics)
         bar.set_postfix(score=f"{metrics['env/raw_score']:.3f}", kl=f"{seq_kl:.2f}")
         if run.is_main and cfg.log_samples:
