@@ -34,7 +34,7 @@ from image_rlhf.pipeline import (add_unet_lora, check_pipeline, encode_prompts, 
                                  load_trainable_state, negative_embeds, save_parts, save_png, save_unet_lora,
                                  trainable_state)
 from image_rlhf.ddim import ddim_std_dev, step_kl
-from image_rlhf.sampling import decode_latents, sample_trajectories, step_log_prob
+from image_rlhf.sampling import decode_latents, memory_format, sample_trajectories, step_log_prob
 
 log = logging.getLogger(__name__)
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -68,9 +68,11 @@ class DDPOConfig:
     """Share of each trajectory's (shuffled) steps trained on."""
     inner_epochs: int = 1
     """Passes over each epoch's samples."""
-    timesteps_per_forward: int = 1
+    timesteps_per_forward: int = 4
     """Trained steps of a train batch that share one UNet forward/backward (UNet batch ×k, activation
-    memory ×k): the gradient is the same sum as one call per step, in k× fewer, larger calls."""
+    memory ×k): the gradient is the same sum as one call per step, in k× fewer, larger calls. Measured
+    at the benchmark's settings (CPU, 1 thread): ×0.94 (k = 2), ×0.93 (k = 4) training time; on a GPU
+    with a large UNet, 1 keeps activation memory down."""
     lr: float = 3e-4
     max_grad_norm: float = 1.0
     adv_clip: float = 5.0
@@ -101,6 +103,9 @@ class DDPOConfig:
     """LoRA on the UNet's attention projections (to_q/to_k/to_v/to_out.0); r = 0 trains every weight."""
     mixed_precision: str = "no"
     """no | fp16 | bf16: frozen weights in that dtype, autocast; trained weights stay float32."""
+    channels_last: bool = True
+    """On the CPU, sample (rollouts, grids, the kl/ref forward) with the UNet in channels_last memory format:
+    measured ×0.95 per sampling forward at the benchmark's settings; training stays contiguous (×1.01 there)."""
     attention: str = "sdpa"
     """sdpa (torch's scaled_dot_product_attention) | xformers (used only when importable, on CUDA)."""
     resolution: int = 0
@@ -204,12 +209,17 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         torch.save(rng_state(), ckpt_dir / "rng.pt")
 
+    # the memory format of every sampling forward (the policy and, for kl/ref, the frozen reference)
+    sampling_format = torch.channels_last if cfg.channels_last and acc.device.type == "cpu" else None
+    sampling = lambda: memory_format([unet, ref_unet], sampling_format)  # noqa: E731
     grid_dir = run.out / "grids"
     epoch = run.start_step
     if not cfg.grid_seeds or cfg.grid_every <= 0:
         grid_prompts = []                                                                     # no grid
     if run.is_main and grid_prompts and not (grid_dir / "epoch-000.png").exists():  # the base model, before any update
-        run.log(0, {"grid/reward": _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run, 0)})
+        with sampling():
+            run.log(0, {"grid/reward": _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run,
+                                             0)})
     bar = progress(total=cfg.epochs, desc="ddpo", is_main=run.is_main)
     bar.update(epoch)
     while epoch < cfg.epochs:
@@ -217,28 +227,29 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         # ------------------------------------------------------------ 1. sample, 2. reward
         unet.eval()
         batches, reward_error, monitor_error, kls, t_kl = [], None, None, [], 0.0
-        for i in range(cfg.num_batches_per_epoch):
-            g = _generator(cfg.seed, epoch, rank, i)
-            idx = torch.randint(len(prompts_all), (cfg.sample_batch_size,), generator=g).tolist()
-            prompts = [prompts_all[j] for j in idx]
-            embeds = encode_prompts(parts, prompts)                                          # (B, L, D) c
-            n_kl = min(kl_rows - i * cfg.sample_batch_size, cfg.sample_batch_size)          # KL rows of this batch
-            with torch.no_grad(), acc.autocast():
-                traj = sample_trajectories(unet, parts.scheduler, embeds, neg if guidance > 1 else None, cfg.num_steps,
-                                           guidance, cfg.eta, generator=g, latent_shape=latent_shape,
-                                           return_means=n_kl > 0)
-                images = decode_latents(parts.vae, traj.final_latents)                      # (B, 3, H, W) in [0, 1]
-                # 2. reward, per batch (images are not kept)
-                rewards, err = _score(reward_fn, prompts, images, cfg.reward)               # (B,)
-                monitor = _score(monitor_fn, prompts, images, cfg.monitor) if monitor_fn else (None, None)
-            reward_error, monitor_error = reward_error or err, monitor_error or monitor[1]
-            if n_kl > 0:
-                t_kl -= time.perf_counter()
-                kls.append(_kl_to_ref(unet, ref_unet, parts.scheduler, traj, n_kl, neg if guidance > 1 else None,
-                                      guidance, acc))                                        # (n_kl,)
-                t_kl += time.perf_counter()
-            batches.append(dict(prompts=prompts, embeds=embeds, latents=traj.latents, log_probs=traj.log_probs,
-                                rewards=rewards, monitor=monitor[0]))
+        with sampling():  # channels_last on the CPU, contiguous again for the update
+            for i in range(cfg.num_batches_per_epoch):
+                g = _generator(cfg.seed, epoch, rank, i)
+                idx = torch.randint(len(prompts_all), (cfg.sample_batch_size,), generator=g).tolist()
+                prompts = [prompts_all[j] for j in idx]
+                embeds = encode_prompts(parts, prompts)                                      # (B, L, D) c
+                n_kl = min(kl_rows - i * cfg.sample_batch_size, cfg.sample_batch_size)      # KL rows of this batch
+                with torch.no_grad(), acc.autocast():
+                    traj = sample_trajectories(unet, parts.scheduler, embeds, neg if guidance > 1 else None,
+                                               cfg.num_steps, guidance, cfg.eta, generator=g,
+                                               latent_shape=latent_shape, return_means=n_kl > 0)
+                    images = decode_latents(parts.vae, traj.final_latents)                  # (B, 3, H, W) in [0, 1]
+                    # 2. reward, per batch (images are not kept)
+                    rewards, err = _score(reward_fn, prompts, images, cfg.reward)           # (B,)
+                    monitor = _score(monitor_fn, prompts, images, cfg.monitor) if monitor_fn else (None, None)
+                reward_error, monitor_error = reward_error or err, monitor_error or monitor[1]
+                if n_kl > 0:
+                    t_kl -= time.perf_counter()
+                    kls.append(_kl_to_ref(unet, ref_unet, parts.scheduler, traj, n_kl,
+                                          neg if guidance > 1 else None, guidance, acc))    # (n_kl,)
+                    t_kl += time.perf_counter()
+                batches.append(dict(prompts=prompts, embeds=embeds, latents=traj.latents, log_probs=traj.log_probs,
+                                    rewards=rewards, monitor=monitor[0]))
         # ------------------------------------------------------------ 2b. gather rewards over processes
         timesteps = traj.timesteps                                                            # (S,)
         prompts = [p for b in batches for p in b["prompts"]]
@@ -253,7 +264,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         if monitor_fn is not None:  # the gold judge: logged, never trained on
             all_monitor = acc.gather(torch.cat([b["monitor"] for b in batches]).to(acc.device)).cpu()  # (world·N,)
             _check_finite(all_monitor, all_prompts, epoch, cfg.monitor, monitor_error)
-            extra.update({"monitor/mean": all_monitor.mean().item(), "monitor/std": all_monitor.std(unbiased=False).item()})
+            extra.update({"monitor/mean": all_monitor.mean().item(),
+                          "monitor/std": all_monitor.std(unbiased=False).item()})
         if kl_rows:
             all_kl = acc.gather(torch.cat(kls).to(acc.device)).cpu()                       # (world·kl_rows,) float64
             extra.update({"kl/ref": all_kl.mean().item(), "time/kl_s": t_kl})
@@ -275,8 +287,9 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
                    **extra, **stats, "time/sample_s": t_sample - t0, "time/update_s": t_update - t_sample,
                    "time/images_per_s": n_local * world / (t_update - t0)}
         if run.is_main and grid_prompts and (epoch % cfg.grid_every == 0 or epoch == cfg.epochs):
-            metrics["grid/reward"] = _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run,
-                                           epoch)
+            with sampling():
+                metrics["grid/reward"] = _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run,
+                                               epoch)
         run.log(epoch, metrics)
         bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}", kl=f"{stats['policy/approx_kl']:.2e}")
         if epoch % cfg.save_every == 0 or epoch == cfg.epochs:

@@ -15,6 +15,7 @@ Notation:
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -93,6 +94,7 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(latents, t)
         noise_pred = _guided_noise_pred(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
+        noise_pred = noise_pred.contiguous()  # a channels_last UNet (`memory_format`) returns NHWC strides
         latents, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta,
                                                          generator=generator, return_mean=True)
         latents = latents.to(dtype)
@@ -106,6 +108,24 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
                       prompt_embeds=prompt_embeds, negative_embeds=negative_embeds,
                       guidance_scale=guidance_scale, eta=eta,
                       means=torch.stack(all_means, dim=1) if return_means else None)      # (B, S, C, H, W)
+
+
+@contextlib.contextmanager
+def memory_format(modules, fmt: torch.memory_format | None):
+    """Within the block the modules' 4-D weights are in `fmt` (torch.channels_last: oneDNN then runs every
+    convolution NHWC), after it contiguous again; fmt None: nothing. The same Parameter objects throughout,
+    so optimisers keep their state. Outputs equal the contiguous ones up to float rounding (tested)."""
+    modules = [m for m in modules if m is not None]
+    if fmt is None or not modules:
+        yield
+        return
+    for m in modules:
+        m.to(memory_format=fmt)
+    try:
+        yield
+    finally:
+        for m in modules:
+            m.to(memory_format=torch.contiguous_format)
 
 
 def step_log_prob(unet, scheduler, latents_t: torch.Tensor, timesteps: torch.Tensor | int,
