@@ -1,0 +1,321 @@
+"""`align demo --world image`: the whole recipe on the image miniature world, measured by its gold judge.
+
+    1. base models       the pixel diffusion model and the contrastive CLIP (world_train.py, cached)
+    2. preferences       K samples per RLHF prompt from the base model (DDIM η = 1, CFG: the policy
+                         DDPO will train), ranked by a noisy gold labeler whose noise is calibrated on
+                         these very samples to ~75% inter-labeler agreement (InstructGPT §3.4)
+    3. reward model      the contrastive CLIP fine-tuned PickScore-style on those rankings
+                         (`run_image_rm`); held-out accuracy against noisy labels and against gold
+    4. RL                DDPO (`run_ddpo`) on the learned reward, the gold judge as a monitor only,
+                         KL to the base model logged per epoch (the over-optimisation curve)
+    5. evaluation        base and aligned × plain and engineered prompts on HELD-OUT colour×shape
+                         pairs (never RLHF prompts), several seeds, judged by the gold judge
+                         (align.compare: bootstrap CIs, paired win rates)
+
+The gold judge labels preferences and evaluates; it is never the reward DDPO optimises.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.demo import StageTimer, WorldResult
+from image_rlhf.world import (ENGINEERED_TAGS, HELDOUT_PAIRS, calibrate_noise, expected_agreement, gold_details,
+                              gold_rank, labeler_agreement, plain_prompt, prompt_pairs)
+from image_rlhf.world_train import (ClipTrainConfig, DiffusionTrainConfig, base_clip, base_diffusion, train_stats)
+
+log = logging.getLogger(__name__)
+
+GOLD_JUDGE = "image_rlhf.world:gold_score"
+SUCCESS_THRESHOLD = 0.8
+"""A gold score ≥ 0.8 needs the right colour and shape (0.4 + 0.4 at most) and a fair drawing."""
+TARGET_AGREEMENT = 0.75
+EVAL_TEMPLATES = ("a {c} {s}", "{c} {s}", "picture of a {c} {s}", "a {s} in {c}")
+"""Plain phrasings of the held-out prompts (web-caption forms); engineered = + the quality tags."""
+
+
+@dataclass
+class ImageDemoPreset:
+    diffusion: DiffusionTrainConfig = field(default_factory=DiffusionTrainConfig)
+    clip: ClipTrainConfig = field(default_factory=ClipTrainConfig)
+    num_steps: int = 10
+    """DDIM steps of every sample: preference data, DDPO rollouts, evaluation."""
+    guidance_scale: float = 3.0
+    k: int = 4
+    """Images per ranking (K = 4 → 6 pairs, all in one RM batch, InstructGPT §3.5)."""
+    groups_per_prompt: int = 12
+    """Rankings per RLHF prompt for the reward model."""
+    eval_groups_per_prompt: int = 4
+    """Rankings per HELD-OUT prompt: the RM's held-out accuracy (prompts it never saw)."""
+    rm_epochs: float = 3.0
+    rm_lr: float = 3e-4
+    rm_pairs_per_batch: int = 36
+    ddpo: dict = field(default_factory=lambda: dict(
+        epochs=12, sample_batch_size=32, num_batches_per_epoch=2, train_batch_size=32,
+        gradient_accumulation_steps=2, timestep_fraction=0.6, lr=1e-3, clip_range=1e-4,
+        buffer_size=32, min_count=8, adv_clip=5.0, inner_epochs=1))
+    eval_seeds: tuple[int, ...] = (0, 1, 2, 3)
+    eval_templates: tuple[str, ...] = EVAL_TEMPLATES
+    n_boot: int = 2000
+    seed: int = 0
+
+
+PRESETS = {
+    "default": ImageDemoPreset(),
+    # the test's end-to-end run: a base model trained for seconds, a few DDPO epochs
+    "small": ImageDemoPreset(
+        diffusion=DiffusionTrainConfig(steps=120, batch_size=32, lr=3e-3, warmup=10, block_out_channels=(16, 32),
+                                       num_merges=2000, max_length=20),
+        clip=ClipTrainConfig(steps=60, batch_size=128, lr=3e-3, warmup=5, vision_width=32, data_chunk=2048),
+        num_steps=6, groups_per_prompt=3, eval_groups_per_prompt=2, rm_epochs=2.0,
+        ddpo=dict(epochs=4, sample_batch_size=24, num_batches_per_epoch=1, train_batch_size=24,
+                  gradient_accumulation_steps=1, timestep_fraction=0.5, lr=2e-3, clip_range=1e-4,
+                  buffer_size=0, min_count=1, adv_clip=5.0, inner_epochs=1),
+        eval_seeds=(0, 1), eval_templates=("a {c} {s}", "{c} {s}"), n_boot=500),
+}
+
+
+# ---------------------------------------------------------------------------- sampling
+
+@torch.no_grad()
+def sample_images(parts, prompts: list[str], num_steps: int, guidance_scale: float, seed: int,
+                  batch_size: int = 64) -> torch.Tensor:
+    """(N, 3, H, W) in [0, 1]: the DDPO policy's samples (DDIM η = 1, CFG) of `prompts`, seeded per batch."""
+    from image_rlhf.pipeline import encode_prompts, negative_embeds
+    from image_rlhf.sampling import decode_latents, sample_trajectories
+    neg = negative_embeds(parts) if guidance_scale > 1 else None
+    out = []
+    for b, start in enumerate(range(0, len(prompts), batch_size)):
+        chunk = prompts[start:start + batch_size]
+        traj = sample_trajectories(parts.unet, parts.scheduler, encode_prompts(parts, chunk), neg, num_steps,
+                                   guidance_scale, 1.0, generator=torch.Generator().manual_seed(seed * 1000 + b))
+        out.append(decode_latents(parts.vae, traj.final_latents).cpu())
+    return torch.cat(out)
+
+
+def _save_pngs(images: torch.Tensor, folder: Path, stem: str) -> list[str]:
+    """One PNG per image (uint8, lossless), named stem-i.png; returns the file names."""
+    from PIL import Image
+    folder.mkdir(parents=True, exist_ok=True)
+    arr = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    names = []
+    for i, a in enumerate(arr):
+        names.append(f"{stem}-{i}.png")
+        Image.fromarray(a).save(folder / names[-1])
+    return names
+
+
+# ---------------------------------------------------------------------------- preferences
+
+def make_preferences(parts, pairs, groups: int, k: int, p: ImageDemoPreset, folder: Path, name: str,
+                     seed: int, noise: float | None = None) -> dict:
+    """Sample `groups` × K images per (colour, shape) plain prompt, rank each group with the noisy gold
+    labeler and write folder/name.jsonl ({"prompt", "images", "ranking"}, paths relative to it).
+
+    noise=None calibrates the labeler's β on these samples' within-group pairs to TARGET_AGREEMENT
+    (world.DEFAULT_NOISE was calibrated on other pairs; agreement depends on how far apart the
+    pair's gold scores are). Returns noise, agreement (expected and simulated), gold stats, files."""
+    prompts = [plain_prompt(c, s) for c, s in pairs for _ in range(groups)]
+    images = sample_images(parts, [q for q in prompts for _ in range(k)], p.num_steps, p.guidance_scale, seed)
+    images = images.view(len(prompts), k, *images.shape[1:])                              # (G, K, 3, H, W)
+    gold = gold_details([q for q in prompts for _ in range(k)], images.flatten(0, 1))["score"].view(len(prompts), k)
+    ia, ib = torch.triu_indices(k, k, 1)
+    ga, gb = gold[:, ia].flatten(), gold[:, ib].flatten()                                  # every within-group pair
+    if noise is None:
+        noise = calibrate_noise(ga, gb, TARGET_AGREEMENT)
+    rng = torch.Generator().manual_seed(seed + 17)
+    lines = []
+    img_dir = folder / f"{name}-images"
+    for g, q in enumerate(prompts):
+        files = _save_pngs(images[g], img_dir, f"{g:04d}")
+        ranking = gold_rank(q, images[g], rng, noise).tolist()
+        lines.append(json.dumps({"prompt": q, "images": [f"{img_dir.name}/{f}" for f in files], "ranking": ranking}))
+    path = folder / f"{name}.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return {"path": path, "noise": noise, "expected_agreement": expected_agreement(ga, gb, noise),
+            "measured_agreement": labeler_agreement(ga, gb, noise, torch.Generator().manual_seed(seed + 23)),
+            "n_groups": len(prompts), "n_pairs": len(ga), "gold_mean": gold.mean().item(),
+            "images": images, "gold": gold, "prompts": prompts}
+
+
+@torch.no_grad()
+def rm_gold_accuracy(rm_dir: Path, prefs: dict) -> float:
+    """Share of within-group pairs the RM orders as the noiseless gold judge does (gold ties skipped)."""
+    from image_rlhf.clip_reward import ClipReward
+    rm = ClipReward.load(rm_dir).eval()
+    g, k = prefs["gold"].shape
+    scores = rm.score([q for q in prefs["prompts"] for _ in range(k)], prefs["images"].flatten(0, 1)).view(g, k)
+    ia, ib = torch.triu_indices(k, k, 1)
+    dg, ds = prefs["gold"][:, ia] - prefs["gold"][:, ib], scores[:, ia] - scores[:, ib]
+    keep = dg != 0
+    return float(((dg > 0) == (ds > 0))[keep].float().mean())
+
+
+# ---------------------------------------------------------------------------- the run
+
+def _ddpo_rows(metrics_path: Path) -> list[dict]:
+    """Over-optimisation rows from DDPO's metrics.jsonl: the samples logged at epoch e were drawn by the
+    policy after e − 1 updates, so step = e − 1 (step 0 is the base model, KL 0)."""
+    rows = []
+    for line in metrics_path.read_text().splitlines():
+        m = json.loads(line)
+        if m.get("reward/mean") is None or m.get("monitor/mean") is None:
+            continue
+        rows.append({"step": int(m["step"]) - 1, "kl": float(m.get("kl/ref") or 0.0),
+                     "proxy": float(m["reward/mean"]), "gold": float(m["monitor/mean"])})
+    return rows
+
+
+def _eval_items(templates, pairs):
+    from align.compare import PromptItem
+    items = []
+    for c, s in pairs:
+        for j, t in enumerate(templates):
+            plain = t.format(c=c, s=s)
+            items.append(PromptItem(f"{c}-{s}-{j}", plain, f"{plain}, {ENGINEERED_TAGS}"))
+    return items
+
+
+def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bool = True) -> WorldResult:
+    """The image world end to end into `out` (see the module docstring). Base models come from the cache
+    (`fresh` retrains them); everything else is recomputed."""
+    from align.compare import ImageGenParams, compare_arms, default_pairs, evaluate
+    from align.rl.config import LoraParams
+    from image_rlhf.compare import ImageGenerator, samples_markdown
+    from image_rlhf.ddpo import DDPOConfig, run_ddpo
+    from image_rlhf.pipeline import load_pipeline
+    from image_rlhf.rm import ImageRMConfig, run_image_rm
+    from image_rlhf.world import gold_score
+
+    if preset not in PRESETS:
+        raise ValueError(f"image demo: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    p = PRESETS[preset]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for sub in ("prefs", "rm", "ddpo", "samples"):  # this run's own outputs, redone each time
+        shutil.rmtree(out / sub, ignore_errors=True)
+    timer = StageTimer()
+    notes: list[str] = []
+
+    # ---------------------------------------------------------------- 1. base models
+    with timer("base diffusion model"):
+        base_dir, diff_cached = base_diffusion(p.diffusion, fresh, progress)
+    with timer("base CLIP"):
+        clip_dir, clip_cached = base_clip(p.clip, fresh, progress)
+    diff_stats, clip_stats = train_stats(base_dir), train_stats(clip_dir)
+
+    # ---------------------------------------------------------------- 2. preferences
+    with timer("preference data"):
+        parts = load_pipeline(base_dir)
+        train_pairs = prompt_pairs("train")
+        prefs = make_preferences(parts, train_pairs, p.groups_per_prompt, p.k, p, out / "prefs", "train", p.seed)
+        held = make_preferences(parts, list(HELDOUT_PAIRS), p.eval_groups_per_prompt, p.k, p, out / "prefs",
+                                "heldout", p.seed + 1, noise=prefs["noise"])
+        del parts
+    # ---------------------------------------------------------------- 3. reward model
+    with timer("reward model"):
+        rm_dir = run_image_rm(ImageRMConfig(
+            clip=str(clip_dir), data=str(prefs["path"]), eval_data=str(held["path"]), out=str(out / "rm"),
+            epochs=p.rm_epochs, max_pairs_per_batch=p.rm_pairs_per_batch, lr=p.rm_lr, logit_scale_lr=1e-3,
+            weight_decay=0.0, seed=p.seed, log_every=5))
+        rm_meta = json.loads((rm_dir / "align_reward.json").read_text()).get("held_out", {})
+        rm_gold_acc = rm_gold_accuracy(rm_dir, held)
+
+    # ---------------------------------------------------------------- 4. DDPO
+    with timer("DDPO"):
+        prompts_file = out / "prefs" / "ddpo_prompts.txt"
+        prompts_file.write_text("".join(plain_prompt(c, s) + "\n" for c, s in train_pairs))
+        cfg = DDPOConfig(pipeline=str(base_dir), reward=str(rm_dir), prompts=str(prompts_file), out=str(out / "ddpo"),
+                         num_steps=p.num_steps, guidance_scale=p.guidance_scale, eta=1.0, lora=LoraParams(r=0),
+                         monitor=GOLD_JUDGE, log_kl=True, seed=p.seed, save_every=10_000,
+                         grid_prompts=[plain_prompt(c, s) for c, s in HELDOUT_PAIRS], grid_seeds=[0, 1],
+                         **p.ddpo)
+        result = run_ddpo(cfg)
+        aligned_dir = result.model_dir
+        del result
+    overopt = _ddpo_rows(out / "ddpo" / "metrics.jsonl")
+
+    # ---------------------------------------------------------------- 5. evaluation on held-out prompts
+    with timer("evaluation"):
+        items = _eval_items(p.eval_templates, HELDOUT_PAIRS)
+        gen_params = ImageGenParams(num_steps=p.num_steps, guidance_scale=p.guidance_scale, eta=1.0)
+        arms = evaluate({"base": str(base_dir), "aligned": str(aligned_dir)}, items,
+                        lambda path: ImageGenerator(path, gen_params), gold_score, list(p.eval_seeds),
+                        batch_size=len(items), judge_spec=GOLD_JUDGE, n_samples=len(items))
+        pairs = default_pairs(["base", "aligned"]) + [("aligned-engineered", "base-engineered"),
+                                                      ("aligned-plain", "base-plain")]
+        compare = compare_arms(arms, pairs, SUCCESS_THRESHOLD, n_boot=p.n_boot, seed=p.seed)
+        samples_md = samples_markdown(arms, items, out, n=len(items))
+
+    # ---------------------------------------------------------------- report pieces
+    a = compare["arms"]
+    win = next(q for q in compare["pairs"] if (q["a"], q["b"]) == ("aligned-plain", "base-engineered"))
+    gap_base = a["base-engineered"]["mean"] - a["base-plain"]["mean"]
+    gap_aligned = a["aligned-engineered"]["mean"] - a["aligned-plain"]["mean"]
+    if gap_base <= 0:
+        notes.append(f"image: the base model does not show the world's thesis on held-out prompts: engineered "
+                     f"{a['base-engineered']['mean']:.3f} vs plain {a['base-plain']['mean']:.3f} (gold).")
+    if a["aligned-plain"]["mean"] < a["base-engineered"]["mean"]:
+        notes.append(f"image: aligned-plain mean gold {a['aligned-plain']['mean']:.3f} is below base-engineered "
+                     f"{a['base-engineered']['mean']:.3f} (target: ≥).")
+    if win["win_rate"] < 0.71:
+        notes.append(f"image: aligned-plain wins {win['win_rate']:.1%} of held-out pairs against base-engineered "
+                     f"(target ≥ 71%, InstructGPT's 71 ± 4%).")
+    if gap_aligned >= gap_base:
+        notes.append(f"image: the engineered − plain gap did not shrink ({gap_base:+.3f} base → "
+                     f"{gap_aligned:+.3f} aligned).")
+    if overopt and len(overopt) > 1 and overopt[-1]["proxy"] <= overopt[0]["proxy"]:
+        notes.append("image: DDPO did not raise the learned reward on its own samples.")
+
+    grids = sorted((out / "ddpo" / "grids").glob("epoch-*.png"))
+    grid_md = ""
+    if grids:
+        first, last = grids[0], grids[-1]
+        grid_md = (f"DDPO's fixed grid (held-out plain prompts {', '.join(cfg.grid_prompts)}; rows = seeds 0, 1):\n\n"
+                   f"**before** ({first.stem})\n\n![before](ddpo/grids/{first.name})\n\n"
+                   f"**after** ({last.stem})\n\n![after](ddpo/grids/{last.name})\n\n")
+    cache_line = (f"Base diffusion model: `{base_dir}` ({'cache' if diff_cached else 'trained now'}; "
+                  f"{diff_stats.get('unet_params', 0) / 1e6:.2f}M-param UNet + "
+                  f"{diff_stats.get('text_encoder_params', 0) / 1e6:.2f}M-param text encoder, "
+                  f"{p.diffusion.steps} steps × {p.diffusion.batch_size} images, final ε-loss "
+                  f"{diff_stats.get('final_loss', float('nan')):.4f}, {diff_stats.get('seconds', 0):.0f} s to train). "
+                  f"Base CLIP: `{clip_dir}` ({'cache' if clip_cached else 'trained now'}; "
+                  f"{clip_stats.get('params', 0) / 1e6:.2f}M params, zero-shot colour+shape accuracy "
+                  f"{clip_stats.get('zero_shot_accuracy', float('nan')):.1%} on 12 classes).")
+    data_md = (f"{prefs['n_groups']} rankings of K = {p.k} base-model samples of {len(train_pairs)} plain RLHF prompts "
+               f"({prefs['n_pairs']} pairs), ranked by the noisy gold labeler: Bradley-Terry/Plackett-Luce temperature "
+               f"β = {prefs['noise']:.4f}, calibrated on these samples to {TARGET_AGREEMENT:.0%} expected agreement "
+               f"between two labelers (measured by simulation: {prefs['measured_agreement']:.1%}; on the held-out "
+               f"rankings {held['expected_agreement']:.1%}). Mean gold of the samples: {prefs['gold_mean']:.3f}.")
+    rm_md = (f"The contrastive CLIP fine-tuned PickScore-style ({p.rm_epochs:g} epochs, lr {p.rm_lr:g}) on those "
+             f"rankings. Held-out rankings of the {len(HELDOUT_PAIRS)} held-out prompts ({held['n_pairs']} pairs): "
+             f"accuracy {rm_meta.get('accuracy', float('nan')):.1%} against the noisy labels, "
+             f"{rm_gold_acc:.1%} against the noiseless gold order (a perfect RM would reach about "
+             f"{TARGET_AGREEMENT:.0%}-ish against noisy labels).")
+    ddpo_md = ""
+    if overopt:
+        f0, fl = overopt[0], overopt[-1]
+        ddpo_md = (f"DDPO, full fine-tuning, {cfg.epochs} epochs × {cfg.sample_batch_size * cfg.num_batches_per_epoch} "
+                   f"samples of the {len(train_pairs)} RLHF prompts ({cfg.num_steps} DDIM steps, η = 1, guidance "
+                   f"{cfg.guidance_scale:g}, lr {cfg.lr:g}, clip range {cfg.clip_range:g}). On its own samples: "
+                   f"learned reward {f0['proxy']:.3f} → {fl['proxy']:.3f}, gold (monitor, never trained on) "
+                   f"{f0['gold']:.3f} → {fl['gold']:.3f}, KL to the base model {fl['kl']:.2f} nats per trajectory "
+                   f"(the last sampled epoch).\n\n")
+    sections = [("Image world: base models", cache_line), ("Image world: preference data", data_md),
+                ("Image world: reward model", rm_md), ("Image world: DDPO", ddpo_md + grid_md),
+                ("Image world: samples on held-out prompts", samples_md)]
+    result = WorldResult(world="image", compare=compare, models=["base", "aligned"], overopt=overopt,
+                         sections=sections, timings=dict(timer.seconds), notes=notes, out_dir=str(out))
+    summary = {"preset": preset, "timings": timer.seconds, "labeler": {k: prefs[k] for k in (
+        "noise", "expected_agreement", "measured_agreement", "n_groups", "n_pairs", "gold_mean")},
+        "rm": {"held_out": rm_meta, "gold_accuracy": rm_gold_acc}, "overopt": overopt,
+        "compare": compare, "notes": notes, "cached": {"diffusion": diff_cached, "clip": clip_cached},
+        "config": dataclasses.asdict(p)}
+    (out / "image_world.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")
+    return result
