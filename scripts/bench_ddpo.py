@@ -41,6 +41,8 @@ Noise: before each run the driver waits (up to `--wait-idle` s) for the rest of 
     python scripts/bench_ddpo.py --rounds 3 --epochs 4 --threads 1 \
         --align-python ~/.cache/align/bench-venv-cpu/bin/python --json /tmp/bench_ddpo.json
     python scripts/bench_ddpo.py --profile       # UNet fwd/bwd op time vs wall, in both venvs (no ratios)
+    # A/B of align's own settings in the same rounds (e.g. the defaults before the speed work):
+    python scripts/bench_ddpo.py ... --also-set channels_last=false timesteps_per_forward=1 grid_every=1
 
 The last line printed is `ratio images/s align/peer: X.XX` (end-to-end images/s, median of the
 per-round ratios).
@@ -366,6 +368,12 @@ def align_child_main(spec: dict) -> None:
                 lora=LoraParams(r=s["lora_r"], alpha=s["lora_alpha"]), mixed_precision="no", attention="sdpa",
                 resolution=0, seed=s["seed"], save_every=10 ** 9)
     names = {f.name for f in dataclasses.fields(DDPOConfig)}
+    for kv in spec.get("set", []):  # --also-set KEY=VALUE: JSON values (true, 1, 0.5), else strings
+        k, _, v = kv.partition("=")
+        try:
+            want[k] = json.loads(v)
+        except json.JSONDecodeError:
+            want[k] = v
     dropped = sorted(k for k in want if k not in names)
     cfg = DDPOConfig(**{k: v for k, v in want.items() if k in names})
 
@@ -586,7 +594,7 @@ def run_align(a, workdir: Path, setup: Path, system: str, python: str, rnd: int)
     shutil.rmtree(out, ignore_errors=True)
     spec = {"pipeline": str(setup / "align" / "pipeline"), "prompts": str(setup / "prompts.txt"), "out": str(out),
             "epochs": a.epochs, "threads": a.threads, "steps": a.steps, "sample_batch": a.sample_batch,
-            "train_batch": a.train_batch}
+            "train_batch": a.train_batch, "set": a.also_set if system == "align2" else []}
     busy0 = bc.wait_idle(a.idle_cores, a.wait_idle)
     r = bc.run_child([python, __file__, "--_child", json.dumps(spec)],
                      bc.child_env(a.threads, {"PYTHONPATH": str(REPO)}), a.timeout,
@@ -676,6 +684,10 @@ def main() -> None:
     p.add_argument("--align-python", default=sys.executable)
     p.add_argument("--also-python", default=None,
                    help="a second align interpreter (e.g. the main venv), run each round after the first")
+    p.add_argument("--also-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="DDPOConfig overrides for a second align run each round ('align (also)'; with the "
+                        "--also-python interpreter if given, else --align-python), e.g. the settings before "
+                        "issue 3's speed work: channels_last=false timesteps_per_forward=1 grid_every=1")
     p.add_argument("--peer-python", default=bc.peer_python())
     p.add_argument("--peer-script", default=bc.peer_script("ddpo_peer.py"))
     p.add_argument("--profile", action="store_true",
@@ -725,14 +737,15 @@ def main() -> None:
           f"OMP_WAIT_POLICY=PASSIVE; {a.rounds} rounds; cpus={os.cpu_count()}"
           + (f"; NOT THE PEER'S SETTINGS: {', '.join(off)}" if off else ""), flush=True)
     pythons = {"align": a.align_python}
-    if a.also_python:
-        pythons["align2"] = a.also_python
+    if a.also_python or a.also_set:
+        pythons["align2"] = a.also_python or a.align_python
     base = {k: rss_baseline(v, a.threads) for k, v in pythons.items()}
     if not a.no_peer:
         base["peer"] = rss_baseline(a.peer_python, a.threads)
     print("# RSS of `import torch, diffusers, transformers` alone: "
           + ", ".join(f"{SYSTEMS[k]} {v} MB" for k, v in base.items()), flush=True)
-    print(f"# align python: {a.align_python}" + (f"; also: {a.also_python}" if a.also_python else ""), flush=True)
+    print(f"# align python: {a.align_python}" + (f"; also: {pythons['align2']}" if "align2" in pythons else "")
+          + (f" with {' '.join(a.also_set)}" if a.also_set else ""), flush=True)
 
     order = ([] if a.no_peer else ["peer"]) + list(pythons)
     rows = []
@@ -797,7 +810,8 @@ def main() -> None:
         Path(a.json).write_text(json.dumps({"settings": {**SETTINGS, "epochs": a.epochs, "threads": a.threads,
                                                          "rounds": a.rounds, "steps": a.steps,
                                                          "sample_batch": a.sample_batch, "train_batch": a.train_batch,
-                                                         "align_python": a.align_python, "also_python": a.also_python},
+                                                         "align_python": a.align_python, "also_python": a.also_python,
+                                                         "also_set": a.also_set},
                                             "setup": info, "rss_import_baseline_mb": base, "runs": rows,
                                             "medians": med, "ratios": ratios}, indent=1, default=str))
     if not a.no_peer and "align" in ratios:
