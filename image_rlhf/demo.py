@@ -58,8 +58,13 @@ class ImageDemoPreset:
     rm_pairs_per_batch: int = 36
     ddpo: dict = field(default_factory=lambda: dict(
         epochs=12, sample_batch_size=32, num_batches_per_epoch=2, train_batch_size=32,
-        gradient_accumulation_steps=2, timestep_fraction=0.5, lr=1e-4, clip_range=1e-4,
+        gradient_accumulation_steps=2, timestep_fraction=0.5, lr=1e-3, clip_range=1e-4,
         buffer_size=32, min_count=8, adv_clip=5.0, inner_epochs=1))
+    lora_r: int = 8
+    """LoRA rank on the UNet's attention projections (alpha = r); 0 = full fine-tuning. Measured on the
+    default preset (same base, RM and samples): full fine-tuning at lr 5e-4 collapsed the model (gold
+    0.36 -> 0.03 in 9 epochs), at 1e-4 drifted down (held-out aligned-plain gold 0.29, KL 9e3 nats);
+    LoRA r=8 at 1e-3 kept it (0.36, KL 63 nats) — better, though still no gain over the base."""
     kl_samples: int = 16
     """Trajectories per epoch that kl/ref averages over (its reference forward costs ~⅓ of sampling)."""
     eval_seeds: tuple[int, ...] = (0, 1, 2, 3)
@@ -78,7 +83,7 @@ PRESETS = {
         num_steps=6, groups_per_prompt=3, eval_groups_per_prompt=2, rm_epochs=2.0,
         ddpo=dict(epochs=4, sample_batch_size=24, num_batches_per_epoch=1, train_batch_size=24,
                   gradient_accumulation_steps=1, timestep_fraction=0.5, lr=2e-3, clip_range=1e-4,
-                  buffer_size=0, min_count=1, adv_clip=5.0, inner_epochs=1),
+                  buffer_size=0, min_count=1, adv_clip=5.0, inner_epochs=1), lora_r=0,
         eval_seeds=(0, 1), eval_templates=("a {c} {s}", "{c} {s}"), n_boot=500),
 }
 
@@ -234,7 +239,8 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
         prompts_file = out / "prefs" / "ddpo_prompts.txt"
         prompts_file.write_text("".join(plain_prompt(c, s) + "\n" for c, s in train_pairs))
         cfg = DDPOConfig(pipeline=str(base_dir), reward=str(rm_dir), prompts=str(prompts_file), out=str(out / "ddpo"),
-                         num_steps=p.num_steps, guidance_scale=p.guidance_scale, eta=1.0, lora=LoraParams(r=0),
+                         num_steps=p.num_steps, guidance_scale=p.guidance_scale, eta=1.0,
+                         lora=LoraParams(r=p.lora_r, alpha=float(p.lora_r)),
                          monitor=GOLD_JUDGE, log_kl=True, kl_samples=p.kl_samples, seed=p.seed, save_every=10_000,
                          grid_prompts=[plain_prompt(c, s) for c, s in HELDOUT_PAIRS], grid_seeds=[0, 1],
                          **p.ddpo)
@@ -303,7 +309,8 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
     ddpo_md = ""
     if overopt:
         f0, fl = overopt[0], overopt[-1]
-        ddpo_md = (f"DDPO, full fine-tuning, {cfg.epochs} epochs × {cfg.sample_batch_size * cfg.num_batches_per_epoch} "
+        how = f"LoRA r = {p.lora_r}" if p.lora_r > 0 else "full fine-tuning"
+        ddpo_md = (f"DDPO, {how}, {cfg.epochs} epochs × {cfg.sample_batch_size * cfg.num_batches_per_epoch} "
                    f"samples of the {len(train_pairs)} RLHF prompts ({cfg.num_steps} DDIM steps, η = 1, guidance "
                    f"{cfg.guidance_scale:g}, lr {cfg.lr:g}, clip range {cfg.clip_range:g}). On its own samples: "
                    f"learned reward {f0['proxy']:.3f} → {fl['proxy']:.3f}, gold (monitor, never trained on) "
