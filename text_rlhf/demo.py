@@ -28,20 +28,20 @@ GOLD = "text_rlhf.world:gold_score"
 @dataclass
 class TextDemoConfig:
     base: BaseLMConfig = field(default_factory=BaseLMConfig)
-    n_demos: int = 300
+    n_demos: int = 1500
     """SFT demonstrations (plain prompt -> answer): the small, expensive kind of human data."""
-    sft_epochs: float = 6.0
+    sft_epochs: float = 4.0
     sft_lr: float = 1e-3
-    n_rank_prompts: int = 400
+    n_rank_prompts: int = 1200
     """Prompts whose K SFT samples the (noisy) gold labeler ranks for the RM."""
-    k: int = 4
+    k: int = 6
     """Samples ranked per prompt (InstructGPT: K = 4..9); each ranking gives K(K−1)/2 pairs."""
     rm_epochs: float = 2.0
-    rm_lr: float = 5e-4
+    rm_lr: float = 1e-3
     ppo_iterations: int = 40
     ppo_batch: int = 64
     ppo_lr: float = 3e-4
-    kl_coef: float = 0.02
+    kl_coef: float = 0.05
     kl_target: float = 6.0
     max_new_tokens: int = 16
     n_eval: int = 200
@@ -54,9 +54,11 @@ class TextDemoConfig:
 
 PRESETS = {
     "default": TextDemoConfig(),
+    "five": TextDemoConfig(base=BaseLMConfig(steps=900, qa_fraction=0.7, filler_fraction=0.05,
+                                             families=("count", "max", "add", "last", "repeat"))),
     # the end-to-end test: same recipe, small enough for the suite (seconds per stage)
-    "small": TextDemoConfig(base=BaseLMConfig(n_docs=6000, steps=250, n_layer=2, n_embd=64), n_demos=200,
-                            sft_epochs=6, n_rank_prompts=120, rm_epochs=2, ppo_iterations=12, ppo_batch=32,
+    "small": TextDemoConfig(base=BaseLMConfig(n_docs=6000, steps=250, n_layer=2, n_embd=64), n_demos=400,
+                            sft_epochs=8, n_rank_prompts=120, rm_epochs=2, ppo_iterations=12, ppo_batch=32,
                             n_eval=64, n_boot=500),
 }
 
@@ -128,6 +130,7 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
     out.mkdir(parents=True, exist_ok=True)
     timer, notes, sections = StageTimer(), [], []
     s = cfg.seed
+    fam = list(cfg.base.families) or None   # the world's task families: corpus, demos, prompts and eval alike
 
     with timer("base LM (pretraining)"):
         base_dir, was_cached = base_model(cfg.base, fresh=fresh, show_progress=progress)
@@ -135,23 +138,23 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
         timer.seconds["base LM (pretraining)"] = 0.0
         timer.seconds["base LM (cached)"] = timer.seconds.pop("base LM (pretraining)")
     with timer("SFT"):
-        demos = _write_jsonl(out / "data" / "demos.jsonl", world.make_demos(cfg.n_demos, seed=s))
+        demos = _write_jsonl(out / "data" / "demos.jsonl", world.make_demos(cfg.n_demos, seed=s, families=fam))
         sft_dir = run_sft(SFTConfig(model=str(base_dir), data=str(demos), out=str(out / "sft"), epochs=cfg.sft_epochs,
                                     batch_size=16, lr=cfg.sft_lr, max_length=128, eval_fraction=0.1, seed=s,
                                     log_every=10))
     with timer("preference labels (gold labeler)"):
-        rank_prompts = world.make_rl_prompts(cfg.n_rank_prompts, seed=s + 11)
+        rank_prompts = list(dict.fromkeys(world.make_rl_prompts(cfg.n_rank_prompts, seed=s + 11, families=fam)))  # distinct
         samples = _sample(sft_dir, rank_prompts, cfg.k, cfg.max_new_tokens, s)
         rows, noise, agreement = rank_samples(rank_prompts, samples, s)
         prefs = _write_jsonl(out / "data" / "prefs.jsonl", rows)
     with timer("reward model"):
         rm_dir = run_rm(RMConfig(model=str(sft_dir), data=str(prefs), out=str(out / "rm"), epochs=cfg.rm_epochs,
-                                 max_pairs_per_batch=32, lr=cfg.rm_lr, max_length=128, eval_fraction=0.15, seed=s,
+                                 max_pairs_per_batch=64, lr=cfg.rm_lr, max_length=128, eval_fraction=0.15, seed=s,
                                  log_every=10))
         rm_eval = json.loads((rm_dir / "align.json").read_text()).get("held_out", {})
     with timer("PPO"):
         rl_prompts = _write_jsonl(out / "data" / "rl_prompts.jsonl",
-                                  [{"prompt": p} for p in world.make_rl_prompts(2000, seed=s + 23)])
+                                  [{"prompt": p} for p in world.make_rl_prompts(2000, seed=s + 23, families=fam)])
         ppo = run_ppo(PPOConfig(
             policy=str(sft_dir), reward=str(rm_dir), prompts=str(rl_prompts), out=str(out / "ppo"),
             iterations=cfg.ppo_iterations, batch_size=cfg.ppo_batch, max_prompt_length=64,
@@ -162,7 +165,7 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
         aligned_dir = ppo.model_dir
         del ppo
     with timer("evaluation (gold judge)"):
-        ev = world.make_eval_prompts(cfg.n_eval, seed=s + 101, k_shot=cfg.k_shot)
+        ev = world.make_eval_prompts(cfg.n_eval, seed=s + 101, k_shot=cfg.k_shot, families=fam)
         items = [PromptItem(f"{e['family']}-{i}", e["plain"], e["engineered"]) for i, e in enumerate(ev)]
         params = TextGenParams(max_new_tokens=cfg.max_new_tokens, sample=False)
         models = {"base": str(base_dir), "sft": str(sft_dir), "aligned": str(aligned_dir)}

@@ -238,7 +238,7 @@ def filler_sentence(rng: random.Random) -> str:
 
 
 def make_corpus(n_docs: int, seed: int, qa_fraction: float = 0.2, filler_fraction: float = 0.3, *,
-                difficulty: int = 1) -> list[str]:
+                difficulty: int = 1, families=None) -> list[str]:
     """Documents of the world's internet (join them with EOS to pretrain on them).
 
     Per document, independently: with p = qa_fraction a Q:/A: page (2–6 solved instructions,
@@ -254,13 +254,14 @@ def make_corpus(n_docs: int, seed: int, qa_fraction: float = 0.2, filler_fractio
         u = rng.random()
         if u < qa_fraction:
             blocks = [qa_block(i.text, i.answer) for i in
-                      (sample_instruction(rng, difficulty=difficulty) for _ in range(rng.randint(2, 6)))]
+                      (sample_instruction(rng, difficulty=difficulty, families=families) for _ in range(rng.randint(2, 6)))]
             head = [rng.choice(_QA_HEADERS)] if rng.random() < 0.3 else []
             docs.append("\n\n".join(head + blocks))
         elif u < qa_fraction + filler_fraction:
             docs.append(" ".join(filler_sentence(rng) for _ in range(rng.randint(2, 6))))
         else:
-            lines = [sample_instruction(rng, difficulty=difficulty).text for _ in range(rng.randint(3, 8))]
+            lines = [sample_instruction(rng, difficulty=difficulty, families=families).text
+                     for _ in range(rng.randint(3, 8))]
             r = rng.random()
             head = [rng.choice(_HEADERS)] if r < 0.3 else [filler_sentence(rng)] if r < 0.5 else []
             docs.append("\n".join(head + lines))
@@ -284,24 +285,24 @@ def corpus_stats(docs: list[str]) -> dict:
 
 
 # ---------------------------------------------------------------- data sets for the recipe
-def make_demos(n: int = 200, seed: int = 0, *, difficulty: int = 1) -> list[dict]:
+def make_demos(n: int = 200, seed: int = 0, *, difficulty: int = 1, families=None) -> list[dict]:
     """SFT demonstrations {"prompt", "response"}: plain prompt -> answer (SFT appends EOS)."""
     return [{"prompt": plain_prompt(i.text), "response": i.answer}
-            for i in make_instructions(n, seed, difficulty=difficulty)]
+            for i in make_instructions(n, seed, difficulty=difficulty, families=families)]
 
 
-def make_rl_prompts(n: int, seed: int = 1, *, difficulty: int = 1) -> list[str]:
+def make_rl_prompts(n: int, seed: int = 1, *, difficulty: int = 1, families=None) -> list[str]:
     """Plain training-split prompts for reward-model sampling and PPO."""
-    return [plain_prompt(i.text) for i in make_instructions(n, seed, difficulty=difficulty)]
+    return [plain_prompt(i.text) for i in make_instructions(n, seed, difficulty=difficulty, families=families)]
 
 
-def make_eval_prompts(n: int, seed: int = 0, k_shot: int = 3, *, difficulty: int = 1) -> list[dict]:
+def make_eval_prompts(n: int, seed: int = 0, k_shot: int = 3, *, difficulty: int = 1, families=None) -> list[dict]:
     """Held-out instructions as {"family", "plain", "engineered", "answer"}; each engineered prompt
     gets its own k-shot prefix of training-split examples."""
     rng = random.Random(f"eval-prefix:{seed}")
     return [{"family": i.family, "plain": plain_prompt(i.text), "answer": i.answer,
-             "engineered": engineered_prompt(i.text, fewshot_prefix(k_shot, rng, difficulty=difficulty))}
-            for i in make_instructions(n, seed, difficulty=difficulty, split="eval")]
+             "engineered": engineered_prompt(i.text, fewshot_prefix(k_shot, rng, difficulty=difficulty, families=families))}
+            for i in make_instructions(n, seed, difficulty=difficulty, split="eval", families=families)]
 
 
 # ---------------------------------------------------------------- tokenizer and model

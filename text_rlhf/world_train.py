@@ -37,6 +37,8 @@ class BaseLMConfig:
     how many solved examples the model learns the tasks from."""
     filler_fraction: float = 0.1
     """Share of prose documents; the rest are exam sheets without answers."""
+    families: tuple[str, ...] = ()
+    """Task families in the corpus (empty = all of world_tasks.FAMILIES)."""
     steps: int = 600
     batch_size: int = 32
     block_size: int = 128
@@ -79,7 +81,8 @@ def pretrain(cfg: BaseLMConfig, out: Path, show_progress: bool = True) -> dict:
     tok = world.build_world_tokenizer()
     model = world.build_tiny_gpt2(tok, seed=cfg.seed, n_layer=cfg.n_layer, n_embd=cfg.n_embd, n_head=cfg.n_head)
     data = pack(world.make_corpus(cfg.n_docs, cfg.seed, qa_fraction=cfg.qa_fraction,
-                                     filler_fraction=cfg.filler_fraction), tok, cfg.block_size)
+                                     filler_fraction=cfg.filler_fraction,
+                                     families=list(cfg.families) or None), tok, cfg.block_size)
     decay = [p for n, p in model.named_parameters() if p.dim() >= 2]
     no_decay = [p for n, p in model.named_parameters() if p.dim() < 2]
     opt = adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
