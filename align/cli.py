@@ -116,6 +116,9 @@ def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     if not verbose:
+        # open_clip logs its loading steps through the root logger at INFO: keep those to warnings
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
         for noisy in ("transformers", "diffusers", "accelerate", "torch", "peft"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
         # read by transformers/huggingface_hub when they are first imported (after this point: the

@@ -310,8 +310,11 @@ def progress(iterable=None, total=None, desc=None, disable=False, is_main: bool 
 
     if is_main is None:
         is_main = int(os.environ.get("RANK", "0")) == 0
+    # ALIGN_PROGRESS_POSITION: the screen line of this process's bars when several processes draw
+    # bars at once (align demo trains the worlds' base models side by side)
+    position = int(os.environ.get("ALIGN_PROGRESS_POSITION", "0"))
     return tqdm(iterable, total=total, desc=desc, disable=disable or not is_main,
-                leave=False, dynamic_ncols=True)
+                leave=False, dynamic_ncols=True, position=position or None)
 
 
 def make_accelerator(mixed_precision="no", cpu=None, gradient_accumulation_steps=1,

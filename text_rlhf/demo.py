@@ -128,7 +128,7 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
         cfg = PRESETS[preset]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    timer, notes, sections = StageTimer(), [], []
+    timer, notes, sections = StageTimer("text"), [], []
     s = cfg.seed
     fam = list(cfg.base.families) or None   # the world's task families: corpus, demos, prompts and eval alike
 
@@ -176,6 +176,21 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
                      [{"id": it.id, "prompt": it.plain, **{a: arms[a].outputs[i][0] for a in arms},
                        **{f"{a}/score": arms[a].scores[i, 0].item() for a in arms}} for i, it in enumerate(items)])
 
+    overopt = overopt_rows(out / "ppo")
+    acc = rm_eval.get("accuracy", float("nan"))
+    if not acc >= 0.65:
+        notes.append(f"the reward model orders only {acc:.1%} of held-out labeled pairs correctly (the labels "
+                     "themselves agree with each other 75% of the time): at this size the RM barely learns what "
+                     "makes an answer right, so RL has little true signal to climb.")
+    if len(overopt) >= 4:
+        k = max(1, len(overopt) // 5)
+        g0 = sum(r["gold"] for r in overopt[:k]) / k
+        g1 = sum(r["gold"] for r in overopt[-k:]) / k
+        p0 = sum(r["proxy"] for r in overopt[:k]) / k
+        p1 = sum(r["proxy"] for r in overopt[-k:]) / k
+        if p1 > p0 and g1 < g0:
+            notes.append(f"PPO over-optimised the proxy: RM score {p0:.3f} → {p1:.3f} while the gold score of the "
+                         f"same samples went {g0:.3f} → {g1:.3f} (first vs last fifth of the run).")
     sections.append(("Text world: data and labels", (
         f"- base LM: tiny GPT-2, {cfg.base.n_layer} layers × {cfg.base.n_embd}, pretrained on {cfg.base.n_docs} "
         f"corpus documents ({cfg.base.qa_fraction:.0%} Q:/A: pages, the rest exam sheets without answers and "
@@ -191,5 +206,5 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
         f"≤ {cfg.max_new_tokens} new tokens; engineered = {cfg.k_shot}-shot Q:/A: prefix")))
     sections.append(("Text world: sample responses (greedy, held-out prompts)",
                      samples_markdown(arms, items, out, n=4, width=100)))
-    return WorldResult(world="text", compare=results, models=list(models), overopt=overopt_rows(out / "ppo"),
+    return WorldResult(world="text", compare=results, models=list(models), overopt=overopt,
                        sections=sections, timings=timer.seconds, notes=notes, out_dir=str(out))
