@@ -156,7 +156,7 @@ def plot_overopt(rows: list[dict], fit: dict, path: Path, title: str) -> Path:
     if math.isfinite(fit.get("alpha", float("nan"))):
         grid = np.linspace(0, max(d.max(), 1e-3) * 1.05, 200)
         ax.plot(grid, gao_curve(fit["alpha"], fit["beta"], grid), "-", color="tab:red",
-                label=f"fit d(α − β log d): α={fit['alpha']:.3f}, β={fit['beta']:.3f}, R²={fit['r2']:.2f}")
+                label=f"fit d(α − β log d): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, R²={fit['r2']:.2f}")
     ax.set_xlabel("d = √KL(π ‖ π_ref)  (nats½)")
     ax.set_ylabel("gold gain", color="tab:orange")
     ax.set_title(title)
