@@ -114,3 +114,16 @@ def adamw(params, lr: float, **kwargs):
         return torch.optim.AdamW(params, lr=lr, fused=True, **kwargs)
     except (RuntimeError, ValueError, TypeError):
         return torch.optim.AdamW(params, lr=lr, **kwargs)
+
+
+def warmup_cosine(warmup: int, steps: int, min_ratio: float = 0.1):
+    """LR multiplier for `torch.optim.lr_scheduler.LambdaLR`: linear warm-up to 1 over `warmup` steps,
+    then cosine decay to `min_ratio` at step `steps` (nanoGPT's schedule; the worlds' base models)."""
+    import math
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        p = min(1.0, (step - warmup) / max(1, steps - warmup))
+        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
+    return f

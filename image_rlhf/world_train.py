@@ -24,7 +24,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch.nn.functional as F
 
 from align.demo import cached
 from align.runner import progress
+from align.session import warmup_cosine
 from image_rlhf.world import COLOURS, SHAPES, WorldConfig, engineered_prompt, make_dataset, plain_prompt
 
 log = logging.getLogger(__name__)
@@ -106,16 +106,6 @@ def _key(cfg) -> dict:
     return {"code": CODE_VERSION, **dataclasses.asdict(cfg)}
 
 
-def _lr_lambda(warmup: int, steps: int, min_ratio: float):
-    """Linear warmup to 1, then cosine down to min_ratio at the last step."""
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        p = min(1.0, (step - warmup) / max(1, steps - warmup))
-        return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
-    return f
-
-
 class _Web:
     """An endless stream of (images (B, 3, H, W) in [0, 1], captions) rendered chunk by chunk."""
 
@@ -165,7 +155,7 @@ def train_diffusion(cfg: DiffusionTrainConfig, out: Path, show_progress: bool = 
     params = list(unet.parameters()) + list(text_encoder.parameters())
     ema = [p.detach().clone() for p in params]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     alphas_cumprod = scheduler.alphas_cumprod.float()                                      # (1000,) ᾱ_t
     web = _Web(cfg.world, cfg.data_chunk, cfg.seed)
     g = torch.Generator().manual_seed(cfg.seed + 1)
@@ -256,7 +246,7 @@ def train_clip(cfg: ClipTrainConfig, out: Path, show_progress: bool = True) -> d
     rest = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
     opt = torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                              {"params": rest, "weight_decay": 0.0}], lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(cfg.warmup, cfg.steps, cfg.min_lr_ratio))
     web = _Web(cfg.world, cfg.data_chunk, cfg.seed + 7)
     t0, losses = time.perf_counter(), []
     model.train()

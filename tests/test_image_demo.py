@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import image_rlhf.world_train as wt
-from image_rlhf.world_train import ClipTrainConfig, DiffusionTrainConfig, _lr_lambda, base_clip, base_diffusion
+from align.session import warmup_cosine as _lr_lambda
+from image_rlhf.world_train import ClipTrainConfig, DiffusionTrainConfig, base_clip, base_diffusion
 
 TINY_DIFFUSION = DiffusionTrainConfig(steps=2, batch_size=4, block_out_channels=(8, 16), num_merges=500,
                                       max_length=16, text_width=16, data_chunk=16)

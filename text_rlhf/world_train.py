@@ -9,7 +9,6 @@ tokenizer) so every later stage loads it by path like any hub checkpoint.
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from align.runner import progress, seed_everything
-from align.session import adamw
+from align.session import adamw, warmup_cosine
 from text_rlhf import world
 
 logger = logging.getLogger(__name__)
@@ -67,14 +66,6 @@ def pack(docs: list[str], tok, block_size: int) -> torch.Tensor:
     return torch.tensor(stream[: n * block_size], dtype=torch.long).view(n, block_size)
 
 
-def lr_at(step: int, cfg: BaseLMConfig) -> float:
-    """Linear warmup, then cosine decay to 10% (nanoGPT's schedule)."""
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    t = (step - cfg.warmup) / max(cfg.steps - cfg.warmup, 1)
-    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 1.0))))
-
-
 def pretrain(cfg: BaseLMConfig, out: Path, show_progress: bool = True) -> dict:
     """Train the base LM from scratch into `out` (model + tokenizer); returns {"loss", "seconds", "tokens"}."""
     seed_everything(cfg.seed)
@@ -88,12 +79,13 @@ def pretrain(cfg: BaseLMConfig, out: Path, show_progress: bool = True) -> dict:
     opt = adamw([{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
                 lr=cfg.lr, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(cfg.seed)
+    lr_scale = warmup_cosine(cfg.warmup, cfg.steps, 0.1)   # to 10% of cfg.lr, as nanoGPT
     model.train()
     t0, ema = time.perf_counter(), None
     bar = progress(range(cfg.steps), desc="pretrain text base LM", disable=not show_progress)
     for step in bar:
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = cfg.lr * lr_scale(step)
         rows = data[torch.randint(len(data), (cfg.batch_size,), generator=gen)]     # (B, T)
         loss = model(input_ids=rows, labels=rows).loss
         opt.zero_grad(set_to_none=True)
