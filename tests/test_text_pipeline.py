@@ -96,6 +96,27 @@ def test_ppo_with_learned_rm_and_lora_reference_via_cli(tiny_gpt2, data, tmp_pat
     assert (out / "model" / "adapter" / "adapter_config.json").exists()
 
 
+def test_ppo_reference_other_than_the_initial_policy(tiny_gpt2, data, tmp_path):
+    """Iterated RLHF starts a round from the last policy and keeps π_ref = the SFT model: with a
+    reference that differs from the policy the first rollout's KL is that distance (> 0), not 0."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    other = tmp_path / "other"
+    m = AutoModelForCausalLM.from_pretrained(tiny_gpt2)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(0.5 * torch.randn_like(p))
+    m.save_pretrained(other)
+    AutoTokenizer.from_pretrained(tiny_gpt2).save_pretrained(other)
+    cfg = load_config(PPOConfig, None, ["iterations=1", "batch_size=16", "ppo.mini_batch_size=8", "max_new_tokens=8"],
+                      policy=tiny_gpt2, reference=str(other), reward="rewards:vowels", prompts=data["prompts"],
+                      out=str(tmp_path / "ppo"))
+    run_ppo(cfg)
+    assert metrics(tmp_path / "ppo")[0]["objective/kl"] > 0.1
+    with pytest.raises(ValueError, match="LoRA"):
+        run_ppo(load_config(PPOConfig, None, ["lora.r=4"], policy=tiny_gpt2, reference=str(other),
+                            reward="rewards:vowels", prompts=data["prompts"], out=str(tmp_path / "ppo2")))
+
+
 def test_preset_loads_for_each_stage():
     for stage, cls in (("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig)):
         cfg = load_config(cls, "configs/text/tiny.yaml", section=stage)

@@ -128,5 +128,15 @@ def test_world_tokenizer_round_trips_and_sizes_the_tiny_gpt2(tmp_path):
     for t in texts:
         ids = tok(t)["input_ids"]
         assert tok.unk_token_id not in ids and tok.decode(ids) == t
+    # SFT and the RM tokenize the response apart from the prompt: a word at the start of a response
+    # must be a known token too (a demonstration "cup" once taught the model to answer <unk>)
+    demos = make_demos(300, seed=9, difficulty=3)
+    for d in demos:
+        assert tok.unk_token_id not in tok(d["response"], add_special_tokens=False)["input_ids"], d
     n_params = sum(p.numel() for p in build_tiny_gpt2(tok).parameters())
     assert 0.4e6 < n_params < 0.6e6
+    import torch
+    from text_rlhf.world_train import BaseLMConfig
+    m = build_tiny_gpt2(tok, dropout=BaseLMConfig().dropout).train()  # the base LM pretrains without dropout
+    ids = torch.tensor([tok(texts[0])["input_ids"][:32]])
+    assert torch.equal(m(ids).logits, m(ids).logits)

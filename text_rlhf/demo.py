@@ -28,21 +28,28 @@ GOLD = "text_rlhf.world:gold_score"
 @dataclass
 class TextDemoConfig:
     base: BaseLMConfig = field(default_factory=BaseLMConfig)
-    n_demos: int = 1500
-    """SFT demonstrations (plain prompt -> answer): the small, expensive kind of human data."""
+    n_demos: int = 3000
+    """SFT demonstrations (plain prompt -> answer): the small, expensive kind of human data. Measured
+    on the default base: 1500 -> held-out SFT-plain gold 0.708, 3000 -> 0.750 (base few-shot: 0.705)."""
     sft_epochs: float = 4.0
     sft_lr: float = 1e-3
-    n_rank_prompts: int = 1200
-    """Prompts whose K SFT samples the (noisy) gold labeler ranks for the RM."""
+    n_rank_prompts: int = 12000
+    """Prompts whose K SFT samples the (noisy) gold labeler ranks for the RM (~40% of them give >= 2
+    distinct samples and so a ranking). RM held-out accuracy grows slowly with data: ~420 rankings
+    0.52, ~1550 0.59, ~3500 0.64 (gold-label agreement 0.68)."""
     k: int = 6
     """Samples ranked per prompt (InstructGPT: K = 4..9); each ranking gives K(K−1)/2 pairs."""
-    rm_epochs: float = 2.0
+    rm_epochs: float = 3.0
     rm_lr: float = 1e-3
     ppo_iterations: int = 40
     ppo_batch: int = 64
-    ppo_lr: float = 3e-4
-    kl_coef: float = 0.05
-    kl_target: float = 6.0
+    ppo_lr: float = 1e-4
+    kl_coef: float = 0.5
+    kl_target: float = 1.0
+    """A short leash: with an RM this weak (held-out accuracy ~0.6), the gold score of the rollouts falls
+    as KL grows (lr 3e-4, β 0.05: 0.88 -> 0.50 at KL 4-6 nats, the policy saying "bird bird" to
+    everything); β 0.5 keeps KL < 1 nat and the loss small (measured held-out gold: SFT 0.708, lr 3e-4 /
+    β 0.05 0.41, lr 5e-5 0.58, lr 1e-4 / β 0.5 0.66)."""
     max_new_tokens: int = 16
     n_eval: int = 200
     """Held-out instructions (held-out arguments and phrasings) in the evaluation."""

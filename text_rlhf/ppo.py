@@ -39,7 +39,12 @@ log = logging.getLogger(__name__)
 @dataclass
 class PPOConfig:
     policy: str = ""
-    """Policy to optimise (folder or hub id); its initial weights are the reference π_ref."""
+    """Policy to optimise (folder or hub id); its initial weights are the reference π_ref unless
+    `reference` names another model."""
+    reference: str = ""
+    """π_ref for the KL penalty when it is not the initial policy: e.g. the SFT model while a later
+    round of iterated RLHF starts from the previous round's policy. Same tokenizer; not with LoRA
+    (there π_ref is the policy with its adapters off)."""
     reward: str = ""
     """Reward model folder (align text rm), or module:function scoring (prompts, responses) -> floats."""
     prompts: str = ""
@@ -62,7 +67,8 @@ class PPOConfig:
     value_init: str = ""
     """Trunk for value_model=separate (default: the reward model if it is a folder, else the policy)."""
     normalize_reward: bool = True
-    """Shift the RM so the reference policy's mean score is 0 (measured on the first rollout)."""
+    """Shift the RM so the initial policy's mean score is 0 (measured on its first rollout; the reference
+    policy unless `reference` is set)."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of a response cut off before EOS."""
     ppo: PPOParams = field(default_factory=PPOParams)
@@ -155,7 +161,14 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     if cfg.gradient_checkpointing:
         lm.gradient_checkpointing_enable()
     ref_lm = None
-    if cfg.lora.r <= 0:
+    if cfg.reference:
+        if cfg.lora.r > 0:
+            raise ValueError("ppo: --reference cannot be combined with LoRA (π_ref is the policy with adapters off)")
+        ref_lm = load_causal_lm(cfg.reference).eval().requires_grad_(False).to(acc.device)
+        if ref_lm.config.vocab_size != lm.config.vocab_size:
+            raise ValueError(f"ppo: reference {cfg.reference!r} has vocabulary size {ref_lm.config.vocab_size}, "
+                             f"the policy {lm.config.vocab_size}: they must share the tokenizer")
+    elif cfg.lora.r <= 0:
         ref_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(acc.device)
     lm = apply_lora(lm, cfg.lora, "CAUSAL_LM")
     critic = None
@@ -232,9 +245,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             torch.zeros_like(scores, dtype=torch.bool)
         raw_scores = scores.clone()
         if cfg.normalize_reward:
-            if shift is None:  # the first rollout is a sample of the reference policy (π = π_ref)
+            if shift is None:  # the first rollout: a sample of the initial policy (π_ref unless `reference`)
                 shift = normalizer_from_scores(acc.gather(scores).cpu())[0]
-                log.info("reward normalisation: shift %.4f (mean score of the reference policy)", shift)
+                log.info("reward normalisation: shift %.4f (mean score of the initial policy)", shift)
             scores = scores - shift
         if cfg.missing_eos_penalty:
             scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)

@@ -42,8 +42,9 @@ def build_wordlevel_tokenizer(vocab_size: int = 512):
 
 
 def tiny_causal_lm(arch: str, tokenizer, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
-                   n_positions: int = 128, seed: int = 0):
-    """A random GPT-2 or Llama-style model sized to the tokenizer."""
+                   n_positions: int = 128, seed: int = 0, dropout: float | None = None):
+    """A random GPT-2 or Llama-style model sized to the tokenizer; `dropout` (GPT-2: embedding,
+    residual and attention; Llama: attention) overrides the architecture's default."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -53,11 +54,15 @@ def tiny_causal_lm(arch: str, tokenizer, n_layer: int = 2, n_embd: int = 32, n_h
     if arch == "gpt2":
         cfg = GPT2Config(vocab_size=len(tokenizer), n_positions=n_positions, n_layer=n_layer, n_head=n_head,
                          n_embd=n_embd, **ids)
+        if dropout is not None:
+            cfg.resid_pdrop = cfg.embd_pdrop = cfg.attn_pdrop = dropout
         return GPT2LMHeadModel(cfg)
     if arch == "llama":
         cfg = LlamaConfig(vocab_size=len(tokenizer), hidden_size=n_embd, intermediate_size=2 * n_embd,
                           num_hidden_layers=n_layer, num_attention_heads=n_head, num_key_value_heads=n_head,
                           max_position_embeddings=n_positions, tie_word_embeddings=False, **ids)
+        if dropout is not None:
+            cfg.attention_dropout = dropout
         return LlamaForCausalLM(cfg)
     raise ValueError(f"unknown tiny architecture {arch!r} (gpt2 or llama)")
 

@@ -286,8 +286,12 @@ def corpus_stats(docs: list[str]) -> dict:
 
 # ---------------------------------------------------------------- data sets for the recipe
 def make_demos(n: int = 200, seed: int = 0, *, difficulty: int = 1, families=None) -> list[dict]:
-    """SFT demonstrations {"prompt", "response"}: plain prompt -> answer (SFT appends EOS)."""
-    return [{"prompt": plain_prompt(i.text), "response": i.answer}
+    """SFT demonstrations {"prompt", "response"}: plain prompt -> " answer" (SFT appends EOS).
+
+    The answer keeps the leading space it has after "A:" in the corpus: the world's tokens are
+    words with their leading space, and a word at the very start of a line ("cup") is not in the
+    vocabulary, so a demonstration written that way would teach the model to say <unk>."""
+    return [{"prompt": plain_prompt(i.text), "response": " " + i.answer}
             for i in make_instructions(n, seed, difficulty=difficulty, families=families)]
 
 
