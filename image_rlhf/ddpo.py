@@ -67,7 +67,12 @@ class DDPOConfig:
     eta: float = 1.0
     """DDIM η: σ_t = η·σ_t(1); η = 1 (DDPM-like) makes every step a Gaussian policy."""
     timestep_fraction: float = 1.0
-    """Share of each trajectory's (shuffled) steps trained on."""
+    """Share of each trajectory's trainable steps (see min_std_dev), shuffled per sample, trained on."""
+    min_std_dev: float = 0.0
+    """Train only the steps whose σ_t(η) ≥ this (0 = every step). A step whose σ_t is tiny is almost
+    deterministic, yet its log-prob gradient scales as 1/σ_t: on the image world's 10-step cosine schedule
+    the step from t = 101 (σ_t = 0.009, the others 0.15-0.83) held 97% of the policy gradient's squared
+    norm, so Adam's update was that one detail step's and the composition steps were never trained."""
     inner_epochs: int = 1
     """Passes over each epoch's samples."""
     timesteps_per_forward: int = 2
@@ -150,10 +155,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
     if n_local % step_samples:
         raise ValueError(f"train_batch_size × gradient_accumulation_steps = {step_samples} must divide "
                          f"sample_batch_size × num_batches_per_epoch = {n_local}")
-    n_train_steps = int(cfg.num_steps * cfg.timestep_fraction)
-    if not 1 <= n_train_steps <= cfg.num_steps:
-        raise ValueError(f"timestep_fraction {cfg.timestep_fraction} × num_steps {cfg.num_steps} leaves no step "
-                         "to train")
+    if cfg.timestep_fraction <= 0 or cfg.timestep_fraction > 1:
+        raise ValueError(f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
 
     check_pipeline(cfg.pipeline)  # before the run folder exists: a typo should not leave a half-made run
     prompts_all = load_prompts(cfg.prompts)
@@ -183,6 +186,11 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
     kl_rows = (n_local if cfg.kl_samples <= 0 else min(cfg.kl_samples, n_local)) if cfg.log_kl else 0
     latent_shape = parts.latent_shape(cfg.resolution)
     neg = negative_embeds(parts)                                                             # (1, L, D) ∅
+    trainable = trainable_steps(parts.scheduler, cfg.num_steps, cfg.eta, cfg.min_std_dev)    # (S',) step indices
+    n_train_steps = int(len(trainable) * cfg.timestep_fraction)
+    if n_train_steps < 1:
+        raise ValueError(f"timestep_fraction {cfg.timestep_fraction} of the {len(trainable)} of {cfg.num_steps} "
+                         f"steps with σ_t ≥ min_std_dev {cfg.min_std_dev} leaves no step to train")
     guidance = cfg.guidance_scale if cfg.train_cfg else 1.0
     params = [p for p in unet.parameters() if p.requires_grad]
     # AdamW as ddpo-pytorch (β = 0.9/0.999, weight decay 1e-4, eps 1e-8)
@@ -279,7 +287,7 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         # ------------------------------------------------------------ 4. update
         unet.train()
         stats = _update(model, unet, ref_unet, optimizer, acc, parts.scheduler, latents, timesteps, old_log_probs,
-                        advantages, embeds, neg, guidance, n_train_steps, cfg, epoch, rank)
+                        advantages, embeds, neg, guidance, trainable, n_train_steps, cfg, epoch, rank)
         t_update = time.perf_counter()
         epoch += 1
         bar.update(1)
@@ -301,6 +309,19 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
     return DDPOResult(_finish(run, cfg, parts, unet), unet)
 
 
+def trainable_steps(scheduler, num_steps: int, eta: float, min_std_dev: float) -> torch.Tensor:
+    """(S',) indices s of the DDIM steps whose σ_t(η) ≥ min_std_dev (all S when min_std_dev ≤ 0)."""
+    if min_std_dev <= 0:
+        return torch.arange(num_steps)
+    scheduler.set_timesteps(num_steps)
+    std = ddim_std_dev(scheduler, scheduler.timesteps, eta)                                  # (S,) σ_t
+    keep = (std >= min_std_dev).nonzero().flatten()
+    if len(keep) == 0:
+        raise ValueError(f"min_std_dev {min_std_dev}: no step of {num_steps} has σ_t that large "
+                         f"(max {std.max().item():.4g})")
+    return keep
+
+
 def compute_advantages(tracker: PerPromptStatTracker, prompts: list[str], rewards: torch.Tensor,
                        adv_clip: float) -> torch.Tensor:
     """Â = clip((r − mean_prompt) / (std_prompt + 1e-6), −adv_clip, adv_clip)  (B,), DDPO §5.
@@ -311,7 +332,7 @@ def compute_advantages(tracker: PerPromptStatTracker, prompts: list[str], reward
 
 
 def _update(model, unet, ref_unet, optimizer, acc, scheduler, latents, timesteps, old_log_probs, advantages,
-            embeds, neg, guidance, n_train_steps, cfg, epoch, rank) -> dict:
+            embeds, neg, guidance, trainable, n_train_steps, cfg, epoch, rank) -> dict:
     """`inner_epochs` passes over this process's N samples (shapes as in run_ddpo). Per train batch and
     trained step: the clipped surrogate; each loss is divided by the n_train_steps × gradient_accumulation_steps
     losses that one optimiser step sums, so it steps on their mean. `timesteps_per_forward` steps share one
@@ -325,9 +346,9 @@ def _update(model, unet, ref_unet, optimizer, acc, scheduler, latents, timesteps
     for inner in range(cfg.inner_epochs):
         g = _generator(cfg.seed, epoch, rank, 10_000 + inner)
         perm = torch.randperm(N, generator=g)                                                # shuffle samples
-        # each sample visits its steps in its own random order (ddpo-pytorch); the first
+        # each sample visits its trainable steps in its own random order (ddpo-pytorch); the first
         # n_train_steps of that order are trained on
-        step_order = torch.stack([torch.randperm(S, generator=g) for _ in range(N)])         # (N, S)
+        step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(N)])  # (N, S')
         for k, start in enumerate(range(0, N, cfg.train_batch_size)):
             rows = perm[start:start + cfg.train_batch_size]                                  # (b,)
             idx = rows.to(latents.device)

@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from align.rl import PerPromptStatTracker  # noqa: E402
-from image_rlhf.ddpo import DDPOConfig, compute_advantages, run_ddpo  # noqa: E402
+from image_rlhf.ddpo import DDPOConfig, compute_advantages, run_ddpo, trainable_steps  # noqa: E402
 from image_rlhf.pipeline import (PipelineLoadError, encode_prompts, load_pipeline,  # noqa: E402
                                  save_pixel_pipeline)
 from image_rlhf.tiny import tiny_sd_pipeline  # noqa: E402
@@ -271,7 +271,7 @@ def test_timesteps_per_forward_gives_the_same_gradient(tiny_sd, kl_coef):
                          max_grad_norm=1.0)
         opt = _RecordingOptimizer(p for p in parts.unet.parameters() if p.requires_grad)
         stats = _update(parts.unet, parts.unet, None, opt, _Acc(), parts.scheduler, traj.latents, traj.timesteps,
-                        old_log_probs, advantages, embeds, neg, 5.0, 5, cfg, epoch=0, rank=0)
+                        old_log_probs, advantages, embeds, neg, 5.0, torch.arange(5), 5, cfg, epoch=0, rank=0)
         results[k] = (opt.grads, stats)
     grads1, stats1 = results[1]
     assert len(grads1) == 2 and any(g.abs().sum() > 0 for g in grads1[0])      # 2 train batches of 2 samples
@@ -284,3 +284,41 @@ def test_timesteps_per_forward_gives_the_same_gradient(tiny_sd, kl_coef):
         assert stats.keys() == stats1.keys()
         for key in stats:
             assert stats[key] == pytest.approx(stats1[key], rel=1e-4, abs=1e-7), key
+
+
+def test_min_std_dev_trains_only_the_stochastic_steps(tiny_sd):
+    """trainable_steps keeps the steps with σ_t ≥ min_std_dev (all of them at 0), and _update then trains
+    only those: a gradient from a step whose σ_t is tiny would scale as 1/σ_t and swamp the others."""
+    from image_rlhf.ddim import ddim_std_dev
+    from image_rlhf.ddpo import _update
+    from image_rlhf.pipeline import negative_embeds
+    from image_rlhf.sampling import sample_trajectories
+    parts = load_pipeline(tiny_sd)
+    sched = parts.scheduler
+    assert trainable_steps(sched, 5, 1.0, 0.0).tolist() == [0, 1, 2, 3, 4]
+    sched.set_timesteps(5)
+    std = ddim_std_dev(sched, sched.timesteps, 1.0)                                          # (5,)
+    cut = float(std.sort().values[2])                                                        # keeps the 3 largest
+    keep = trainable_steps(sched, 5, 1.0, cut)
+    assert keep.tolist() == (std >= cut).nonzero().flatten().tolist() and len(keep) == 3
+    with pytest.raises(ValueError, match="no step"):
+        trainable_steps(sched, 5, 1.0, float(std.max()) + 1)
+
+    class Spy(torch.nn.Module):  # records the timesteps the update trains on
+        def __init__(self, unet):
+            super().__init__()
+            self.unet, self.seen = unet, []
+
+        def forward(self, x, t, **kw):
+            self.seen += torch.as_tensor(t).reshape(-1).tolist()
+            return self.unet(x, t, **kw)
+
+    parts.unet.requires_grad_(True)
+    embeds, neg = encode_prompts(parts, PROMPTS), negative_embeds(parts)
+    traj = sample_trajectories(parts.unet, sched, embeds, neg, 5, 5.0, 1.0, generator=torch.Generator().manual_seed(0))
+    spy = Spy(parts.unet)
+    opt = torch.optim.SGD(parts.unet.parameters(), lr=0.0)
+    cfg = DDPOConfig(train_batch_size=4, timesteps_per_forward=1)
+    _update(spy, parts.unet, None, opt, _Acc(), sched, traj.latents, traj.timesteps, traj.log_probs,
+            torch.tensor([1.0, -1.0, 0.5, -0.5]), embeds, neg, 5.0, keep, 3, cfg, epoch=0, rank=0)
+    assert set(spy.seen) == set(traj.timesteps[keep].tolist())
