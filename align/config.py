@@ -16,7 +16,7 @@ import enum
 from pathlib import PurePath
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 __all__ = ["ConfigError", "load_config", "save_config", "config_dict"]
@@ -76,6 +76,30 @@ def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
         raise _as_config_error(err, source, base) from err
 
 
+def _string_node(cfg: DictConfig, key: str) -> bool:
+    """Whether the dotted `key` of the schema is a str field."""
+    node: Any = cfg
+    for part in key.split("."):
+        if not isinstance(node, DictConfig) or part not in node:
+            return False
+        node = node._get_node(part)
+    return isinstance(node, StringNode)
+
+
+def _check_string_bools(cfg: DictConfig, layer: Any, source: str, prefix: str = "") -> None:
+    """YAML 1.1 reads a bare no/yes/off/on/false/true as a boolean; a str field would get 'False'.
+    Fail naming the key instead (the value meant, e.g. mixed_precision: no, cannot be recovered)."""
+    if not isinstance(layer, DictConfig):
+        return
+    for k in layer.keys():
+        key, value = f"{prefix}{k}", layer._get_node(k)
+        if isinstance(value, DictConfig):
+            _check_string_bools(cfg, value, source, f"{key}.")
+        elif isinstance(value._value(), bool) and _string_node(cfg, key):
+            raise ConfigError(f"{source}: '{key}' is a string, but YAML read the bare value as the boolean "
+                              f"{value._value()}: quote it (e.g. {k}: 'no')")
+
+
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
     """{'ppo.lr': 1} -> {'ppo': {'lr': 1}}, so explicit fields may also use dotted keys."""
     out: dict[str, Any] = {}
@@ -126,6 +150,7 @@ def load_config(cls, config_path=None, overrides: Iterable[str] = (), section: s
             if section is None or section not in loaded.stages:
                 raise ConfigError(f"{source}: no 'stages.{section}' block (has: {', '.join(loaded.stages.keys())})")
             loaded, source = loaded.stages[section], f"{source} (stages.{section})"
+        _check_string_bools(cfg, loaded, source)
         cfg = _merge(cfg, loaded, source)
 
     given = {k: v for k, v in fields.items() if v is not None}
@@ -135,11 +160,13 @@ def load_config(cls, config_path=None, overrides: Iterable[str] = (), section: s
     if isinstance(overrides, str):  # a lone string would otherwise be split into characters
         overrides = [overrides]
     for item in overrides:
-        key, eq, _ = str(item).partition("=")
+        key, eq, raw = str(item).partition("=")
         if not eq or not key.strip():
             raise ConfigError(f"override '{item}': expected key=value (e.g. ppo.epochs=2)")
         try:
-            layer = OmegaConf.from_dotlist([str(item)])
+            # a str field takes the text as written (YAML would turn mixed_precision=no into False)
+            layer = (OmegaConf.create(_nest({key.strip(): raw})) if _string_node(cfg, key.strip())
+                     else OmegaConf.from_dotlist([str(item)]))
         except OmegaConfBaseException as err:
             raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from err
         cfg = _merge(cfg, layer, f"override '{item}'")

@@ -75,6 +75,16 @@ def test_config_bad_type_and_bad_override(tmp_path):
     assert issubclass(ConfigError, ValueError)
 
 
+def test_config_yaml_bools_in_string_fields(tmp_path):
+    """mixed_precision=no must stay 'no' (YAML 1.1 reads a bare no as False, a str field would get 'False')."""
+    cfg = load_config(TrainCfg, overrides=["model=no", "ppo.epochs=3"])
+    assert cfg.model == "no" and cfg.ppo.epochs == 3
+    path = _yaml(tmp_path, "model: no\n")
+    with pytest.raises(ConfigError, match=r"x\.yaml: 'model' is a string.*boolean False: quote it"):
+        load_config(TrainCfg, path)
+    assert load_config(TrainCfg, _yaml(tmp_path, "model: 'no'\n", "y.yaml")).model == "no"
+
+
 def test_save_config_roundtrip(tmp_path):
     cfg = load_config(TrainCfg, out=tmp_path / "run", overrides=["ppo.gamma=0.9"])
     save_config(cfg, tmp_path / "config.yaml")

@@ -137,3 +137,38 @@ def test_no_stop_token_means_no_early_stop(tiny_gpt2):
         resp = seq[:, enc["input_ids"].shape[1]:]
         assert (resp == tok.eos_token_id).any()
         assert (resp.shape[1] == 12) if expect_full else (response_mask(resp, tok.eos_token_id) == 0).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_merged_lora_generation_is_the_same_policy_and_restores_weights_exactly(tiny_gpt2, dtype):
+    """PPO rolls out with the LoRA deltas merged (fewer kernels per token): inside the context the
+    logits equal the unmerged adapters', after it every base weight is bit-identical (in bf16 a plain
+    merge/unmerge round trip would not be) and the adapters are live again; adapters stay float32."""
+    from align.rl.config import LoraParams
+    from text_rlhf.models import apply_lora
+    from text_rlhf.policy import merged_lora
+    tok = load_tokenizer(tiny_gpt2)
+    lm = load_causal_lm(tiny_gpt2).to(dtype)
+    lm = apply_lora(lm, LoraParams(r=4, alpha=8.0), "CAUSAL_LM")
+    torch.manual_seed(0)
+    for name, p in lm.named_parameters():
+        if "lora_B" in name:  # peft starts B at 0: make the delta real
+            assert p.dtype == torch.float32
+            p.data.normal_(0, 0.2)
+    before = {k: v.clone() for k, v in lm.state_dict().items()}
+    ids = tok(["red circle blue square"] * 3, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        unmerged = lm(input_ids=ids).logits.float()
+        with merged_lora(lm):
+            merged = lm(input_ids=ids).logits.float()
+            base = lm.get_base_model().transformer.h[0].attn.c_attn
+            assert not torch.equal(base.base_layer.weight, before["base_model.model.transformer.h.0.attn.c_attn"
+                                                                    ".base_layer.weight"])
+        after = lm(input_ids=ids).logits.float()
+    assert (merged - unmerged).abs().max() < (1e-5 if dtype == torch.float32 else 0.1)  # bf16: rounding only
+    assert torch.equal(after, unmerged)
+    for k, v in lm.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with merged_lora(lm, enabled=False):  # switched off: nothing merged
+        assert torch.equal(lm.get_base_model().transformer.h[0].attn.c_attn.base_layer.weight,
+                           before["base_model.model.transformer.h.0.attn.c_attn.base_layer.weight"])

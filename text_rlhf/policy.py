@@ -105,6 +105,32 @@ def raw_sampling(lm):
         hf.generation_config = saved
 
 
+@contextlib.contextmanager
+def merged_lora(lm, enabled: bool = True):
+    """Within the block the LoRA deltas s·BA are folded into the base weights (peft `merge_adapter`), so
+    `generate` runs one matmul per linear layer instead of base + A + B + scale + add: the extra small
+    kernels dominate token-by-token decoding. Measured with GPT-2 124M, LoRA r = 16 on all linear layers,
+    bf16, batch 64 × 128 tokens on an H100: README. On exit the adapters are unmerged and the base
+    weights restored bit for bit from a copy (W + s·BA − s·BA rounds: in bf16 the weights would drift by
+    ~1e-3 relative per rollout). Costs one copy of the adapted base weights. A no-op without adapters."""
+    layers = []
+    if enabled and hasattr(lm, "peft_config"):
+        from peft.tuners.lora import LoraLayer
+        layers = [m for m in lm.modules() if isinstance(m, LoraLayer)]
+    if not layers:
+        yield
+        return
+    saved = [m.get_base_layer().weight.detach().clone() for m in layers]
+    lm.merge_adapter()
+    try:
+        yield
+    finally:
+        lm.unmerge_adapter()
+        with torch.no_grad():
+            for m, w in zip(layers, saved):
+                m.get_base_layer().weight.copy_(w)
+
+
 def response_mask(responses: torch.Tensor, eos_id: int | None) -> torch.Tensor:
     """(B, T) 1 up to and including the first EOS, 0 after (generate pads finished rows; pad may equal EOS)."""
     if eos_id is None:

@@ -29,9 +29,10 @@ from align.rl import clipped_surrogate, clipped_value_loss, gae, kl_estimate, ma
 from align.rl.config import LoraParams, PPOParams
 from align.runner import progress
 from align.session import adamw, rng_state, set_rng_state, start_run
-from text_rlhf.models import (SequenceScorer, apply_lora, fuse_activations, load_causal_lm, load_seq_scorer, load_tokenizer,
-                              ModelLoadError, pad_batch, save_hf, unwrap_hf)
-from text_rlhf.policy import PolicyWithValue, disable_dropout, raw_sampling, reference_log_probs, response_mask
+from text_rlhf.models import (SequenceScorer, apply_lora, dtype_of, fuse_activations, load_causal_lm, load_seq_scorer,
+                              load_tokenizer, ModelLoadError, pad_batch, save_hf, unwrap_hf)
+from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
+                              response_mask)
 
 log = logging.getLogger(__name__)
 
@@ -75,6 +76,11 @@ class PPOConfig:
     lora: LoraParams = field(default_factory=LoraParams)
     seed: int = 0
     mixed_precision: str = "no"
+    """no | fp16 | bf16: autocast; with LoRA the frozen base weights are also kept in that dtype (half the
+    memory and bandwidth; the adapters and the value head train in float32)."""
+    merge_lora_generate: bool = True
+    """With LoRA, roll out with the adapters merged into the base weights (`policy.merged_lora`: restored
+    exactly afterwards); false runs generate through the unmerged adapters."""
     gradient_checkpointing: bool = False
     reward_batch_size: int = 64
     save_every: int = 10
@@ -170,6 +176,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
                              f"the policy {lm.config.vocab_size}: they must share the tokenizer")
     elif cfg.lora.r <= 0:
         ref_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(acc.device)
+    if cfg.lora.r > 0 and cfg.mixed_precision != "no":
+        lm.to(dtype_of(cfg.mixed_precision))  # frozen under LoRA; peft keeps the adapters in float32
     lm = apply_lora(lm, cfg.lora, "CAUSAL_LM")
     critic = None
     if cfg.value_model == "separate":
@@ -219,7 +227,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_prompt_length)
         prompt_ids, prompt_mask = enc["input_ids"].to(acc.device), enc["attention_mask"].to(acc.device)
         P = prompt_ids.shape[1]
-        with torch.no_grad(), acc.autocast(), raw_sampling(policy.lm):
+        with torch.no_grad(), acc.autocast(), raw_sampling(policy.lm), merged_lora(policy.lm, cfg.merge_lora_generate):
             seq = policy.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
         responses = seq[:, P:]                                                   # (B, T)
         T = responses.shape[1]
