@@ -18,7 +18,6 @@ One epoch, top to bottom (ddpo-pytorch's `train.py` is the reference implementat
 """
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import time
@@ -28,15 +27,16 @@ from pathlib import Path
 import torch
 
 from align.data import load_prompts
-from align.rl import PerPromptStatTracker, clipped_surrogate, kl_k1, kl_k2
+from align.rl import PerPromptStatTracker, group_advantages
 from align.rl.config import LoraParams
 from align.runner import progress
 from align.session import adamw, rng_state, set_rng_state, start_run
 from image_rlhf.pipeline import (add_unet_lora, check_pipeline, encode_prompts, image_grid, load_pipeline,
                                  load_trainable_state, negative_embeds, save_parts, save_png, save_unet_lora,
                                  trainable_state)
-from image_rlhf.ddim import ddim_std_dev, step_kl
-from image_rlhf.sampling import decode_latents, memory_format, sample_trajectories, step_log_prob
+from image_rlhf.ddim import ddim_std_dev
+from image_rlhf.ddpo_update import ddpo_update, epoch_generator, kl_to_ref
+from image_rlhf.sampling import decode_latents, memory_format, sample_trajectories
 
 log = logging.getLogger(__name__)
 _DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
@@ -90,6 +90,12 @@ class DDPOConfig:
     """Per-prompt reward buffer; 0 = no per-prompt statistics (normalise by the whole batch)."""
     min_count: int = 16
     """Rewards a prompt needs buffered before its own mean/std are used (else the batch's)."""
+    noise_group_size: int = 0
+    """0 = off: every sample has its own prompt draw and x_T; advantages from the per-prompt tracker
+    (buffer_size, min_count). G ≥ 2: a sampling batch is sample_batch_size / G groups of G samples of one
+    prompt from one x_T (each with its own per-step noise); advantage = reward − its group's mean, over the
+    batch std of those differences (align.rl.group_advantages; the tracker is not used). x_T is no step's
+    action, yet it moves the reward: the image world's learned reward within a prompt is 55% x_T."""
     clip_range: float = 1e-4
     """ε of the clipped surrogate on per-step ratios (DDPO's 1e-4: log-probs are per-element means)."""
     train_cfg: bool = True
@@ -158,6 +164,10 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
     if n_local % step_samples:
         raise ValueError(f"train_batch_size × gradient_accumulation_steps = {step_samples} must divide "
                          f"sample_batch_size × num_batches_per_epoch = {n_local}")
+    if cfg.noise_group_size < 0 or cfg.noise_group_size == 1 or (
+            cfg.noise_group_size and cfg.sample_batch_size % cfg.noise_group_size):
+        raise ValueError(f"noise_group_size must be 0 (off) or >= 2 dividing sample_batch_size "
+                         f"{cfg.sample_batch_size}, got {cfg.noise_group_size}")
     if cfg.timestep_fraction <= 0 or cfg.timestep_fraction > 1:
         raise ValueError(f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
 
@@ -243,15 +253,14 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         batches, reward_error, monitor_error, kls, t_kl = [], None, None, [], 0.0
         with sampling():  # channels_last on the CPU, contiguous again for the update
             for i in range(cfg.num_batches_per_epoch):
-                g = _generator(cfg.seed, epoch, rank, i)
-                idx = torch.randint(len(prompts_all), (cfg.sample_batch_size,), generator=g).tolist()
-                prompts = [prompts_all[j] for j in idx]
+                g = epoch_generator(cfg.seed, epoch, rank, i)
+                prompts, x_T = draw_batch(prompts_all, cfg.sample_batch_size, cfg.noise_group_size, latent_shape, g)
                 embeds = encode_prompts(parts, prompts)                                      # (B, L, D) c
                 n_kl = min(kl_rows - i * cfg.sample_batch_size, cfg.sample_batch_size)      # KL rows of this batch
                 with torch.no_grad(), acc.autocast():
                     traj = sample_trajectories(unet, parts.scheduler, embeds, neg if guidance > 1 else None,
                                                cfg.num_steps, guidance, cfg.eta, generator=g,
-                                               latent_shape=latent_shape, return_means=n_kl > 0)
+                                               latent_shape=latent_shape, return_means=n_kl > 0, init_latents=x_T)
                     images = decode_latents(parts.vae, traj.final_latents)                  # (B, 3, H, W) in [0, 1]
                     # 2. reward, per batch (images are not kept)
                     rewards, err = _score(reward_fn, prompts, images, cfg.reward)           # (B,)
@@ -259,7 +268,7 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
                 reward_error, monitor_error = reward_error or err, monitor_error or monitor[1]
                 if n_kl > 0:
                     t_kl -= time.perf_counter()
-                    kls.append(_kl_to_ref(unet, ref_unet, parts.scheduler, traj, n_kl,
+                    kls.append(kl_to_ref(unet, ref_unet, parts.scheduler, traj, n_kl,
                                           neg if guidance > 1 else None, guidance, acc))    # (n_kl,)
                     t_kl += time.perf_counter()
                 batches.append(dict(prompts=prompts, embeds=embeds, latents=traj.latents, log_probs=traj.log_probs,
@@ -285,11 +294,14 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
             extra.update({"kl/ref": all_kl.mean().item(), "time/kl_s": t_kl})
         t_sample = time.perf_counter()
         # ------------------------------------------------------------ 3. advantages
-        advantages = compute_advantages(tracker, all_prompts, all_rewards, cfg.adv_clip)
+        if cfg.noise_group_size:  # groups are consecutive within every process's rows, so in the gathered order too
+            advantages = group_advantages(all_rewards, cfg.noise_group_size).clamp(-cfg.adv_clip, cfg.adv_clip)
+        else:
+            advantages = compute_advantages(tracker, all_prompts, all_rewards, cfg.adv_clip)
         advantages = advantages.reshape(world, n_local)[rank].to(acc.device)                # (N,) this process's rows
         # ------------------------------------------------------------ 4. update
         unet.train()
-        stats = _update(model, unet, ref_unet, optimizer, acc, parts.scheduler, latents, timesteps, old_log_probs,
+        stats = ddpo_update(model, unet, ref_unet, optimizer, acc, parts.scheduler, latents, timesteps, old_log_probs,
                         advantages, embeds, neg, guidance, trainable, n_train_steps, cfg, epoch, rank)
         t_update = time.perf_counter()
         epoch += 1
@@ -325,6 +337,17 @@ def trainable_steps(scheduler, num_steps: int, eta: float, min_std_dev: float) -
     return keep
 
 
+def draw_batch(prompts_all: list[str], batch_size: int, group_size: int, latent_shape, g: torch.Generator):
+    """(prompts (B,), x_T (B, C, H, W) or None): B prompts drawn uniformly; with group_size G ≥ 2, B/G draws
+    each repeated G times and one x_T per group (None: sample_trajectories draws every x_T itself)."""
+    if not group_size:
+        return [prompts_all[j] for j in torch.randint(len(prompts_all), (batch_size,), generator=g).tolist()], None
+    n = batch_size // group_size
+    idx = torch.randint(len(prompts_all), (n,), generator=g).repeat_interleave(group_size).tolist()
+    x_T = torch.randn((n, *latent_shape), generator=g, device=g.device).repeat_interleave(group_size, 0)
+    return [prompts_all[j] for j in idx], x_T
+
+
 def compute_advantages(tracker: PerPromptStatTracker, prompts: list[str], rewards: torch.Tensor,
                        adv_clip: float) -> torch.Tensor:
     """Â = clip((r − mean_prompt) / (std_prompt + 1e-6), −adv_clip, adv_clip)  (B,), DDPO §5.
@@ -332,109 +355,6 @@ def compute_advantages(tracker: PerPromptStatTracker, prompts: list[str], reward
     The clip bounds what one outlier image (a reward-model glitch) can do to an update; ddpo-pytorch
     applies it in the loss (adv_clip_max = 5), here it is applied once, to the advantages."""
     return tracker.update(prompts, rewards).clamp(-adv_clip, adv_clip)
-
-
-def _update(model, unet, ref_unet, optimizer, acc, scheduler, latents, timesteps, old_log_probs, advantages,
-            embeds, neg, guidance, trainable, n_train_steps, cfg, epoch, rank) -> dict:
-    """`inner_epochs` passes over this process's N samples (shapes as in run_ddpo). Per train batch and
-    trained step: the clipped surrogate; each loss is divided by the n_train_steps × gradient_accumulation_steps
-    losses that one optimiser step sums, so it steps on their mean. `timesteps_per_forward` steps share one
-    UNet call and one backward (the sum of their losses): the same gradient, fewer, larger calls."""
-    N, S = old_log_probs.shape
-    neg = neg if guidance > 1 else None
-    k_fwd = max(1, cfg.timesteps_per_forward)
-    n_backward = n_train_steps * cfg.gradient_accumulation_steps
-    sums: dict[str, float] = {}
-    n = 0
-    for inner in range(cfg.inner_epochs):
-        g = _generator(cfg.seed, epoch, rank, 10_000 + inner)
-        perm = torch.randperm(N, generator=g)                                                # shuffle samples
-        # each sample visits its trainable steps in its own random order (ddpo-pytorch); the first
-        # n_train_steps of that order are trained on
-        step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(N)])  # (N, S')
-        for k, start in enumerate(range(0, N, cfg.train_batch_size)):
-            rows = perm[start:start + cfg.train_batch_size]                                  # (b,)
-            idx = rows.to(latents.device)
-            step_now = (k + 1) % cfg.gradient_accumulation_steps == 0
-            b = len(rows)
-            for j0 in range(0, n_train_steps, k_fwd):
-                # m trained steps of the b samples in one UNet call: rows step-major, (j0, all b), (j0+1, all b), ...
-                m = min(k_fwd, n_train_steps - j0)
-                s = step_order[rows, j0:j0 + m].T.reshape(-1).to(latents.device)            # (m·b,) step index
-                idx_m = idx.repeat(m)                                                        # (m·b,) sample index
-                x_t, x_prev = latents[idx_m, s], latents[idx_m, s + 1]                       # (m·b, C, H, W)
-                t = timesteps[s]                                                             # (m·b,)
-                sync = step_now and j0 + m == n_train_steps  # DDP all-reduces on the last backward only
-                with contextlib.nullcontext() if sync else acc.no_sync(model):
-                    with acc.autocast():
-                        log_probs = step_log_prob(model, scheduler, x_t, t, x_prev, embeds[idx_m], neg, guidance,
-                                                  cfg.eta).float()                          # (m·b,) log π_θ
-                    olds = old_log_probs[idx_m, s]                                           # (m·b,) log π_old
-                    if cfg.kl_coef > 0:
-                        ref_log_probs = _ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds[idx_m], neg,
-                                                      guidance, cfg.eta, acc)               # (m·b,) log π_ref
-                    total = 0.0
-                    for c in range(m):  # one loss per trained step, as if each had its own forward
-                        rc = slice(c * b, (c + 1) * b)
-                        log_prob = log_probs[rc]                                             # (b,)
-                        loss, st = clipped_surrogate(log_prob, olds[rc], advantages[idx], cfg.clip_range)
-                        if cfg.kl_coef > 0:
-                            # k2 = ½(log π − log π_ref)²: as a loss its gradient is ∇KL[π‖π_ref] on samples
-                            # of π (Schulman 2020); k1's expected gradient there is 0
-                            loss = loss + cfg.kl_coef * kl_k2(log_prob, ref_log_probs[rc]).mean()
-                            st["kl_ref"] = kl_k1(log_prob, ref_log_probs[rc]).mean().detach()
-                        total = total + loss
-                        for name, v in {"loss": loss, **st}.items():
-                            sums[f"policy/{name}"] = sums.get(f"policy/{name}", 0.0) + float(v.detach())
-                        n += 1
-                    acc.backward(total / n_backward)
-            if step_now:
-                if cfg.max_grad_norm:
-                    norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
-                    sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + norm * n_backward
-                optimizer.step()
-                optimizer.zero_grad(set_to_none=True)
-    means = torch.tensor([v / n for v in sums.values()], device=acc.device)
-    means = acc.gather(means.unsqueeze(0)).mean(0)                                           # average over processes
-    return dict(zip(sums, means.tolist()))
-
-
-@contextlib.contextmanager
-def _reference(unet, ref_unet):
-    """π_ref, the UNet before training: the frozen copy (full fine-tuning), or the UNet with its LoRA
-    adapters off (LoRA B starts at 0, so that is exactly the initial UNet)."""
-    if ref_unet is not None:
-        yield ref_unet
-        return
-    unet.disable_adapters()
-    try:
-        yield unet
-    finally:
-        unet.enable_adapters()
-
-
-@torch.no_grad()
-def _ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta, acc) -> torch.Tensor:
-    """log π_ref of the same transitions."""
-    with acc.autocast(), _reference(unet, ref_unet) as ref:
-        return step_log_prob(ref, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta).float()
-
-
-@torch.no_grad()
-def _kl_to_ref(unet, ref_unet, scheduler, traj, n, neg, guidance, acc) -> torch.Tensor:
-    """Σ_s KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) over the S steps of the first n trajectories (n,) float64.
-
-    Both steps are Gaussians with the same σ_t, so each is ‖μ_θ − μ_ref‖²/(2σ_t²) (ddim.step_kl): μ_θ was
-    kept while sampling, μ_ref costs one reference forward per step, on the same batch layout as the
-    sampling forward (all n rows at one t), so that before any update the two are bit-identical: 0."""
-    kl = torch.zeros(n, dtype=torch.float64, device=traj.latents.device)
-    with acc.autocast(), _reference(unet, ref_unet) as ref:
-        for s, t in enumerate(traj.timesteps):
-            x_t, x_prev = traj.latents[:n, s], traj.latents[:n, s + 1]                      # (n, C, H, W)
-            _, mean_ref = step_log_prob(ref, scheduler, x_t, t, x_prev, traj.prompt_embeds[:n], neg, guidance,
-                                        traj.eta, return_mean=True)
-            kl += step_kl(traj.means[:n, s], mean_ref, ddim_std_dev(scheduler, t, traj.eta))
-    return kl
 
 
 def _score(reward_fn, prompts, images, spec) -> tuple[torch.Tensor, ValueError | None]:
@@ -466,12 +386,6 @@ def _gather_strings(items: list[str], acc) -> list[str]:
         return list(items)
     from accelerate.utils import gather_object
     return list(gather_object(list(items)))
-
-
-def _generator(*keys: int) -> torch.Generator:
-    """A CPU generator seeded from (seed, epoch, rank, batch): prompts, noise and shuffles of an epoch
-    do not depend on what ran before, so a resumed run samples exactly as the original would."""
-    return torch.Generator().manual_seed(hash(tuple(keys)) & (2**63 - 1))
 
 
 @torch.no_grad()

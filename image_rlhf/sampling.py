@@ -71,7 +71,7 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
                         num_steps: int, guidance_scale: float = 5.0, eta: float = 1.0,
                         generator: torch.Generator | None = None,
                         latent_shape: tuple[int, int, int] | None = None,
-                        return_means: bool = False) -> Trajectory:
+                        return_means: bool = False, init_latents: torch.Tensor | None = None) -> Trajectory:
     """Run S = num_steps DDIM steps from x_T ~ N(0, I) and record every transition (DDPO Alg. 1).
 
     unet: a diffusers UNet2DConditionModel (latent SD UNet or a pixel UNet); scheduler: a
@@ -79,6 +79,8 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     (in_channels, sample_size, sample_size). The noise x_T and every z_t come from `generator`.
     Decoding x_0 is the caller's job (`decode_latents`). return_means: also keep μ_θ of every step
     (`Trajectory.means`, what the KL to a reference needs; taken from the same forward, no extra cost).
+    init_latents: (B, C, H, W) noise to start from instead of drawing x_T (DDPO's shared-noise groups);
+    the per-step noise still comes from `generator`.
     """
     B = prompt_embeds.shape[0]
     device, dtype = prompt_embeds.device, unet.dtype
@@ -88,7 +90,12 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
         latent_shape = (unet.config.in_channels, *size)
     scheduler.set_timesteps(num_steps, device=device)
     gen_device = generator.device if generator is not None else device
-    latents = torch.randn((B, *latent_shape), generator=generator, device=gen_device, dtype=dtype).to(device)
+    if init_latents is not None:
+        if tuple(init_latents.shape) != (B, *latent_shape):
+            raise ValueError(f"init_latents has shape {tuple(init_latents.shape)}, expected {(B, *latent_shape)}")
+        latents = init_latents.to(device=device, dtype=dtype)
+    else:
+        latents = torch.randn((B, *latent_shape), generator=generator, device=gen_device, dtype=dtype).to(device)
     latents = latents * scheduler.init_noise_sigma                                            # x_T
     all_latents, all_log_probs, all_means = [latents], [], []
     for t in scheduler.timesteps:

@@ -20,7 +20,7 @@ pytest.importorskip("peft")
 from diffusers import StableDiffusionPipeline  # noqa: E402
 
 from align.rl import PerPromptStatTracker  # noqa: E402
-from image_rlhf.ddpo import DDPOConfig, compute_advantages, run_ddpo, trainable_steps  # noqa: E402
+from image_rlhf.ddpo import DDPOConfig, compute_advantages, draw_batch, run_ddpo, trainable_steps  # noqa: E402
 from image_rlhf.pipeline import (PipelineLoadError, encode_prompts, load_pipeline,  # noqa: E402
                                  save_pixel_pipeline)
 from image_rlhf.tiny import tiny_sd_pipeline  # noqa: E402
@@ -116,6 +116,29 @@ def test_advantages_are_clipped_and_batch_normalised_without_buffer():
     tracker = PerPromptStatTracker(buffer_size=8, min_count=2)
     adv = compute_advantages(tracker, ["a", "a", "b", "b"], torch.tensor([1.0, 3.0, 10.0, 30.0]), adv_clip=5.0)
     torch.testing.assert_close(adv, torch.tensor([-1.0, 1.0, -1.0, 1.0]), atol=1e-5, rtol=0)
+
+
+def test_noise_groups_share_prompt_and_initial_noise(tiny_sd, prompts_file, tmp_path):
+    """noise_group_size G: each sampling batch is B/G groups of one prompt and one x_T; the run trains on
+    group-centred advantages; a G that does not divide the batch is refused before the run folder exists."""
+    g = torch.Generator().manual_seed(0)
+    prompts, x_T = draw_batch(PROMPTS, 8, 4, (4, 16, 16), g)
+    assert x_T.shape == (8, 4, 16, 16) and len(prompts) == 8
+    for k in range(2):
+        rows = slice(4 * k, 4 * k + 4)
+        assert len(set(prompts[rows])) == 1 and (x_T[rows] == x_T[4 * k]).all()
+    assert not torch.equal(x_T[0], x_T[4])
+    # without groups: the draw is the one runs made before the option existed
+    g0, g1 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert draw_batch(PROMPTS, 8, 0, (4, 16, 16), g0) == (
+        [PROMPTS[j] for j in torch.randint(len(PROMPTS), (8,), generator=g1).tolist()], None)
+    out = tmp_path / "groups"
+    run_ddpo(_cfg(tiny_sd, prompts_file, out, noise_group_size=2, epochs=2, save_every=2))
+    rows = [r for r in _metrics(out) if "reward/mean" in r]
+    assert len(rows) == 2 and all(abs(r["policy/approx_kl"]) < 1e-3 for r in rows)
+    with pytest.raises(ValueError, match="noise_group_size"):
+        run_ddpo(_cfg(tiny_sd, prompts_file, tmp_path / "bad", noise_group_size=3))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_pipeline_errors_and_pixel_layout(tiny_sd, tmp_path):
@@ -225,7 +248,7 @@ def test_kl_samples_bounds_the_trajectories(tiny_sd, prompts_file, tmp_path):
 
 
 class _Acc:
-    """The slice of accelerate.Accelerator that `_update` uses, single process."""
+    """The slice of accelerate.Accelerator that `ddpo_update` uses, single process."""
     device = torch.device("cpu")
     no_sync = autocast = staticmethod(lambda *a: contextlib.nullcontext())
     backward = staticmethod(lambda loss: loss.backward())
@@ -250,7 +273,7 @@ class _RecordingOptimizer:
 def test_timesteps_per_forward_gives_the_same_gradient(tiny_sd, kl_coef):
     """k steps per UNet call (k = 2 leaves a remainder of 1 of 5, k = 5 is all at once) sum the same per-step
     losses as one call per step: the same gradients at every optimiser step and the same logged statistics."""
-    from image_rlhf.ddpo import _update
+    from image_rlhf.ddpo_update import ddpo_update
     from image_rlhf.pipeline import add_unet_lora, negative_embeds
     from image_rlhf.sampling import sample_trajectories
     parts = load_pipeline(tiny_sd)
@@ -270,7 +293,7 @@ def test_timesteps_per_forward_gives_the_same_gradient(tiny_sd, kl_coef):
         cfg = DDPOConfig(train_batch_size=2, gradient_accumulation_steps=1, timesteps_per_forward=k, kl_coef=kl_coef,
                          max_grad_norm=1.0)
         opt = _RecordingOptimizer(p for p in parts.unet.parameters() if p.requires_grad)
-        stats = _update(parts.unet, parts.unet, None, opt, _Acc(), parts.scheduler, traj.latents, traj.timesteps,
+        stats = ddpo_update(parts.unet, parts.unet, None, opt, _Acc(), parts.scheduler, traj.latents, traj.timesteps,
                         old_log_probs, advantages, embeds, neg, 5.0, torch.arange(5), 5, cfg, epoch=0, rank=0)
         results[k] = (opt.grads, stats)
     grads1, stats1 = results[1]
@@ -287,10 +310,10 @@ def test_timesteps_per_forward_gives_the_same_gradient(tiny_sd, kl_coef):
 
 
 def test_min_std_dev_trains_only_the_stochastic_steps(tiny_sd):
-    """trainable_steps keeps the steps with σ_t ≥ min_std_dev (all of them at 0), and _update then trains
+    """trainable_steps keeps the steps with σ_t ≥ min_std_dev (all of them at 0), and ddpo_update then trains
     only those: a gradient from a step whose σ_t is tiny would scale as 1/σ_t and swamp the others."""
     from image_rlhf.ddim import ddim_std_dev
-    from image_rlhf.ddpo import _update
+    from image_rlhf.ddpo_update import ddpo_update
     from image_rlhf.pipeline import negative_embeds
     from image_rlhf.sampling import sample_trajectories
     parts = load_pipeline(tiny_sd)
@@ -319,6 +342,6 @@ def test_min_std_dev_trains_only_the_stochastic_steps(tiny_sd):
     spy = Spy(parts.unet)
     opt = torch.optim.SGD(parts.unet.parameters(), lr=0.0)
     cfg = DDPOConfig(train_batch_size=4, timesteps_per_forward=1)
-    _update(spy, parts.unet, None, opt, _Acc(), sched, traj.latents, traj.timesteps, traj.log_probs,
+    ddpo_update(spy, parts.unet, None, opt, _Acc(), sched, traj.latents, traj.timesteps, traj.log_probs,
             torch.tensor([1.0, -1.0, 0.5, -0.5]), embeds, neg, 5.0, keep, 3, cfg, epoch=0, rank=0)
     assert set(spy.seen) == set(traj.timesteps[keep].tolist())

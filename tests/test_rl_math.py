@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from align.rl import (AdaptiveKLController, FixedKLController, PerPromptStatTracker, RunningMoments,
-                      clipped_surrogate, clipped_value_loss, gae, kl_k1, kl_k2, kl_k3, masked_mean,
-                      masked_var, masked_whiten)
+                      clipped_surrogate, clipped_value_loss, gae, group_advantages, kl_k1, kl_k2, kl_k3,
+                      masked_mean, masked_var, masked_whiten)
 
 
 def naive_gae(rewards, values, lengths, gamma, lam):
@@ -168,3 +168,18 @@ def test_per_prompt_stat_tracker():
     assert list(t.stats["a"]) == [3.0, 5.0, 7.0, 9.0]  # buffer keeps the last 4
     with pytest.raises(ValueError, match="non-finite"):
         t.update(["a"], torch.tensor([float("nan")]))
+
+
+def test_group_advantages_by_hand():
+    """Two groups of 3: centred by their own mean, scaled by the population std of all centred values."""
+    adv = group_advantages(torch.tensor([1.0, 2.0, 3.0, 10.0, 10.0, 13.0]), 3)
+    # centred: [-1, 0, 1, -1, -1, 2]; population std = sqrt(8/6)
+    expected = torch.tensor([-1.0, 0.0, 1.0, -1.0, -1.0, 2.0], dtype=torch.float64) / ((8 / 6) ** 0.5 + 1e-6)
+    torch.testing.assert_close(adv, expected.float())
+    assert adv.reshape(2, 3).sum(1).abs().max() < 1e-6          # zero mean in every group
+    with pytest.raises(ValueError, match="groups of 4"):
+        group_advantages(torch.ones(6), 4)
+    with pytest.raises(ValueError, match=">= 2"):
+        group_advantages(torch.ones(6), 1)
+    with pytest.raises(ValueError, match="non-finite rewards at batch positions \\[4\\]"):
+        group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan"), 6.0]), 2)

@@ -82,3 +82,23 @@ class PerPromptStatTracker:
 
     def load_state_dict(self, state: dict) -> None:
         self.stats = {k: deque(v, maxlen=self.buffer_size) for k, v in state["stats"].items()}
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) -> torch.Tensor:
+    """(N,) advantages of rewards that come in consecutive groups of `group_size` sharing everything the
+    policy does not choose (DDPO: the prompt and the initial noise x_T): Â = (r − mean of its group) /
+    (std of all group-centred rewards + eps). The group mean is a baseline that conditions on x_T, so the
+    reward variance x_T causes (which no step's log-prob is credited with) leaves the advantages; one
+    batch-wide scale rather than each group's own std, which is itself noisy with groups of 4-8 and blows
+    up near-ties (Liu et al. 2025, "Dr. GRPO", drop the per-group std too). Population std; float64 inside."""
+    if group_size < 2:
+        raise ValueError(f"group_size must be >= 2 (a group of 1 has no baseline), got {group_size}")
+    r = torch.as_tensor(rewards, dtype=torch.float64).flatten()
+    if r.numel() % group_size:
+        raise ValueError(f"{r.numel()} rewards do not split into groups of {group_size}")
+    if not torch.isfinite(r).all():
+        bad = (~torch.isfinite(r)).nonzero().flatten().tolist()
+        raise ValueError(f"non-finite rewards at batch positions {bad[:10]}")
+    centred = r.reshape(-1, group_size)
+    centred = centred - centred.mean(1, keepdim=True)
+    return (centred / (centred.std(unbiased=False) + eps)).flatten().float()
