@@ -325,6 +325,13 @@ def make_accelerator(mixed_precision="no", cpu=None, gradient_accumulation_steps
 
     if cpu is None:
         cpu = not torch.cuda.is_available()
+    from accelerate.state import AcceleratorState
+    previous = AcceleratorState._shared_state.get("_mixed_precision")
+    if previous is not None and previous != mixed_precision:
+        # accelerate's state is a process-wide singleton that refuses a new precision; stages run one after
+        # another in one process (align demo, a notebook) may differ: start its precision state afresh (the
+        # distributed PartialState, the process group, is kept)
+        AcceleratorState._reset_state(reset_partial_state=False)
     return Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=log_with,
                        gradient_accumulation_steps=gradient_accumulation_steps, **kwargs)
 

@@ -202,3 +202,28 @@ def test_bad_input_leaves_no_run_folder_behind(tiny_gpt2, tmp_path, caplog):
     out = tmp_path / "o"
     code, _ = run_cli(["text", "sft", "--model", tiny_gpt2, "--data", str(f), "--out", str(out)], caplog)
     assert code == 2 and not out.exists()
+
+
+def test_lora_with_bf16_keeps_the_frozen_base_in_bf16_and_trains_float32(tiny_gpt2, tiny_llama, data, tmp_path):
+    """mixed_precision=bf16 + LoRA (CPU autocast here): SFT, RM and PPO keep the frozen base in bf16 (the
+    saved merged model is bf16) and train the adapters (and the RM's score head) in float32."""
+    from safetensors.torch import load_file
+    sft = run_sft(load_config(SFTConfig, None, ["epochs=1", "batch_size=8", "lr=1e-3", "lora.r=4",
+                                               "mixed_precision=bf16"],
+                              model=tiny_llama, data=data["demos"], out=str(tmp_path / "sft")))
+    rm = run_rm(load_config(RMConfig, None, ["epochs=1", "lr=1e-3", "max_pairs_per_batch=32", "lora.r=4",
+                                             "mixed_precision=bf16"],
+                            model=tiny_gpt2, data=data["prefs"], out=str(tmp_path / "rm")))
+    for model_dir in (sft, rm):
+        merged = load_file(str(next(model_dir.glob("*.safetensors"))))
+        adapter = load_file(str(model_dir / "adapter" / "adapter_model.safetensors"))
+        assert {v.dtype for k, v in merged.items() if "score" not in k} == {torch.bfloat16}, model_dir
+        assert {v.dtype for v in adapter.values()} == {torch.float32}, model_dir
+    assert any("score" in k for k in load_file(str(rm / "adapter" / "adapter_model.safetensors")))
+    result = run_ppo(load_config(PPOConfig, None, ["iterations=2", "batch_size=8", "ppo.mini_batch_size=4",
+                                                   "max_new_tokens=6", "lora.r=4", "mixed_precision=bf16"],
+                                 policy=tiny_gpt2, reward=str(rm), prompts=data["prompts"], out=str(tmp_path / "ppo")))
+    trained = {p.dtype for p in result.policy.parameters() if p.requires_grad}
+    frozen = {p.dtype for p in result.policy.parameters() if not p.requires_grad}
+    assert trained == {torch.float32} and frozen == {torch.bfloat16}
+    assert all(torch.isfinite(torch.tensor(r["env/raw_score"])) for r in metrics(tmp_path / "ppo"))

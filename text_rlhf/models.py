@@ -101,16 +101,26 @@ def load_seq_scorer(path: str, dtype: torch.dtype = torch.float32, pad_token_id:
     return model
 
 
-def apply_lora(model, lora, task_type: str):
-    """Wrap `model` with peft LoRA adapters when lora.r > 0 (else return it unchanged)."""
+def apply_lora(model, lora, task_type: str, mixed_precision: str = "no"):
+    """Wrap `model` with peft LoRA adapters when lora.r > 0 (else return it unchanged).
+
+    mixed_precision fp16/bf16: the frozen base weights are cast to that dtype first (half the memory and
+    bandwidth of float32; autocast computes in it anyway), while everything trained — the adapters (peft
+    keeps them float32) and a sequence classifier's `score` head — stays float32 for the optimiser."""
     if lora.r <= 0:
         return model
     from peft import LoraConfig, get_peft_model
+    if mixed_precision != "no":
+        model.to(dtype_of(mixed_precision))
     targets = lora.target_modules
     targets = targets[0] if len(targets) == 1 and targets[0] == "all-linear" else list(targets)
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                      task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    for p in model.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+    return model
 
 
 def unwrap_hf(model):

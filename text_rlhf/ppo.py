@@ -29,7 +29,7 @@ from align.rl import clipped_surrogate, clipped_value_loss, gae, kl_estimate, ma
 from align.rl.config import LoraParams, PPOParams
 from align.runner import progress
 from align.session import adamw, rng_state, set_rng_state, start_run
-from text_rlhf.models import (SequenceScorer, apply_lora, dtype_of, fuse_activations, load_causal_lm, load_seq_scorer,
+from text_rlhf.models import (SequenceScorer, apply_lora, fuse_activations, load_causal_lm, load_seq_scorer,
                               load_tokenizer, ModelLoadError, pad_batch, save_hf, unwrap_hf)
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
                               response_mask)
@@ -176,9 +176,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
                              f"the policy {lm.config.vocab_size}: they must share the tokenizer")
     elif cfg.lora.r <= 0:
         ref_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(acc.device)
-    if cfg.lora.r > 0 and cfg.mixed_precision != "no":
-        lm.to(dtype_of(cfg.mixed_precision))  # frozen under LoRA; peft keeps the adapters in float32
-    lm = apply_lora(lm, cfg.lora, "CAUSAL_LM")
+    lm = apply_lora(lm, cfg.lora, "CAUSAL_LM", cfg.mixed_precision)  # frozen base in the autocast dtype
     critic = None
     if cfg.value_model == "separate":
         from transformers import AutoModel

@@ -47,6 +47,8 @@ class RMConfig:
     """Read at most this many rows of an hf: dataset (0 = all)."""
     seed: int = 0
     mixed_precision: str = "no"
+    """no | bf16 | fp16 (accelerate autocast); with LoRA the frozen base is kept in that dtype (the adapters
+    and the score head train in float32)."""
     gradient_checkpointing: bool = False
     lora: LoraParams = field(default_factory=LoraParams)
     save_every: int = 0
@@ -96,7 +98,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
                             pad_token_id=tok.pad_token_id)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model = apply_lora(model, cfg.lora, "SEQ_CLS")
+    model = apply_lora(model, cfg.lora, "SEQ_CLS", cfg.mixed_precision)
     scorer = SequenceScorer(model)
     optimizer = adamw(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scorer, optimizer = acc.prepare(scorer, optimizer)

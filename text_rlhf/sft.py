@@ -46,7 +46,8 @@ class SFTConfig:
     """Held-out share of the demonstrations (0 = no evaluation)."""
     seed: int = 0
     mixed_precision: str = "no"
-    """no | bf16 | fp16 (accelerate autocast); weights load in float32."""
+    """no | bf16 | fp16 (accelerate autocast); weights load in float32, and with LoRA the frozen base is
+    then kept in that dtype (the adapters train in float32)."""
     gradient_checkpointing: bool = False
     lora: LoraParams = field(default_factory=LoraParams)
     save_every: int = 0
@@ -93,7 +94,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     model = load_causal_lm(cfg.model)
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model = apply_lora(model, cfg.lora, "CAUSAL_LM")
+    model = apply_lora(model, cfg.lora, "CAUSAL_LM", cfg.mixed_precision)
     if run.resume_dir:
         _load_weights(model, run.resume_dir / "model")
     micro = cfg.micro_batch_size or cfg.batch_size
