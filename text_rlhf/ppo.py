@@ -177,6 +177,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     elif cfg.lora.r <= 0:
         ref_lm = copy.deepcopy(lm).eval().requires_grad_(False).to(acc.device)
     lm = apply_lora(lm, cfg.lora, "CAUSAL_LM", cfg.mixed_precision)  # frozen base in the autocast dtype
+    disable_dropout(lm)  # again: lora.dropout > 0 would make log π of the same tokens random (ratio ≠ 1)
     critic = None
     if cfg.value_model == "separate":
         from transformers import AutoModel
