@@ -83,7 +83,8 @@ class ImageDemoPreset:
     One x_T per group of a prompt's samples (noise_group_size; 55% of the learned reward's variance within a
     prompt comes from x_T, which no step's log-prob is credited with): G = 8 -> held-out aligned-plain gold
     0.401 (base 0.399, win vs base-engineered 28%), no better. With the gold judge itself as the reward
-    (an oracle RM, same 1280 samples): 0.391 (G = 0) and 0.394 (G = 8) — the RL step, not only the RM,
+    (an oracle RM, same 1280 samples, lr 1e-3): 0.391 (G = 0), 0.394 (G = 8), 0.397 (timestep_fraction 1.0,
+    all 4 stochastic steps) — the RL step, not only the RM,
     is short of samples here. 40 epochs (5120 samples, ~4x the demo's DDPO time): 0.410 with the oracle,
     0.411 with the learned RM (base-engineered 0.417; wins vs it 37% / 34%). Measured 2026-11-26 on the
     cached default base models.
