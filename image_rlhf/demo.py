@@ -92,8 +92,9 @@ class ImageDemoPreset:
     the policy moves): held-out aligned-plain gold, pipeline seed 0, learned RM: 0.399 (1e-3), 0.415 (3e-3),
     0.428 (1e-2), 0.401 (2e-2, the proxy climbs where gold does not); oracle RM: 0.391 (1e-3), 0.414 (3e-3),
     0.459 (1e-2). Seed 1 (other labels, RM, DDPO samples): 0.372 (1e-3), 0.380 (1e-2) — below the base's
-    0.399 with either, the RM of that seed being climbed. The gold monitor on the RLHF prompts' own samples
-    (no held-out prompt) ranks 1e-2 first on both seeds too, hence the default."""
+    0.399 with either, the RM of that seed being climbed; seed 2: 0.403 (1e-3), 0.404 (1e-2). The gold
+    monitor on the RLHF prompts' own samples (no held-out prompt) ranks 1e-2 first on seeds 0 and 1, hence
+    the default."""
     lora_r: int = 8
     """LoRA rank on the UNet's attention projections (alpha = r); 0 = full fine-tuning. Measured on the
     default preset (same base, RM and samples): full fine-tuning at lr 5e-4 collapsed the model (gold
