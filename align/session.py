@@ -100,6 +100,15 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def float32_trainable(module) -> None:
+    """Every parameter that trains (requires_grad) in float32, whatever the frozen rest is in (bf16/fp16 under
+    mixed precision with LoRA): the optimiser's updates and state need float32. Text and image LoRA use it."""
+    import torch
+    for p in module.parameters():
+        if p.requires_grad and p.dtype != torch.float32:
+            p.data = p.data.float()
+
+
 def adamw(params, lr: float, **kwargs):
     """torch AdamW with the fused kernel where the device and dtypes allow it (CPU and CUDA, fp32/bf16/
     fp16): one kernel for all parameters instead of a Python loop over them (measured 4.2 -> 0.9 ms

@@ -226,13 +226,13 @@ def add_unet_lora(unet, lora) -> None:
     Gaussian init of A (B = 0, so the adapted UNet starts equal to the base, ratio = 1).
     """
     from peft import LoraConfig
+
+    from align.session import float32_trainable
     targets = LORA_TARGETS if list(lora.target_modules) in ([], ["all-linear"]) else list(lora.target_modules)
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
                                 init_lora_weights="gaussian", target_modules=targets))
-    for p in unet.parameters():  # trained in float32 even when the base is bf16/fp16
-        if p.requires_grad:
-            p.data = p.data.float()
+    float32_trainable(unet)  # trained in float32 even when the base is bf16/fp16
 
 
 def save_unet_lora(unet, out: str | Path) -> Path:

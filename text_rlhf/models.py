@@ -116,10 +116,9 @@ def apply_lora(model, lora, task_type: str, mixed_precision: str = "no"):
     targets = targets[0] if len(targets) == 1 and targets[0] == "all-linear" else list(targets)
     cfg = LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
                      task_type=task_type, modules_to_save=["score"] if task_type == "SEQ_CLS" else None)
+    from align.session import float32_trainable
     model = get_peft_model(model, cfg)
-    for p in model.parameters():
-        if p.requires_grad and p.dtype != torch.float32:
-            p.data = p.data.float()
+    float32_trainable(model)
     return model
 
 
