@@ -88,9 +88,6 @@ def load_judge(spec: str, cfg: CompareConfig, device):
     """A CLIP reward folder (or an `align image rm` run folder), a built-in, or module:function."""
     if is_function_spec(spec):
         return FunctionJudge(spec)  # outputs are checked (count, finite) by align.compare.evaluate
-    p = Path(spec)
-    if p.is_dir() and (p / "model").is_dir() and not (p / "align_reward.json").is_file():
-        spec = str(p / "model")
     return load_reward(spec, device=device)
 
 

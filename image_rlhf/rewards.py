@@ -99,8 +99,8 @@ def load_reward(spec: str, device="cpu") -> Callable:
     """A reward from a string:
 
     - "jpeg" / "compressibility", "incompressibility", "brightness": the built-ins above;
-    - a folder written by `ClipReward.save` (e.g. `align image rm`'s out/model): that model, in
-      eval mode with gradients off, on `device`;
+    - a folder written by `ClipReward.save`, or an `align image rm` run folder (its final `model/`):
+      that model, in eval mode with gradients off, on `device`;
     - "module:function": an importable `function(prompts, images)`, wrapped in `CheckedReward`.
     """
     spec = str(spec)
@@ -109,9 +109,13 @@ def load_reward(spec: str, device="cpu") -> Callable:
     if Path(spec).is_dir():
         from image_rlhf.clip_reward import META_FILE, ClipReward
 
-        if not (Path(spec) / META_FILE).is_file():
-            raise ValueError(f"reward {spec!r}: folder has no {META_FILE} (not saved by ClipReward.save)")
-        reward = ClipReward.load(spec, device=device).eval()
+        folder = Path(spec)
+        if not (folder / META_FILE).is_file() and (folder / "model" / META_FILE).is_file():
+            folder = folder / "model"  # an `align image rm` run folder: the model it finished with
+        if not (folder / META_FILE).is_file():
+            raise ValueError(f"reward {spec!r}: folder has no {META_FILE} (neither a ClipReward.save folder "
+                             f"nor an `align image rm` run folder with model/{META_FILE})")
+        reward = ClipReward.load(folder, device=device).eval()
         return reward.requires_grad_(False)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:

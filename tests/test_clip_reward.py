@@ -116,6 +116,10 @@ def test_image_rm_learns_colour_preferences(trained):
     img = torch.tensor([COLOURS["red"], COLOURS["blue"]]).view(2, 3, 1, 1).expand(2, 3, 24, 24)
     s = reward(["a red image of a chair"] * 2, img)
     assert s[0] > s[1]
+    # the run folder itself names the same reward (README: `--reward runs/img-rm`)
+    torch.testing.assert_close(load_reward(str(out))(["a red image of a chair"] * 2, img), s)
+    with pytest.raises(ValueError, match="align_reward.json"):
+        load_reward(str(out / "tb"))
 
 
 def test_ties_get_half_credit(trained):
