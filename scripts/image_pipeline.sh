@@ -2,7 +2,7 @@
 # The image recipe from the command line — reward model on ranked samples -> DDPO against it ->
 # plain vs engineered comparison — on the tiny CPU preset, with an offline example written to
 # runs/image-example/ (a small text-to-image model trained here, K = 4 of its samples per prompt
-# ranked by the image world's noisy gold labeler; scripts/make_image_example.py). ~5 min on 2 cores.
+# ranked by the image world's noisy gold labeler; scripts/make_image_example.py). ~5.5 min on 2 cores.
 # Each stage writes config.yaml, checkpoints/, metrics.jsonl, tb/, curves.png and report.md; DDPO
 # also a sample grid per epoch in grids/.
 set -euo pipefail
@@ -22,6 +22,7 @@ align image ddpo --config "$cfg" --pipeline "$out/base" --reward "$out/rm" --pro
                  min_std_dev=0.05 timestep_fraction=0.5 monitor=image_rlhf.world:gold_score log_kl=true
 # plain vs engineered prompts, base vs aligned, judged by the gold judge (never trained on)
 align compare --model base="$out/base" --model aligned="$out/ddpo" --prompts "$out/compare.jsonl" \
-              --judge image_rlhf.world:gold_score --num-steps 6 image.guidance_scale=3 --seeds 0,1,2,3 \
+              --judge image_rlhf.world:gold_score --num-steps 6 image.guidance_scale=3 success_threshold=0.8 \
+              --seeds 0,1,2,3 \
               --out "$out/compare"
 echo "reports: $out/rm/report.md $out/ddpo/report.md $out/compare/compare.md"
