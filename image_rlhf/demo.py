@@ -99,8 +99,11 @@ class ImageDemoPreset:
     pipeline seeds 0 / 1 / 2 is 0.425 / 0.416 / 0.423 (G = 0: 0.428 / 0.380 / 0.404; G = 4 on seed 1: 0.400),
     and the gold monitor on the RLHF prompts' own samples, mean of the last 3 epochs, 0.512 / 0.435 / 0.412
     (G = 0: 0.451 / 0.390 / 0.400) — better on every seed by the signal that involves no held-out prompt,
-    hence the default: centring each reward on its x_T group's mean removes the share of the reward that no
-    step's log-prob is credited with, and at the large step the policy stops following that noise.
+    hence the default (centring each reward on its x_T group's mean removes the share of the reward that no
+    step's log-prob is credited with). Weak evidence, said plainly: with the gold judge as the reward (oracle)
+    G = 8 gave 0.384 / 0.411 held-out on seeds 0 / 1 against G = 0's 0.459 on seed 0, at the same
+    training-side gold (last 3 epochs 0.457 vs 0.451) — held-out gold moves ±0.04 from run to run at equal
+    training reward, as much as any setting here changes it.
     15 epochs instead of 10 (G = 8, seeds 0 / 1): the gold monitor on the RLHF prompts keeps rising (last 3
     epochs 0.500 / 0.455) while held-out aligned-plain falls to 0.396 / 0.407 (KL 30k / 14k nats): the policy
     specialises to the 9 RLHF prompts, so that monitor stops predicting held-out prompts past ~10 epochs."""
