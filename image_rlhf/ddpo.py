@@ -317,7 +317,13 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
                 metrics["grid/reward"] = _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run,
                                                epoch)
         run.log(epoch, metrics)
-        bar.set_postfix(reward=f"{metrics['reward/mean']:.4f}", kl=f"{stats['policy/approx_kl']:.2e}")
+        shown = {"reward": f"{metrics['reward/mean']:.4f}"}  # of the samples drawn before this epoch's update
+        if metrics.get("monitor/mean") is not None:
+            shown["monitor"] = f"{metrics['monitor/mean']:.4f}"
+        if metrics.get("kl/ref") is not None:  # KL to the initial UNet along those samples, nats per trajectory
+            shown["kl_ref"] = f"{metrics['kl/ref']:.3g}"
+        shown["approx_kl"] = f"{stats['policy/approx_kl']:.1e}"  # of this update's ratios (PPO's, ~0)
+        bar.set_postfix(shown)
         if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
             run.checkpoint(epoch, write, {"tracker": tracker.state_dict()})
     bar.close()
