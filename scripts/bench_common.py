@@ -164,3 +164,59 @@ def table(rows: list[dict], cols: list[tuple[str, str, int]]) -> str:
 def self_rss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+# ---------------------------------------------------------------- hooks of the align child runs
+
+class _LoopBar:
+    """The trainer's progress bar, passed through; closing it marks the end of the training loop."""
+
+    def __init__(self, bar, marks: dict):
+        self._bar, self._marks = bar, marks
+
+    def close(self):
+        self._marks["loop1"] = time.perf_counter()
+        self._marks["rss_loop_mb"] = self_rss_mb()
+        return self._bar.close()
+
+    def __getattr__(self, name):
+        return getattr(self._bar, name)
+
+
+def hook_loop(module, marks: dict) -> bool:
+    """Wrap `module.progress` (align's trainers open their bar right before the loop and close it right
+    after): marks gets loop0 / rss_loop0_mb at the opening, loop1 / rss_loop_mb at the closing. False
+    when the module has no `progress` (then the caller falls back to the logged phase times)."""
+    orig = getattr(module, "progress", None)
+    if orig is None:
+        return False
+
+    def progress(*a, **kw):
+        marks["loop0"] = time.perf_counter()
+        marks["rss_loop0_mb"] = self_rss_mb()
+        return _LoopBar(orig(*a, **kw), marks)
+    module.progress = progress
+    return True
+
+
+def time_run(run, marks: dict):
+    """Wrap an `align.runner` run in place: `checkpoint` calls timed into marks["ckpt_s"] / ["ckpt_n"]
+    (subtracted from the loop time: the peer never saves), `log` calls after loop0 stamped in
+    marks["log_t"] (the first one ends the first iteration). Returns the run."""
+    marks.setdefault("ckpt_s", 0.0), marks.setdefault("ckpt_n", 0), marks.setdefault("log_t", [])
+    ck, lg = run.checkpoint, run.log
+
+    def checkpoint(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return ck(*a, **kw)
+        finally:
+            marks["ckpt_s"] += time.perf_counter() - t
+            marks["ckpt_n"] += 1
+
+    def log(step, metrics):
+        if "loop0" in marks:  # not a log before the loop (e.g. DDPO's epoch-0 grid)
+            marks["log_t"].append(time.perf_counter())
+        return lg(step, metrics)
+    run.checkpoint, run.log = checkpoint, log
+    return run

@@ -77,10 +77,10 @@ def align_child_main(spec: dict) -> None:
     shim = _torchvision_shim(ddpo_mod)
 
     s = SETTINGS
-    T = {k: 0.0 for k in ("ckpt_s", "grid_s", "encode_s", "rollout_s", "decode_s", "fwd_sample_s", "fwd_train_s",
+    T = {k: 0.0 for k in ("grid_s", "encode_s", "rollout_s", "decode_s", "fwd_sample_s", "fwd_train_s",
                           "bwd_s", "opt_s", "clip_s")}
-    N = {k: 0 for k in ("ckpt", "grid", "fwd_sample", "fwd_train", "bwd", "opt")}
-    marks: dict = {"log_t": [], "in_grid": False}
+    N = {k: 0 for k in ("grid", "fwd_sample", "fwd_train", "bwd", "opt")}
+    marks: dict = {"in_grid": False}
     hooks = []
 
     def timed(name, fn, count=None):
@@ -102,43 +102,10 @@ def align_child_main(spec: dict) -> None:
         setattr(ddpo_mod, name, wrapper_factory(orig))
         hooks.append(name)
 
-    class _Bar:
-        def __init__(self, bar):
-            self._bar = bar
-
-        def close(self):
-            marks["loop1"] = time.perf_counter()
-            marks["rss_loop_mb"] = bc.self_rss_mb()
-            return self._bar.close()
-
-        def __getattr__(self, name):
-            return getattr(self._bar, name)
-
-    def progress_f(orig):
-        def progress(*a, **kw):
-            marks["loop0"] = time.perf_counter()
-            marks["rss_loop0_mb"] = bc.self_rss_mb()
-            return _Bar(orig(*a, **kw))
-        return progress
-
     def start_run_f(orig):
         def start_run(*a, **kw):
-            run = orig(*a, **kw)
-            ck, lg, acc = run.checkpoint, run.log, run.accelerator
-
-            def checkpoint(*a2, **kw2):
-                t = time.perf_counter()
-                try:
-                    return ck(*a2, **kw2)
-                finally:
-                    T["ckpt_s"] += time.perf_counter() - t
-                    N["ckpt"] += 1
-
-            def log(step, metrics):
-                if "loop0" in marks:  # not the epoch-0 grid's log, before the loop
-                    marks["log_t"].append(time.perf_counter())
-                return lg(step, metrics)
-            run.checkpoint, run.log = checkpoint, log
+            run = bc.time_run(orig(*a, **kw), marks)
+            acc = run.accelerator
             acc.backward = timed("bwd_s", acc.backward, "bwd")
             acc.clip_grad_norm_ = timed("clip_s", acc.clip_grad_norm_)
             return run
@@ -177,7 +144,8 @@ def align_child_main(spec: dict) -> None:
             return out
         return add_unet_lora
 
-    patch("progress", progress_f)
+    if bc.hook_loop(ddpo_mod, marks):
+        hooks.append("progress")
     patch("start_run", start_run_f)
     patch("_grid", grid_f)
     patch("add_unet_lora", lora_f)
@@ -229,7 +197,7 @@ def align_child_main(spec: dict) -> None:
 
     sample_s, update_s = tsum("time/sample_s"), tsum("time/update_s")
     if "loop0" in marks and "loop1" in marks:
-        loop_s = marks["loop1"] - marks["loop0"] - T["ckpt_s"]
+        loop_s = marks["loop1"] - marks["loop0"] - marks.get("ckpt_s", 0.0)
         timing = "loop"
     else:
         loop_s = (sample_s or 0) + (update_s or 0) + T["grid_s"]
@@ -253,7 +221,7 @@ def align_child_main(spec: dict) -> None:
         "loop_s": r3(loop_s), "sample_s": r3(sample_s), "update_s": r3(update_s),
         "grid_s": r3(T["grid_s"]), "grids": N["grid"],
         "other_s": r3(loop_s - (sample_s or 0) - (update_s or 0) - T["grid_s"]),
-        "checkpoint_s": r3(T["ckpt_s"]), "checkpoints": N["ckpt"],
+        "checkpoint_s": r3(marks.get("ckpt_s", 0.0)), "checkpoints": marks.get("ckpt_n", 0),
         "finish_s": r3(t_call1 - marks.get("loop1", t_call1)),
         "images_sampled": imgs, "train_timesteps": train_ts,
         "images_per_s": r3(imgs / sample_s) if sample_s else None,
@@ -268,7 +236,7 @@ def align_child_main(spec: dict) -> None:
         "clip_s": r3(T["clip_s"]),
         "sample_py_s": r3(sample_s - T["fwd_sample_s"] - T["decode_s"] - T["encode_s"]) if sample_s else None,
         "update_py_s": r3(update_s - T["fwd_train_s"] - T["bwd_s"] - T["opt_s"] - T["clip_s"]) if update_s else None,
-        "first_epoch_s": r3(marks["log_t"][0] - marks["loop0"]) if marks["log_t"] and "loop0" in marks else None,
+        "first_epoch_s": r3(marks["log_t"][0] - marks["loop0"]) if marks.get("log_t") and "loop0" in marks else None,
         "rss_loop0_mb": round(marks["rss_loop0_mb"], 1) if "rss_loop0_mb" in marks else None,
         "rss_loop_mb": round(marks["rss_loop_mb"], 1) if "rss_loop_mb" in marks else None,
         "peak_rss_self_mb": round(bc.self_rss_mb(), 1),

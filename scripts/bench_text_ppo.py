@@ -128,49 +128,10 @@ def align_child_main(spec: dict) -> None:
 
     s = SETTINGS
     marks = {"ckpt_s": 0.0, "ckpt_n": 0, "log_t": []}
-    hooks = {"progress": False, "start_run": False}
-
-    orig_progress = getattr(ppo_mod, "progress", None)
-
-    class _Bar:
-        def __init__(self, bar):
-            self._bar = bar
-
-        def close(self):
-            marks["loop1"] = time.perf_counter()
-            marks["rss_loop_mb"] = bc.self_rss_mb()
-            return self._bar.close()
-
-        def __getattr__(self, name):
-            return getattr(self._bar, name)
-
-    if orig_progress is not None:
-        def progress(*a, **kw):
-            marks["loop0"] = time.perf_counter()
-            return _Bar(orig_progress(*a, **kw))
-        ppo_mod.progress = progress
-        hooks["progress"] = True
-
+    hooks = {"progress": bc.hook_loop(ppo_mod, marks), "start_run": False}
     orig_start_run = getattr(ppo_mod, "start_run", None)
     if orig_start_run is not None:
-        def start_run(*a, **kw):
-            run = orig_start_run(*a, **kw)
-            ck, lg = run.checkpoint, run.log
-
-            def checkpoint(*a2, **kw2):
-                t = time.perf_counter()
-                try:
-                    return ck(*a2, **kw2)
-                finally:
-                    marks["ckpt_s"] += time.perf_counter() - t
-                    marks["ckpt_n"] += 1
-
-            def log(step, metrics):
-                marks["log_t"].append(time.perf_counter())
-                return lg(step, metrics)
-            run.checkpoint, run.log = checkpoint, log
-            return run
-        ppo_mod.start_run = start_run
+        ppo_mod.start_run = lambda *a, **kw: bc.time_run(orig_start_run(*a, **kw), marks)
         hooks["start_run"] = True
 
     want = dict(policy=spec["policy"], reward=spec["reward"], prompts=spec["prompts"], out=spec["out"],
