@@ -61,6 +61,27 @@ def _register_config(name: str, cfg: dict) -> None:
     open_clip.add_model_config(folder / f"{name}.json")
 
 
+def resize_center_crop(x: torch.Tensor, shortest_edge: int | None, crop: tuple[int, int] | None,
+                       mode: str = "bicubic") -> torch.Tensor:
+    """(B, C, H, W) in [0, 1] -> (B, C, *crop), batched on the tensor as CLIP preprocessors do on PIL images:
+    shortest side to `shortest_edge` (the long side scaled and truncated, as torchvision's Resize and
+    transformers' `get_resize_output_image_size`), then the centre crop (top = (H' − h) // 2, as transformers').
+    None skips that step; a crop larger than the resized image scales it up to fit (PIL pipelines would pad).
+    Antialiased; clamped to [0, 1], as PIL's uint8 output is after a bicubic overshoot."""
+    h, w = x.shape[-2:]
+    nh, nw = h, w
+    if shortest_edge is not None:
+        nh, nw = (shortest_edge, int(shortest_edge * w / h)) if h <= w else (int(shortest_edge * h / w), shortest_edge)
+    th, tw = crop if crop is not None else (nh, nw)
+    if nh < th or nw < tw:
+        s = max(th / nh, tw / nw)
+        nh, nw = max(th, round(nh * s)), max(tw, round(nw * s))
+    if (nh, nw) != (h, w):
+        x = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=False, antialias=True).clamp(0, 1)
+    top, left = (nh - th) // 2, (nw - tw) // 2
+    return x[..., top:top + th, left:left + tw]
+
+
 class AestheticHead(nn.Module):
     """LAION aesthetic predictor shape (768 → 1024 → 128 → 64 → 16 → 1 with dropout) on the
     normalised image embedding. LAION's MLP has no nonlinearity (so it is linear); we put a GELU
@@ -199,14 +220,9 @@ class ClipReward(nn.Module):
             raise ValueError(f"images must be a float tensor (B, 3, H, W) in [0, 1], got "
                              f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
         x = images.to(self.device, torch.float32)
-        (h, w), (th, tw) = x.shape[-2:], self.image_size
-        if (h, w) != (th, tw):
-            scale = max(th / h, tw / w)
-            nh, nw = max(th, round(h * scale)), max(tw, round(w * scale))
+        if tuple(x.shape[-2:]) != self.image_size:
             mode = "bilinear" if self.preprocess_cfg.get("interpolation") == "bilinear" else "bicubic"
-            x = F.interpolate(x, size=(nh, nw), mode=mode, align_corners=False, antialias=True)
-            top, left = (nh - th) // 2, (nw - tw) // 2
-            x = x[..., top:top + th, left:left + tw].clamp(0, 1)  # bicubic overshoots; PIL clips to uint8
+            x = resize_center_crop(x, min(self.image_size), self.image_size, mode)
         return (x - self.image_mean) / self.image_std
 
     def image_features(self, images: torch.Tensor) -> torch.Tensor:  # (B, D), unit norm

@@ -85,8 +85,10 @@ def load_generator(path: str, cfg: CompareConfig, device) -> ImageGenerator:
 
 
 def load_judge(spec: str, cfg: CompareConfig, device):
-    """A CLIP reward folder (or an `align image rm` run folder), a built-in, or module:function."""
-    if is_function_spec(spec):
+    """A CLIP reward folder (or an `align image rm` run folder), a built-in, pickscore / aesthetic[:...] (published
+    checkpoints, image_rlhf.hf_rewards), or module:function."""
+    from image_rlhf.hf_rewards import is_hf_spec
+    if is_function_spec(spec) and not is_hf_spec(spec):
         return FunctionJudge(spec)  # outputs are checked (count, finite) by align.compare.evaluate
     return load_reward(spec, device=device)
 

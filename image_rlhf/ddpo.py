@@ -47,7 +47,9 @@ class DDPOConfig:
     pipeline: str = ""
     """Diffusers pipeline to fine-tune: folder or hub id (SD 1.x/2.x, or align's pixel layout)."""
     reward: str = ""
-    """jpeg|compressibility, incompressibility, brightness, a CLIP reward folder, or module:function."""
+    """jpeg|compressibility, incompressibility, brightness, an `align image rm` / ClipReward folder, pickscore,
+    aesthetic (the published checkpoints; `pickscore:MODEL`, `aesthetic:CLIP,MLP` or a transformers CLIP folder
+    for local copies), or module:function."""
     prompts: str = ""
     """Prompts: a text file, one per line, or JSONL {"prompt"}; each batch draws uniformly from them."""
     out: str = ""

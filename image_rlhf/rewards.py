@@ -101,11 +101,17 @@ def load_reward(spec: str, device="cpu") -> Callable:
     - "jpeg" / "compressibility", "incompressibility", "brightness": the built-ins above;
     - a folder written by `ClipReward.save`, or an `align image rm` run folder (its final `model/`):
       that model, in eval mode with gradients off, on `device`;
+    - "pickscore", "aesthetic", "pickscore:MODEL[,PROCESSOR]", "aesthetic:CLIP,MLP" or a transformers CLIP
+      folder: the published PickScore / LAION aesthetic predictor (`image_rlhf.hf_rewards`);
     - "module:function": an importable `function(prompts, images)`, wrapped in `CheckedReward`.
     """
     spec = str(spec)
     if spec in BUILTINS:
         return BUILTINS[spec]
+    from image_rlhf.hf_rewards import load_hf_reward
+    hf = load_hf_reward(spec, device)
+    if hf is not None:
+        return hf
     if Path(spec).is_dir():
         from image_rlhf.clip_reward import META_FILE, ClipReward
 
@@ -113,14 +119,15 @@ def load_reward(spec: str, device="cpu") -> Callable:
         if not (folder / META_FILE).is_file() and (folder / "model" / META_FILE).is_file():
             folder = folder / "model"  # an `align image rm` run folder: the model it finished with
         if not (folder / META_FILE).is_file():
-            raise ValueError(f"reward {spec!r}: folder has no {META_FILE} (neither a ClipReward.save folder "
+            raise ValueError(f"reward {spec!r}: folder has no {META_FILE} nor a CLIP config.json (neither a ClipReward.save "
+                             f"folder, a transformers CLIPModel folder, "
                              f"nor an `align image rm` run folder with model/{META_FILE})")
         reward = ClipReward.load(folder, device=device).eval()
         return reward.requires_grad_(False)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTINS)}, a ClipReward folder, "
-                         f"or module:function")
+        raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTINS)}, pickscore, aesthetic, a ClipReward "
+                         f"or transformers CLIP folder, or module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
     except (ImportError, AttributeError) as e:
