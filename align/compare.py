@@ -198,6 +198,22 @@ def to_markdown(results: dict) -> str:
     return text
 
 
+def splits_table(named: dict[str, dict], arms: Sequence[str], pair: tuple[str, str]) -> str:
+    """One Markdown row per split of an evaluation ({split name: `compare_arms` result holding `arms` and
+    `pair`}): prompts × seeds, each arm's mean score, then pair[0] over pair[1] (win rate, mean difference,
+    with their bootstrap CIs)."""
+    from align.report import markdown_table
+    rows = []
+    for name, res in named.items():
+        p = next(q for q in res["pairs"] if (q["a"], q["b"]) == tuple(pair))
+        first = res["arms"][arms[0]]
+        rows.append({"prompts": name, "n": f"{first['n_prompts']} × {first['n_seeds']}",
+                     **{a: res["arms"][a]["mean"] for a in arms},
+                     f"{pair[0]} wins vs {pair[1]}": f"{p['win_rate']:.1%} [{p['ci_low']:.0%}, {p['ci_high']:.0%}]",
+                     "mean diff": f"{p['mean_diff']:+.3f} [{p['diff_ci_low']:+.3f}, {p['diff_ci_high']:+.3f}]"})
+    return markdown_table(rows)
+
+
 def compare_table(arms: dict, pairs: Sequence[tuple[str, str]] | None = None, **kw) -> str:
     """Markdown tables for arms {name: (P, S) scores or Arm}; pairs default to every ordered pair
     of the first arm against the others."""

@@ -122,6 +122,10 @@ class ImageDemoPreset:
     eval_seeds: tuple[int, ...] = (0, 1, 2, 3, 4, 5, 6, 7)
     """Seeds per held-out prompt phrasing: 12 × 8 = 96 paired samples per arm."""
     eval_templates: tuple[str, ...] = EVAL_TEMPLATES
+    rlhf_eval_seeds: tuple[int, ...] = (100, 101, 102, 103)
+    """Fresh seeds for the second evaluation, on the 9 RLHF prompts' (colour, shape) pairs that DDPO trained
+    on (9 × 4 phrasings × 4 seeds = 144 paired samples per arm): the held-out table asks whether alignment
+    carries over to combinations never trained on, this one whether it worked where it was applied."""
     n_boot: int = 2000
     seed: int = 0
 
@@ -137,7 +141,7 @@ PRESETS = {
         ddpo=dict(epochs=4, sample_batch_size=24, num_batches_per_epoch=1, train_batch_size=24,
                   gradient_accumulation_steps=1, timestep_fraction=0.5, min_std_dev=0.05, lr=2e-3,
                   clip_range=1e-4, buffer_size=0, min_count=1, adv_clip=5.0, inner_epochs=1), lora_r=0,
-        eval_seeds=(0, 1), eval_templates=("a {c} {s}", "{c} {s}"), n_boot=500),
+        eval_seeds=(0, 1), eval_templates=("a {c} {s}", "{c} {s}"), rlhf_eval_seeds=(100,), n_boot=500),
 }
 
 
@@ -245,7 +249,7 @@ def _eval_items(templates, pairs):
 def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bool = True) -> WorldResult:
     """The image world end to end into `out` (see the module docstring). Base models come from the cache
     (`fresh` retrains them); everything else is recomputed."""
-    from align.compare import ImageGenParams, compare_arms, default_pairs, evaluate
+    from align.compare import ImageGenParams, compare_arms, default_pairs, evaluate, splits_table
     from align.rl.config import LoraParams
     from image_rlhf.compare import ImageGenerator, samples_markdown
     from image_rlhf.ddpo import DDPOConfig, run_ddpo
@@ -313,6 +317,17 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
                                                       ("aligned-plain", "base-plain")]
         compare = compare_arms(arms, pairs, SUCCESS_THRESHOLD, n_boot=p.n_boot, seed=p.seed)
         samples_md = samples_markdown(arms, items, out, n=len(items))
+        rl_items = _eval_items(p.eval_templates, train_pairs)
+        rl_arms = evaluate({"base": str(base_dir), "aligned": str(aligned_dir)}, rl_items,
+                           lambda path: ImageGenerator(path, gen_params), gold_score, list(p.rlhf_eval_seeds),
+                           batch_size=len(rl_items), judge_spec=GOLD_JUDGE, n_samples=0)
+        compare["rlhf_prompts"] = compare_arms(rl_arms, pairs, SUCCESS_THRESHOLD, n_boot=p.n_boot, seed=p.seed)
+        split_md = ("Mean gold score on the held-out (colour, shape) pairs, and on fresh samples (other seeds) of the "
+                    f"{len(train_pairs)} pairs whose plain prompts DDPO trained on (n = prompts × seeds; ties count "
+                    "half in the win rate).\n\n" + splits_table(
+                        {"held-out pairs": compare, "RLHF pairs (trained on)": compare["rlhf_prompts"]},
+                        ("base-plain", "base-engineered", "aligned-plain", "aligned-engineered"),
+                        ("aligned-plain", "base-engineered")))
 
     # ---------------------------------------------------------------- report pieces
     a = compare["arms"]
@@ -360,6 +375,7 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
                    f"(the last sampled epoch).\n\n")
     sections = [("Image world: base models", cache_line), ("Image world: preference data", data_md),
                 ("Image world: reward model", rm_md), ("Image world: DDPO", ddpo_md + grid_md),
+                ("Image world: held-out vs trained-on prompts", split_md),
                 ("Image world: samples on held-out prompts", samples_md)]
     result = WorldResult(world="image", compare=compare, models=["base", "aligned"], overopt=overopt,
                          sections=sections, timings=dict(timer.seconds), notes=notes, out_dir=str(out))

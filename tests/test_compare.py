@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from align.compare import (FunctionJudge, PromptItem, bootstrap_ci, compare_table, default_pairs,
-                           load_compare_prompts, make_template, parse_models, summarize, win_rate)
+from align.compare import (FunctionJudge, PromptItem, bootstrap_ci, compare_arms, compare_table, default_pairs,
+                           load_compare_prompts, make_template, parse_models, splits_table, summarize, win_rate)
 from align.data import DataError
 from conftest import CORPUS
 
@@ -92,6 +92,18 @@ def test_compare_table_structure():
     assert default_pairs(["base", "sft", "aligned"]) == [
         ("sft-plain", "base-engineered"), ("aligned-plain", "base-engineered"),
         ("base-engineered", "base-plain"), ("sft-engineered", "sft-plain"), ("aligned-engineered", "aligned-plain")]
+
+
+def test_splits_table_one_row_per_split():
+    """Split A: aligned beats base on 3 of 4 prompts and ties one (win 7/8); split B: always loses."""
+    a = {"base": torch.tensor([[0.5], [0.5], [0.5], [1.0]]), "aligned": torch.tensor([[1.0], [0.9], [0.6], [1.0]])}
+    b = {"base": torch.ones(2, 3), "aligned": torch.zeros(2, 3)}
+    named = {name: compare_arms(arms, [("aligned", "base")], n_boot=200) for name, arms in (("A", a), ("B", b))}
+    md = splits_table(named, ("base", "aligned"), ("aligned", "base"))
+    lines = md.splitlines()
+    assert lines[0] == "| prompts | n | base | aligned | aligned wins vs base | mean diff |"
+    assert lines[2].startswith("| A | 4 × 1 | 0.625 | 0.875 | 87.5% [") and "| +0.250 [" in lines[2]
+    assert lines[3] == "| B | 2 × 3 | 1.000 | 0.000 | 0.0% [0%, 0%] | -1.000 [-1.000, -1.000] |"
 
 
 # ---------------------------------------------------------------------------- prompt files and templates

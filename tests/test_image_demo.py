@@ -107,6 +107,11 @@ def test_small_demo_aligned_beats_base_on_plain_prompts(cache, tmp_path):
     for link in ("samples/aligned-plain.png", "ddpo/grids/epoch-000.png"):
         assert link in text and (out / link).is_file()
     assert (out / "image_world.json").is_file()
+    # the second evaluation: fresh seeds of the pairs DDPO trained on, paired arms, in the report's split table
+    rl = result.compare["rlhf_prompts"]
+    assert set(rl["arms"]) == set(arms) and rl["arms"]["aligned-plain"]["n_prompts"] == 9 * 2
+    assert rl["arms"]["aligned-plain"]["n_seeds"] == 1
+    assert "RLHF pairs (trained on)" in text and "held-out pairs" in text
     aligned, base = arms["aligned-plain"]["mean"], arms["base-plain"]["mean"]
     if not aligned > base:
         pytest.xfail(f"DDPO did not beat the base on plain held-out prompts: gold {aligned:.3f} vs {base:.3f}")

@@ -39,6 +39,14 @@ def test_small_text_world_end_to_end(small_run):
     assert prefs and all(len(p["completions"]) == len(p["ranking"]) >= 2 for p in prefs)
     report = write_demo_report([result], root, 1.0).read_text()
     assert "Text world" in report and "overopt_text.png" in report and "Time per stage" in report
+    # the held-out evaluation cut by phrasing: the splits partition the prompts, and their means recombine
+    sp = result.compare["splits"]
+    assert "seen vs never-seen phrasings" in report and "never-seen phrasing" in report
+    n_all, n_seen, n_new = (sp[k]["n_prompts"] for k in ("all held-out", "seen phrasing", "never-seen phrasing"))
+    assert n_seen + n_new == n_all == result.compare["arms"]["aligned-plain"]["n_prompts"] and n_seen and n_new
+    for arm in ("base-engineered", "aligned-plain"):
+        mixed = (n_seen * sp["seen phrasing"]["means"][arm] + n_new * sp["never-seen phrasing"]["means"][arm]) / n_all
+        assert mixed == pytest.approx(result.compare["arms"][arm]["mean"], abs=1e-9)
 
 
 def test_cached_base_model_is_reused(small_run):

@@ -103,8 +103,13 @@ class Instruction:
     """Index into the family's phrasings."""
 
     @property
+    def unseen_phrasing(self) -> bool:
+        """An eval-only phrasing: in no corpus page, demonstration or RL prompt."""
+        return self.phrasing >= len(FAMILIES[self.family].train_phrasings)
+
+    @property
     def heldout(self) -> bool:
-        return is_heldout(self.family, self.args) or self.phrasing >= len(FAMILIES[self.family].train_phrasings)
+        return is_heldout(self.family, self.args) or self.unseen_phrasing
 
 
 def _canonical(args: dict) -> tuple:
