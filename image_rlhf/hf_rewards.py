@@ -109,7 +109,8 @@ class HFClipReward(nn.Module):
         return F.normalize(self.model.visual_projection(pooled).float(), dim=-1)
 
     def text_features(self, prompts: list[str]) -> torch.Tensor:  # (B, D), unit norm
-        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=self.tokenizer.model_max_length,
+        max_len = min(self.tokenizer.model_max_length, self.model.config.text_config.max_position_embeddings)
+        tok = self.tokenizer(list(prompts), padding=True, truncation=True, max_length=max_len,
                              return_tensors="pt").to(self.device)
         pooled = self.model.text_model(input_ids=tok["input_ids"], attention_mask=tok["attention_mask"]).pooler_output
         return F.normalize(self.model.text_projection(pooled).float(), dim=-1)

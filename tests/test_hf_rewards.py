@@ -69,6 +69,9 @@ def test_pickscore_matches_model_card_at_crop_size(hf_clip, prefix):
     torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
     # the same prompt gives the same text embedding: a repeated prompt is scored against its own image only
     assert not torch.allclose(got[0], got[2])
+    # a prompt longer than the text tower's 77 positions is truncated, as the model card's processor call does
+    long = ["a red circle " * 40] * 4
+    torch.testing.assert_close(reward(long, x).double(), _reference_pickscore(hf_clip, long, u8), atol=1e-4, rtol=1e-4)
 
 
 def test_pickscore_with_resize_close_to_pil(hf_clip):
