@@ -210,10 +210,11 @@ def test_cli_presets_parse(monkeypatch):
                                                                    cfg.gradient_accumulation_steps) == 0
         assert main(["image", "rm", "--config", preset, "--clip", "tiny-clip", "--data", "p.jsonl", "--out", "o"]) == 0
         assert seen[-1].data == "p.jsonl" and seen[-1].clip == "tiny-clip"
-    # the aesthetic preset names its reward and prompts itself (DDPO's aesthetic experiment)
-    assert main(["image", "ddpo", "--config", "configs/image/sd15-aesthetic.yaml", "--pipeline", "P", "--out", "o"]) == 0
+    # the aesthetic preset names its reward itself (DDPO's aesthetic experiment; prompts: the animals it ships)
+    assert main(["image", "ddpo", "--config", "configs/image/sd15-aesthetic.yaml", "--pipeline", "P",
+                 "--prompts", "configs/image/animals.txt", "--out", "o"]) == 0
     cfg = seen[-1]
-    assert cfg.reward == "aesthetic" and cfg.prompts == "configs/image/animals.txt" and cfg.resolution == 512
+    assert cfg.reward == "aesthetic" and cfg.resolution == 512
     assert len(Path(cfg.prompts).read_text().split()) == 45
     assert cfg.sample_batch_size * cfg.num_batches_per_epoch // (cfg.train_batch_size * cfg.gradient_accumulation_steps) == 2
 
