@@ -236,6 +236,40 @@ def _ddpo_rows(metrics_path: Path) -> list[dict]:
     return rows
 
 
+COMPONENTS = ("colour", "shape", "quality", "clean", "centred", "size")
+"""What the gold judge reads (world.gold_details): score = 0.4·colour + 0.4·shape + 0.2·quality, quality =
+mean(clean, centred, size)."""
+
+
+class DetailJudge:
+    """The gold judge (the same scores as world.gold_score) that keeps the components of every call, in call
+    order, so the report can say which part of the score RL and the prompt tags move."""
+
+    def __init__(self):
+        self.calls: list[dict[str, torch.Tensor]] = []
+
+    def __call__(self, prompts, images) -> torch.Tensor:
+        from image_rlhf.world import gold_details
+        d = gold_details(prompts, images)
+        self.calls.append({k: d[k] for k in ("score",) + COMPONENTS})
+        return d["score"].to(images.device)
+
+    def by_arm(self, arms: dict) -> dict[str, dict[str, float]]:
+        """Mean components per arm. `evaluate` calls the judge arm by arm (in the arms' order), seed by seed,
+        one batch per seed here; the recorded scores are checked against each arm's, so a different call
+        order fails loudly instead of mixing arms up."""
+        out, i = {}, 0
+        for name, arm in arms.items():
+            n_seeds = arm.scores.shape[1]
+            calls, i = self.calls[i:i + n_seeds], i + n_seeds
+            got = torch.stack([c["score"].double() for c in calls], 1) if len(calls) == n_seeds else None
+            if got is None or got.shape != arm.scores.shape or not torch.allclose(got, arm.scores):
+                raise RuntimeError(f"DetailJudge: the recorded calls do not line up with arm {name!r}")
+            out[name] = {k: torch.cat([c[k].float() for c in calls]).mean().item() for k in COMPONENTS}
+        self.calls = self.calls[i:]
+        return out
+
+
 def _eval_items(templates, pairs):
     from align.compare import PromptItem
     items = []
@@ -250,12 +284,12 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
     """The image world end to end into `out` (see the module docstring). Base models come from the cache
     (`fresh` retrains them); everything else is recomputed."""
     from align.compare import ImageGenParams, compare_arms, default_pairs, evaluate, splits_table
+    from align.report import markdown_table
     from align.rl.config import LoraParams
     from image_rlhf.compare import ImageGenerator, samples_markdown
     from image_rlhf.ddpo import DDPOConfig, run_ddpo
     from image_rlhf.pipeline import load_pipeline
     from image_rlhf.rm import ImageRMConfig, run_image_rm
-    from image_rlhf.world import gold_score
 
     if preset not in PRESETS:
         raise ValueError(f"image demo: preset must be one of {', '.join(PRESETS)}, got {preset!r}")
@@ -310,17 +344,21 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
     with timer("evaluation"):
         items = _eval_items(p.eval_templates, HELDOUT_PAIRS)
         gen_params = ImageGenParams(num_steps=p.num_steps, guidance_scale=p.guidance_scale, eta=1.0)
+        judge = DetailJudge()
         arms = evaluate({"base": str(base_dir), "aligned": str(aligned_dir)}, items,
-                        lambda path: ImageGenerator(path, gen_params), gold_score, list(p.eval_seeds),
+                        lambda path: ImageGenerator(path, gen_params), judge, list(p.eval_seeds),
                         batch_size=len(items), judge_spec=GOLD_JUDGE, n_samples=len(items))
+        components = {"held-out pairs": judge.by_arm(arms)}
         pairs = default_pairs(["base", "aligned"]) + [("aligned-engineered", "base-engineered"),
                                                       ("aligned-plain", "base-plain")]
         compare = compare_arms(arms, pairs, SUCCESS_THRESHOLD, n_boot=p.n_boot, seed=p.seed)
         samples_md = samples_markdown(arms, items, out, n=len(items))
         rl_items = _eval_items(p.eval_templates, train_pairs)
         rl_arms = evaluate({"base": str(base_dir), "aligned": str(aligned_dir)}, rl_items,
-                           lambda path: ImageGenerator(path, gen_params), gold_score, list(p.rlhf_eval_seeds),
+                           lambda path: ImageGenerator(path, gen_params), judge, list(p.rlhf_eval_seeds),
                            batch_size=len(rl_items), judge_spec=GOLD_JUDGE, n_samples=0)
+        components["RLHF pairs (trained on)"] = judge.by_arm(rl_arms)
+        compare["components"] = components
         compare["rlhf_prompts"] = compare_arms(rl_arms, pairs, SUCCESS_THRESHOLD, n_boot=p.n_boot, seed=p.seed)
         split_md = ("Mean gold score on the held-out (colour, shape) pairs, and on fresh samples (other seeds) of the "
                     f"{len(train_pairs)} pairs whose plain prompts DDPO trained on (n = prompts × seeds; ties count "
@@ -328,6 +366,10 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
                         {"held-out pairs": compare, "RLHF pairs (trained on)": compare["rlhf_prompts"]},
                         ("base-plain", "base-engineered", "aligned-plain", "aligned-engineered"),
                         ("aligned-plain", "base-engineered")))
+        split_md += ("\n\nWhat the gold judge reads, mean per arm (score = 0.4·colour + 0.4·shape + 0.2·quality; "
+                     "quality = mean of clean, centred, size): which part the tags move, and which part RL moves.\n\n"
+                     + markdown_table([{"prompts": split, "arm": arm, **{k: v[k] for k in COMPONENTS}}
+                                       for split, per_arm in components.items() for arm, v in per_arm.items()]))
 
     # ---------------------------------------------------------------- report pieces
     a = compare["arms"]

@@ -84,6 +84,32 @@ def test_preferences_are_rankings_the_rm_loader_reads(cache, tmp_path):
     assert all(len(g.candidates) == 3 for g in groups)
 
 
+def test_detail_judge_scores_as_gold_and_splits_components_by_arm():
+    """DetailJudge returns gold_score's numbers and attributes each recorded call to its arm (arms in order,
+    one call per seed); calls that do not line up with the arms' scores are an error, not a silent mix-up."""
+    from types import SimpleNamespace
+
+    from image_rlhf.demo import COMPONENTS, DetailJudge
+    from image_rlhf.world import gold_details, gold_score
+    prompts = ["a red circle", "a blue square", "a green triangle"]
+    from image_rlhf.world import render, sample_attributes
+    imgs = [render(sample_attributes(3, torch.Generator().manual_seed(i))) for i in range(4)]  # drawn shapes
+    judge = DetailJudge()
+    scores = [judge(prompts, x) for x in imgs]                       # arm A: seeds 0, 1; arm B: seeds 0, 1
+    assert all(torch.equal(s, gold_score(prompts, x)) for s, x in zip(scores, imgs))
+    arms = {"A": SimpleNamespace(scores=torch.stack(scores[:2], 1).double()),
+            "B": SimpleNamespace(scores=torch.stack(scores[2:], 1).double())}
+    out = judge.by_arm(arms)
+    want = gold_details(prompts * 2, torch.cat(imgs[2:]))
+    assert set(out) == {"A", "B"} and set(out["B"]) == set(COMPONENTS)
+    assert all(out["B"][k] == pytest.approx(want[k].float().mean().item()) for k in COMPONENTS)
+    assert judge.calls == []                                          # consumed
+    for x in imgs:
+        judge(prompts, x)
+    with pytest.raises(RuntimeError, match="do not line up with arm 'A'"):
+        judge.by_arm({"A": arms["B"], "B": arms["A"]})
+
+
 def test_small_demo_aligned_beats_base_on_plain_prompts(cache, tmp_path):
     """The whole recipe on the small preset (a base model trained for seconds): every stage runs and
     reports; DDPO on the learned reward should raise the gold score of plain held-out prompts.
@@ -112,6 +138,10 @@ def test_small_demo_aligned_beats_base_on_plain_prompts(cache, tmp_path):
     assert set(rl["arms"]) == set(arms) and rl["arms"]["aligned-plain"]["n_prompts"] == 9 * 2
     assert rl["arms"]["aligned-plain"]["n_seeds"] == 1
     assert "RLHF pairs (trained on)" in text and "held-out pairs" in text
+    comp = result.compare["components"]
+    assert set(comp) == {"held-out pairs", "RLHF pairs (trained on)"} and all(set(v) == set(arms) for v in comp.values())
+    assert all(0 <= x <= 1 for v in comp.values() for a in v.values() for x in a.values())
+    assert "which part RL moves" in text
     aligned, base = arms["aligned-plain"]["mean"], arms["base-plain"]["mean"]
     if not aligned > base:
         pytest.xfail(f"DDPO did not beat the base on plain held-out prompts: gold {aligned:.3f} vs {base:.3f}")
