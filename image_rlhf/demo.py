@@ -209,16 +209,36 @@ def make_preferences(parts, pairs, groups: int, k: int, p: ImageDemoPreset, fold
 
 
 @torch.no_grad()
-def rm_gold_accuracy(rm_dir: Path, prefs: dict) -> float:
-    """Share of within-group pairs the RM orders as the noiseless gold judge does (gold ties skipped)."""
+def rm_vs_gold(rm_dir: Path, prefs: dict) -> dict:
+    """How the RM relates to the gold judge on ranked groups (`prefs` of make_preferences):
+    "accuracy", the share of within-group pairs it orders as the noiseless gold judge does (gold ties
+    skipped); "corr", the within-group correlation of its score with the gold score and each of its parts
+    (each centred on its group's mean, so prompts' differences do not count): which part it learned;
+    "gold_corr", the same for the gold score itself: how much of the labels' signal each part carries."""
     from image_rlhf.clip_reward import ClipReward
+    from image_rlhf.world import gold_details
     rm = ClipReward.load(rm_dir).eval()
     g, k = prefs["gold"].shape
-    scores = rm.score([q for q in prefs["prompts"] for _ in range(k)], prefs["images"].flatten(0, 1)).view(g, k)
+    prompts, images = [q for q in prefs["prompts"] for _ in range(k)], prefs["images"].flatten(0, 1)
+    with torch.no_grad():
+        scores = rm.score(prompts, images).float().view(g, k)
     ia, ib = torch.triu_indices(k, k, 1)
     dg, ds = prefs["gold"][:, ia] - prefs["gold"][:, ib], scores[:, ia] - scores[:, ib]
     keep = dg != 0
-    return float(((dg > 0) == (ds > 0))[keep].float().mean())
+    parts = gold_details(prompts, images)
+
+    def centred(x):  # (G·K,) -> (G, K), each group minus its mean
+        x = x.float().view(g, k)
+        return x - x.mean(1, keepdim=True)
+
+    def corr(a, b):
+        return float((a * b).sum() / (a.norm() * b.norm()).clamp(min=1e-12))
+
+    names = ("score", "colour", "shape", "quality")
+    rm_c, gold_c = centred(scores), centred(parts["score"])
+    return {"accuracy": float(((dg > 0) == (ds > 0))[keep].float().mean()),
+            "corr": {n: corr(rm_c, centred(parts[n])) for n in names},
+            "gold_corr": {n: corr(gold_c, centred(parts[n])) for n in names[1:]}}
 
 
 # ---------------------------------------------------------------------------- the run
@@ -323,7 +343,8 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
             epochs=p.rm_epochs, max_pairs_per_batch=p.rm_pairs_per_batch, lr=p.rm_lr, logit_scale_lr=1e-3,
             weight_decay=0.0, seed=p.seed, log_every=5))
         rm_meta = json.loads((rm_dir / "align_reward.json").read_text()).get("held_out", {})
-        rm_gold_acc = rm_gold_accuracy(rm_dir, held)
+        rm_gold = rm_vs_gold(rm_dir, held)
+        rm_gold_acc = rm_gold["accuracy"]
 
     # ---------------------------------------------------------------- 4. DDPO
     with timer("DDPO"):
@@ -404,7 +425,11 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
              f"rankings. Held-out rankings of the {len(HELDOUT_PAIRS)} held-out prompts ({held['n_pairs']} pairs): "
              f"accuracy {rm_meta.get('accuracy', float('nan')):.1%} against the noisy labels, "
              f"{rm_gold_acc:.1%} against the noiseless gold order (a perfect RM would reach about "
-             f"{TARGET_AGREEMENT:.0%}-ish against noisy labels).")
+             f"{TARGET_AGREEMENT:.0%}-ish against noisy labels). What it learned — within-group correlation of its "
+             f"score with the gold score and its parts, held-out rankings: "
+             + ", ".join(f"{n} {v:+.2f}" for n, v in rm_gold["corr"].items())
+             + " (the gold score's own correlation with its parts there: "
+             + ", ".join(f"{n} {v:+.2f}" for n, v in rm_gold["gold_corr"].items()) + ").")
     ddpo_md = ""
     if overopt:
         f0, fl = overopt[0], overopt[-1]
@@ -423,7 +448,7 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
                          sections=sections, timings=dict(timer.seconds), notes=notes, out_dir=str(out))
     summary = {"preset": preset, "timings": timer.seconds, "labeler": {k: prefs[k] for k in (
         "noise", "expected_agreement", "measured_agreement", "n_groups", "n_pairs", "gold_mean")},
-        "rm": {"held_out": rm_meta, "gold_accuracy": rm_gold_acc}, "overopt": overopt,
+        "rm": {"held_out": rm_meta, "gold_accuracy": rm_gold_acc, "vs_gold": rm_gold}, "overopt": overopt,
         "compare": compare, "notes": notes, "cached": {"diffusion": diff_cached, "clip": clip_cached},
         "config": dataclasses.asdict(p)}
     (out / "image_world.json").write_text(json.dumps(summary, indent=1, default=str) + "\n")

@@ -142,6 +142,10 @@ def test_small_demo_aligned_beats_base_on_plain_prompts(cache, tmp_path):
     assert set(comp) == {"held-out pairs", "RLHF pairs (trained on)"} and all(set(v) == set(arms) for v in comp.values())
     assert all(0 <= x <= 1 for v in comp.values() for a in v.values() for x in a.values())
     assert "which part RL moves" in text
+    vs_gold = json.loads((out / "image_world.json").read_text())["rm"]["vs_gold"]   # what the RM learned
+    assert set(vs_gold["corr"]) == {"score", "colour", "shape", "quality"} and "What it learned" in text
+    assert all(-1 <= v <= 1 for v in [*vs_gold["corr"].values(), *vs_gold["gold_corr"].values()])
+    assert 0 <= vs_gold["accuracy"] <= 1
     aligned, base = arms["aligned-plain"]["mean"], arms["base-plain"]["mean"]
     if not aligned > base:
         pytest.xfail(f"DDPO did not beat the base on plain held-out prompts: gold {aligned:.3f} vs {base:.3f}")
