@@ -71,8 +71,8 @@ class ImageDemoPreset:
     0.17 / 0.03; lr 1e-3 0.75 / 0.22 / −0.23; 2 epochs 0.72 / 0.06 / −0.15; lr 1e-4 × 3 epochs 0.76 / 0.15 /
     −0.06; the base CLIP before fine-tuning 0.65 / 0.15 / 0.03. On its own training rankings every variant's
     shape correlation is −0.02 to −0.05, though the gold score there carries shape (+0.40; colour +0.88):
-    no setting teaches this CLIP (16 px, four 8×8 patches) shape from 540 noisy pairs, so DDPO cannot be
-    rewarded for it."""
+    no setting teaches this CLIP (16 px images in 4×4 patches, 2 layers of width 64) shape from 540 noisy
+    pairs, so DDPO cannot be rewarded for it."""
     rm_pairs_per_batch: int = 36
     ddpo: dict = field(default_factory=lambda: dict(
         epochs=10, sample_batch_size=64, num_batches_per_epoch=2, train_batch_size=32,
