@@ -77,7 +77,6 @@ class HFClipReward(nn.Module):
         self.shortest_edge = _size(ip.size, "shortest_edge") if getattr(ip, "do_resize", True) else None
         if self.shortest_edge is None and getattr(ip, "do_resize", True):  # {"height", "width"}: resize to exactly that
             self.crop = (_size(ip.size, "height"), _size(ip.size, "width"))
-            self.shortest_edge = min(self.crop)
             self.exact = True
         else:
             crop = ip.crop_size if getattr(ip, "do_center_crop", True) else None
