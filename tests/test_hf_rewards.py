@@ -83,6 +83,22 @@ def test_pickscore_with_resize_close_to_pil(hf_clip):
     assert (got - ref).abs().max() < 0.01 * (ref.max() - ref.min()), (got, ref)
 
 
+def test_processor_that_resizes_to_an_exact_size(hf_clip, tmp_path):
+    """A processor with size {height, width} and no centre crop resizes straight to that size (no aspect kept)."""
+    import shutil
+
+    from transformers import AutoTokenizer, CLIPImageProcessor, CLIPProcessor
+    folder = tmp_path / "exact"
+    shutil.copytree(hf_clip, folder)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"height": 24, "width": 24}, do_center_crop=False),
+                  tokenizer=AutoTokenizer.from_pretrained(hf_clip)).save_pretrained(folder)
+    reward = load_reward(str(folder))
+    assert reward.exact and reward.crop == (24, 24)
+    x, u8 = _images(4, 40, 32, seed=4)
+    got, ref = reward(PROMPTS, x).double(), _reference_pickscore(folder, PROMPTS, u8)
+    assert (got - ref).abs().max() < 0.01 * (ref.max() - ref.min()), (got, ref)
+
+
 def _laion_mlp_state(dim, seed=0):
     """LAION's MLP written out independently (as in TRL's DDPO example), random weights, its state dict."""
     torch.manual_seed(seed)
