@@ -10,6 +10,7 @@ a sampling noise of the epoch mean of ~0.0003. ddpo-pytorch likewise steps on 64
 import contextlib
 import hashlib
 import json
+import math
 import shutil
 from pathlib import Path
 
@@ -53,6 +54,26 @@ def _cfg(tiny_sd, prompts_file, out, **kw):
 
 def _metrics(out):
     return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
+
+
+def test_sd2_layout_v_prediction(tmp_path, prompts_file):
+    """An SD 2.x-style pipeline: v-prediction, "trailing" timestep spacing, linear attention projections and
+    upcast attention (stable-diffusion-2-1's configs). One LoRA epoch runs and the log-probs recorded while
+    sampling are finite (the DDIM step's v-prediction branch is checked against diffusers in test_ddim)."""
+    from diffusers import UNet2DConditionModel
+    sd2 = tiny_sd_pipeline(tmp_path / "sd2", sample_size=16)
+    sched = json.loads((sd2 / "scheduler" / "scheduler_config.json").read_text())
+    sched.update(prediction_type="v_prediction", timestep_spacing="trailing")
+    (sd2 / "scheduler" / "scheduler_config.json").write_text(json.dumps(sched))
+    unet_cfg = json.loads((sd2 / "unet" / "config.json").read_text())
+    unet_cfg.update(use_linear_projection=True, upcast_attention=True)
+    torch.manual_seed(0)
+    UNet2DConditionModel.from_config(unet_cfg).save_pretrained(sd2 / "unet")
+    out = tmp_path / "run"
+    run_ddpo(_cfg(sd2, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), save_every=10))
+    rows = [r for r in _metrics(out) if "reward/mean" in r]
+    assert len(rows) == 1 and all(math.isfinite(v) for k, v in rows[0].items() if isinstance(v, float))
+    assert (out / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
 def test_ddpo_raises_brightness_and_writes_the_run(tiny_sd, prompts_file, tmp_path):
