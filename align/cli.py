@@ -79,7 +79,7 @@ def add_compare_parser(sub) -> None:
                    "repeated; the first is the baseline (e.g. base), the others are compared with it")
     c.add_argument("--kind", choices=["text", "image"], help="default: inferred from the first model folder")
     c.add_argument("--prompts", help='JSONL {"prompt", "engineered"?, "id"?} per line, or plain prompts one per line')
-    c.add_argument("--judge", help="reward model / CLIP reward folder, image built-in (jpeg, pickscore, aesthetic, ...), or "
+    c.add_argument("--judge", help="reward model / CLIP reward folder, image built-in (jpeg, pickscore, aesthetic, hpsv2, ...), or "
                                         "module:function (gold judge)")
     c.add_argument("--template", help="engineered variant: fewshot-qa, sd-tags, or a text with {prompt}")
     c.add_argument("--fewshot", help='{"prompt", "response"} JSONL of examples for --template fewshot-qa')

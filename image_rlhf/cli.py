@@ -17,9 +17,9 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
 
     d = sub.add_parser("ddpo", help="DDPO: RL fine-tuning of a diffusion pipeline against a reward")
     d.add_argument("--pipeline", help="diffusers pipeline to fine-tune: folder or hub id (SD 1.x/2.x, or pixel layout)")
-    d.add_argument("--reward", help="reward: CLIP reward folder (align image rm), pickscore, aesthetic (published "
-                                    "checkpoints; pickscore:MODEL, aesthetic:CLIP,MLP or a transformers CLIP folder "
-                                    "for local copies), jpeg, incompressibility, brightness, or module:function "
+    d.add_argument("--reward", help="reward: CLIP reward folder (align image rm), pickscore, aesthetic, hpsv2, hpsv2.1 "
+                                    "(published checkpoints; pickscore:MODEL, aesthetic:CLIP,MLP, hpsv2:CKPT[,CLIP] or "
+                                    "a transformers CLIP folder for local copies), jpeg, incompressibility, brightness, or module:function "
                                     "scoring (prompts, images)")
     d.add_argument("--prompts", help='prompts: a text file, one per line, or JSONL ({"prompt"} per line)')
     d.add_argument("--out", help="output folder")

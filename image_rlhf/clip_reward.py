@@ -232,18 +232,28 @@ class ClipReward(nn.Module):
         tokens = self.tokenizer(list(prompts)).to(self.device)  # (B, context_length)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
+    def similarity(self, prompts, images: torch.Tensor) -> torch.Tensor:
+        """(B,) cosines ⟨E_T(p)/‖E_T(p)‖, E_I(x)/‖E_I(x)‖⟩ (HPSv2's score; CLIPScore's before its 2.5·max(·, 0)).
+        Each distinct prompt is encoded once (a K-way ranking shares one)."""
+        prompts = self._prompts(prompts, images)
+        img = self.image_features(images)  # (B, D)
+        uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
+        index = torch.tensor([uniq[p] for p in prompts], device=self.device)
+        return (img * self.text_features(list(uniq))[index]).sum(-1)
+
     def score(self, prompts, images: torch.Tensor) -> torch.Tensor:
-        """(B,) rewards. Each distinct prompt is encoded once (a K-way ranking shares one)."""
+        """(B,) rewards: s · similarity (pickscore), or the head on the image embedding (aesthetic)."""
+        if self.mode == "aesthetic":
+            self._prompts(prompts, images)
+            return self.head(self.image_features(images))
+        return self.model.logit_scale.exp().float() * self.similarity(prompts, images)
+
+    @staticmethod
+    def _prompts(prompts, images) -> list[str]:
         prompts = [prompts] * len(images) if isinstance(prompts, str) else list(prompts)
         if len(prompts) != len(images):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
-        img = self.image_features(images)  # (B, D)
-        if self.mode == "aesthetic":
-            return self.head(img)
-        uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
-        index = torch.tensor([uniq[p] for p in prompts], device=self.device)
-        txt = self.text_features(list(uniq))[index]  # (B, D)
-        return self.model.logit_scale.exp().float() * (img * txt).sum(-1)
+        return prompts
 
     def forward(self, prompts, images: torch.Tensor) -> torch.Tensor:
         return self.score(prompts, images)

@@ -48,8 +48,8 @@ class DDPOConfig:
     """Diffusers pipeline to fine-tune: folder or hub id (SD 1.x/2.x, or align's pixel layout)."""
     reward: str = ""
     """jpeg|compressibility, incompressibility, brightness, an `align image rm` / ClipReward folder, pickscore,
-    aesthetic (the published checkpoints; `pickscore:MODEL`, `aesthetic:CLIP,MLP` or a transformers CLIP folder
-    for local copies), or module:function."""
+    aesthetic, hpsv2, hpsv2.1 (the published checkpoints; `pickscore:MODEL`, `aesthetic:CLIP,MLP`,
+    `hpsv2:CKPT[,CLIP]` or a transformers CLIP folder for local copies), or module:function."""
     prompts: str = ""
     """Prompts: a text file, one per line, or JSONL {"prompt"}; each batch draws uniformly from them."""
     out: str = ""

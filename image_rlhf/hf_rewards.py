@@ -18,6 +18,7 @@ Spec strings, accepted wherever a reward or judge is named (`load_reward`, `--re
     aesthetic:CLIP,MLP              a CLIPModel folder or hub id + the MLP's state dict: a .pth/.safetensors
                                     file, or REPO_ID/FILENAME on the hub
     FOLDER                          a folder holding a transformers CLIP config.json = pickscore:FOLDER
+    hpsv2, hpsv2.1, hpsv2:CKPT[,CLIP]   HPSv2 on open_clip (image_rlhf/hps_reward.py)
 
 Images come in as DDPO's decoder output, float (B, 3, H, W) in [0, 1]. They are quantised to 8 bits (what
 the published models were trained on: ddpo-pytorch and TRL hand them uint8), then resized and cropped as
@@ -144,26 +145,33 @@ def is_hf_clip_folder(path) -> bool:
 
 
 def is_hf_spec(spec: str) -> bool:
-    """`pickscore` / `aesthetic`, with or without ':args' (not a module:function spec)."""
-    return str(spec).partition(":")[0] in ("pickscore", "aesthetic")
+    """`pickscore` / `aesthetic` / `hpsv2` / `hpsv2.1`, with or without ':args' (not a module:function spec)."""
+    from image_rlhf.hps_reward import is_hps_spec
+    return str(spec).partition(":")[0] in ("pickscore", "aesthetic") or is_hps_spec(spec)
 
 
 def _hub_error(spec: str, what: str, e: Exception) -> ValueError:
     return ValueError(f"reward {spec!r}: cannot load {what}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
-                      f" (a local folder, or a hub id with the hub reachable)")
+                      f" (a local copy, or a hub id with the hub reachable)")
 
 
-def _load_mlp(spec: str, source: str, dim: int) -> LaionAestheticMLP:
+def fetch_file(spec: str, source: str, what: str) -> Path:
+    """`source` if it is a file, else REPO_ID/FILENAME downloaded from the hub; errors name `what`."""
     path = Path(source)
-    if not path.is_file():
-        repo, sep, filename = source.rpartition("/")
-        if not sep or "/" not in repo:
-            raise ValueError(f"reward {spec!r}: aesthetic MLP {source!r} is neither a file nor REPO_ID/FILENAME")
-        try:
-            from huggingface_hub import hf_hub_download
-            path = Path(hf_hub_download(repo, filename))
-        except Exception as e:  # offline, missing repo or file: one message that names them
-            raise _hub_error(spec, f"aesthetic MLP {filename!r} from {repo!r}", e) from e
+    if path.is_file():
+        return path
+    repo, sep, filename = source.rpartition("/")
+    if not sep or "/" not in repo:
+        raise ValueError(f"reward {spec!r}: {what} {source!r} is neither a file nor REPO_ID/FILENAME")
+    try:
+        from huggingface_hub import hf_hub_download
+        return Path(hf_hub_download(repo, filename))
+    except Exception as e:  # offline, missing repo or file: one message that names them
+        raise _hub_error(spec, f"{what} {filename!r} from {repo!r}", e) from e
+
+
+def read_state_dict(spec: str, path: Path):
+    """A .safetensors file or a torch pickle (weights only); the dict under "state_dict" when there is one."""
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -172,7 +180,12 @@ def _load_mlp(spec: str, source: str, dim: int) -> LaionAestheticMLP:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise ValueError(f"reward {spec!r}: {path}: not a readable state dict ({type(e).__name__}: {e})") from e
-    state = state.get("state_dict", state) if isinstance(state, dict) else state
+    return state["state_dict"] if isinstance(state, dict) and isinstance(state.get("state_dict"), dict) else state
+
+
+def _load_mlp(spec: str, source: str, dim: int) -> LaionAestheticMLP:
+    path = fetch_file(spec, source, "aesthetic MLP")
+    state = read_state_dict(spec, path)
     mlp = LaionAestheticMLP(dim)
     try:
         mlp.load_state_dict(state)
@@ -184,8 +197,13 @@ def _load_mlp(spec: str, source: str, dim: int) -> LaionAestheticMLP:
 
 
 def load_hf_reward(spec: str, device="cpu", dtype: torch.dtype | None = None) -> HFClipReward | None:
-    """The reward named by `spec` (module docstring), or None when `spec` names none of these."""
+    """The reward named by `spec` (module docstring; `hpsv2...`: image_rlhf.hps_reward), or None when `spec`
+    names none of these."""
+    from image_rlhf.hps_reward import load_hps_reward
     spec = str(spec)
+    hps = load_hps_reward(spec, device)
+    if hps is not None:
+        return hps
     kind, sep, args = spec.partition(":")
     if kind == "pickscore" and not sep:
         model_src, proc_src, mlp_src = PICKSCORE_MODEL, PICKSCORE_PROCESSOR, None

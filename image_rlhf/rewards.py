@@ -102,7 +102,8 @@ def load_reward(spec: str, device="cpu") -> Callable:
     - a folder written by `ClipReward.save`, or an `align image rm` run folder (its final `model/`):
       that model, in eval mode with gradients off, on `device`;
     - "pickscore", "aesthetic", "pickscore:MODEL[,PROCESSOR]", "aesthetic:CLIP,MLP" or a transformers CLIP
-      folder: the published PickScore / LAION aesthetic predictor (`image_rlhf.hf_rewards`);
+      folder: the published PickScore / LAION aesthetic predictor (`image_rlhf.hf_rewards`); "hpsv2",
+      "hpsv2.1", "hpsv2:CKPT[,CLIP]": HPSv2 (`image_rlhf.hps_reward`);
     - "module:function": an importable `function(prompts, images)`, wrapped in `CheckedReward`.
     """
     spec = str(spec)
@@ -126,7 +127,7 @@ def load_reward(spec: str, device="cpu") -> Callable:
         return reward.requires_grad_(False)
     module, sep, name = spec.partition(":")
     if not sep or not module or not name:
-        raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTINS)}, pickscore, aesthetic, a ClipReward "
+        raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTINS)}, pickscore, aesthetic, hpsv2, a ClipReward "
                          f"or transformers CLIP folder, or module:function")
     try:
         fn = getattr(importlib.import_module(module), name)
