@@ -59,7 +59,7 @@ def add_demo_parser(sub) -> None:
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); its world folders are replaced")
     d.add_argument("--fresh", action="store_true", help="retrain the cached base models (cache: $ALIGN_CACHE, "
                    "default ~/.cache/align/worlds)")
-    d.add_argument("--preset", default="default", help="default (the demo) or small (a fast smoke run)")
+    d.add_argument("--preset", default="default", help="default (the demo) or small (the test suite's end-to-end preset, ~5 min cold)")
     d.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     d.set_defaults(func=_demo, overrides=[])
 
