@@ -196,7 +196,7 @@ def _load_mlp(spec: str, source: str, dim: int) -> LaionAestheticMLP:
     return mlp
 
 
-def load_hf_reward(spec: str, device="cpu", dtype: torch.dtype | None = None) -> HFClipReward | None:
+def load_hf_reward(spec: str, device="cpu", dtype: torch.dtype | None = None) -> nn.Module | None:
     """The reward named by `spec` (module docstring; `hpsv2...`: image_rlhf.hps_reward), or None when `spec`
     names none of these."""
     from image_rlhf.hps_reward import load_hps_reward
