@@ -104,7 +104,11 @@ class DDPOConfig:
     """Policy = the CFG-guided step (as sampled). False: sample and train the conditional ε_θ(x_t, c)
     alone (half the UNet batch); guidance_scale then applies only to the grid images."""
     kl_coef: float = 0.0
-    """DPOK's KL-to-reference weight on per-step log-probs (0 = off); reference = the initial UNet."""
+    """DPOK's KL-to-reference weight on per-step log-probs (0 = off); reference = the initial UNet. The penalty
+    is k2 = ½(log π − log π_ref)² on the per-element-mean log-probs the surrogate uses: 1/D² of the same penalty
+    on summed log-probs (D = latent elements), so a weight tuned on summed nats (DPOK's β) does not carry over.
+    Measured in the image world (D = 768): kl_coef 1 left kl/ref unchanged, 30 halved it
+    (image_rlhf.demo.ImageDemoPreset.ddpo)."""
     monitor: str = ""
     """A second reward (same forms as `reward`) scored on every epoch's samples and logged as
     monitor/mean and monitor/std, never used for advantages: a gold judge (Gao et al. 2022)."""
