@@ -145,7 +145,7 @@ class ImageDemoPreset:
 
 PRESETS = {
     "default": ImageDemoPreset(),
-    # the test's end-to-end run (~4 min cold on 2 cores): the default recipe on a base diffusion model trained
+    # the test's end-to-end run (4-6 min cold on 2 cores): the default recipe on a base diffusion model trained
     # 300 steps instead of 700 and a CLIP trained 150 steps instead of 300, 6 DDPO epochs instead of 10, fewer
     # evaluation seeds. Measured over preset seeds 0 / 1 / 2 / 3 (2026-11-26, same cached base models):
     # aligned-plain − base-plain gold on fresh seeds of the RLHF pairs +0.046 / +0.031 / +0.071 / +0.033 (10

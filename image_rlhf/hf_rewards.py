@@ -55,6 +55,15 @@ def _size(d, *keys):
     return None
 
 
+def quantise_8bit(images: torch.Tensor, device, spec: str) -> torch.Tensor:
+    """DDPO's float (B, 3, H, W) in [0, 1] on `device`, rounded to 8 bits: what the published rewards were
+    trained on (PIL images; ddpo-pytorch and TRL hand them uint8)."""
+    if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"reward {spec!r}: images must be a float tensor (B, 3, H, W) in [0, 1], got "
+                         f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
+    return (images.detach().to(device, torch.float32).clamp(0, 1) * 255).round() / 255
+
+
 class LaionAestheticMLP(nn.Module):
     """LAION's aesthetic MLP in its own layout (`layers.{0,2,4,6,7}`), so its state dict loads as is."""
 
@@ -93,10 +102,7 @@ class HFClipReward(nn.Module):
         return self.mean.device
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"reward {self.spec!r}: images must be a float tensor (B, 3, H, W) in [0, 1], got "
-                             f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
-        x = (images.detach().to(self.device, torch.float32).clamp(0, 1) * 255).round() / 255  # uint8, as published
+        x = quantise_8bit(images, self.device, self.spec)
         if self.exact:
             x = F.interpolate(x, size=self.crop, mode=self.mode, align_corners=False, antialias=True).clamp(0, 1)
         elif self.shortest_edge is not None or self.crop is not None:

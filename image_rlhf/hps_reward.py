@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from image_rlhf.hf_rewards import fetch_file, read_state_dict
+from image_rlhf.hf_rewards import fetch_file, quantise_8bit, read_state_dict
 
 HPS_REPO = "xswu/HPSv2"
 HPS_FILES = {"hpsv2": "HPS_v2_compressed.pt", "hpsv2.1": "HPS_v2.1_compressed.pt"}
@@ -51,10 +51,7 @@ class HPSv2Reward(nn.Module):
 
     @torch.no_grad()
     def score(self, prompts, images: torch.Tensor) -> torch.Tensor:
-        if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] != 3:
-            raise ValueError(f"reward {self.spec!r}: images must be a float tensor (B, 3, H, W) in [0, 1], got "
-                             f"{tuple(images.shape) if torch.is_tensor(images) else type(images).__name__}")
-        x = (images.detach().to(self.device, torch.float32).clamp(0, 1) * 255).round() / 255  # uint8, as HPSv2 saw
+        x = quantise_8bit(images, self.device, self.spec)
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
             return self.clip.similarity(prompts, x).float()
 
