@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import re
+import sys
 from dataclasses import dataclass
 from io import BytesIO
 from pathlib import Path
@@ -163,7 +164,12 @@ def _set_attention(unet, attention: str, device) -> None:
             unet.enable_xformers_memory_efficient_attention()
             return
         except Exception as e:  # not installed, or no kernel for this GPU/dtype
-            log.info("xformers unavailable (%s); using SDPA attention", e)
+            why = str(e).splitlines()[0] if str(e) else type(e).__name__
+            load_error = getattr(sys.modules.get("xformers._cpp_lib"), "_cpp_library_load_exception", None)
+            if load_error is not None:  # e.g. a CUDA-12 wheel on a CUDA-13 torch: needs libcudart.so.12
+                why += f" (its CUDA extension did not load: {str(load_error).splitlines()[0]}; cause: " \
+                       f"{load_error.__cause__})"
+            log.info("xformers unavailable: %s; using SDPA attention", why)
     unet.set_attn_processor(AttnProcessor2_0())
 
 

@@ -15,6 +15,10 @@ ppo   `text_rlhf.ppo.run_ppo` on GPT-2-sized models (124M: 12 layers × 768, voc
       layers, bf16), 64-token prompts, no stop at EOS (every response is 128 tokens); LoRA and full
       fine-tuning.
 
+attn  the attention kernels alone at SD 1.5's shapes (8 heads; 4096/1024/256/64 query tokens of head dim
+      40/80/160/160, self- and cross-attention, 16 rows): torch SDPA vs xformers' memory_efficient_attention
+      (its own dispatch, and forced to each of its ops: fa3, fa2, cutlass), forward and forward + backward,
+      with the op xformers' dispatch picks and its largest |difference| from SDPA.
 unet  the DDPO hot path alone in one process (same machine, so ratios are fair): the CFG sampling
       forward of 8 images and the training forward + backward of 4 / 8 / 16 samples (timesteps_per_forward
       1 / 2 / 4 at train batch 4), UNet contiguous vs channels_last; median of `--reps` CUDA-event timings.
@@ -39,7 +43,15 @@ antlr4-python3-runtime, importlib_metadata; xformers to try it) and a saved CLIP
     python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts unet,ddpo,ppo --attention sdpa \
         --flops RUN1/bench_gpu.json --ddpo-epochs 2 --ddpo-set timesteps_per_forward=2 --ppo-iters 3 \
         --ppo-variants lora16:lora.r=16 lora16-unmerged:lora.r=16,merge_lora_generate=false    # run 2
+    python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts attn,ddpo --attention sdpa,xformers \
+        --flops RUN1/bench_gpu.json                                                           # run 3
+    python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --attention xformers,sdpa \
+        --flops RUN1/bench_gpu.json                                                           # run 4
     python scripts/bench_gpu.py --out /tmp/bench_gpu_tiny --tiny     # CPU dry run, tiny configs (minutes)
+
+xformers 0.0.35's PyPI wheel is built for CUDA 12.8: on a CUDA-13 torch its extension needs libcudart.so.12
+(unzip the `nvidia-cuda-runtime-cu12` wheel and put its `nvidia/cuda_runtime/lib` on LD_LIBRARY_PATH before
+Python starts), else every xformers op reports "xFormers wasn't build with CUDA support".
 
 Writes `bench_gpu.json` (every number) and prints a table per part.
 """
@@ -63,7 +75,7 @@ DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer",
            "cow", "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle"]
 
-from bench_gpu_models import _device_dtype, build_gpt2, build_sd, matmul_tflops, unet_flops  # noqa: E402
+from bench_gpu_models import _device_dtype, attention_bench, build_gpt2, build_sd, matmul_tflops, unet_flops  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------ children
@@ -222,7 +234,8 @@ def ppo_child(spec: dict) -> dict:
 
 def child_main(spec_json: str) -> None:
     spec = json.loads(spec_json)
-    fn = {"ddpo": ddpo_child, "ppo": ppo_child, "unet": unet_child, "flops": lambda s: unet_flops(Path(s["pipeline"]), s["tiny"]),
+    fn = {"ddpo": ddpo_child, "ppo": ppo_child, "unet": unet_child,
+          "attn": lambda s: attention_bench(s["tiny"], s["reps"]), "flops": lambda s: unet_flops(Path(s["pipeline"]), s["tiny"]),
           "setup": _setup_child}[spec["kind"]]
     result = fn(spec)
     print("BENCH_RESULT " + json.dumps(result), flush=True)
@@ -313,6 +326,9 @@ def main() -> None:
     gpu = res["setup"].get("gpu", "cpu")
     peak = next((v for k, v in DATASHEET_BF16_TFLOPS.items() if k in gpu), None)
     sd = str(work / "sd")
+    if "attn" in parts:
+        res["attn"] = run_child(dict(kind="attn", tiny=a.tiny, reps=max(a.reps, 10)), out / "attn.log", 600)
+        save()
     if "unet" in parts:
         res["unet"] = run_child(dict(kind="unet", pipeline=sd, tiny=a.tiny, reps=a.reps,
                                      train_batches=[int(b) for b in a.unet_batches.split(",")]), out / "unet.log", 900)
@@ -365,6 +381,16 @@ def report(res: dict) -> None:
     s = res["setup"]
     print(f"\n{s.get('gpu', 'cpu')}  torch {s.get('torch', '')}  diffusers {s['diffusers']}  transformers "
           f"{s['transformers']}  matmul bf16 {_f(s.get('matmul_bf16_tflops'), 0)} TFLOP/s")
+    at = res.get("attn")
+    if at and "error" not in at:
+        print(f"Attention alone ({at['rows']} rows × {at['heads']} heads), median ms; xformers {at['xformers']}")
+        ops = [o for o in ("xformers", "fa3", "fa2", "cutlass") if any(f"{o}_fwd_ms" in c for c in at["cases"])]
+        _table(["q × kv tokens, head dim", "xformers picks (fw / bw)", "SDPA fwd", *(f"{o} fwd" for o in ops),
+                "SDPA fwd+bwd", *(f"{o} fwd+bwd" for o in ops)], "ll" + "r" * (2 + 2 * len(ops)),
+               [[f"{c['q_tokens']} × {c['kv_tokens']}, {c['head_dim']}",
+                 f"{c.get('xformers_fw_op', '—')} / {c.get('xformers_bw_op', '—')}", _f(c["sdpa_fwd_ms"], 3),
+                 *(_f(c.get(f"{o}_fwd_ms"), 3) for o in ops), _f(c["sdpa_fwd_bwd_ms"], 3),
+                 *(_f(c.get(f"{o}_fwd_bwd_ms"), 3) for o in ops)] for c in at["cases"]])
     u = res.get("unet")
     if u and "error" not in u:
         print("UNet hot path (LoRA r=4, CFG, bf16 autocast), median ms per call")

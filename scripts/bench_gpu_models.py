@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 SD15_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
@@ -160,3 +161,89 @@ def unet_flops(pipe_dir: Path, tiny: bool) -> dict:
         f_train = count(train)
     return {"unet_cfg_fwd_per_image_step": f_sample, "unet_cfg_fwd_bwd_per_sample_step": f_train,
             "vae_decode_per_image": f_vae, "text_encode_per_prompt": f_text}
+
+
+# ------------------------------------------------------------------------------------------ attention
+
+# SD 1.5's attention at 512 px (8 heads; 64×64 latents): (query tokens, head dim) per UNet level, each as
+# self-attention and as cross-attention over CLIP's 77 text tokens. 16 rows = 8 CFG images.
+SD15_ATTN = [(4096, 40), (1024, 80), (256, 160), (64, 160)]
+TINY_ATTN = [(64, 8), (16, 16)]
+
+
+def attention_bench(tiny: bool, reps: int, rows: int = 16, heads: int = 8) -> dict:
+    """The attention kernels alone at SD-1.5 shapes (bf16 on CUDA): torch SDPA against xformers'
+    memory_efficient_attention with its own dispatch (and forced to each op it has), forward and
+    forward + backward, median ms over `reps` after 3 warm-ups. Records which xformers op the dispatch picks
+    and the largest |difference| from SDPA's output, so a run shows what "xformers" actually ran."""
+    import torch
+    import torch.nn.functional as F
+    device, dtype = _device_dtype(tiny)
+    cuda = device.type == "cuda"
+    out: dict = {"rows": rows, "heads": heads}
+    try:
+        import xformers
+        import xformers.ops as xops
+        from xformers.ops import fmha
+        out["xformers"] = xformers.__version__
+        ops = {"fa3": (fmha.flash3.FwOp, fmha.flash3.BwOp), "fa2": (fmha.flash.FwOp, fmha.flash.BwOp),
+               "cutlass": (fmha.cutlass.FwOp, fmha.cutlass.BwOp)}
+    except Exception as e:  # noqa: BLE001  (no wheel for this torch, no CUDA extension, ...)
+        out["xformers"] = f"not importable: {type(e).__name__}: {e}"[:300]
+        xops = None
+
+    def timed(fn) -> float:
+        for _ in range(3):
+            fn()
+        ts = []
+        for _ in range(reps):
+            if cuda:
+                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                a.record()
+                fn()
+                b.record()
+                torch.cuda.synchronize()
+                ts.append(a.elapsed_time(b))
+            else:
+                t0 = time.perf_counter()
+                fn()
+                ts.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(ts)
+
+    cases = []
+    for m, k in (TINY_ATTN if tiny else SD15_ATTN):
+        for kv in (m, 77):
+            # BMHK, as xformers takes it; SDPA gets the (B, H, M, K) transposed view, as diffusers passes it.
+            q, key, v = (torch.randn(rows, n, heads, k, device=device, dtype=dtype, requires_grad=True)
+                         for n in (m, kv, kv))
+            g = torch.randn(rows, m, heads, k, device=device, dtype=dtype)
+            sdpa = lambda: F.scaled_dot_product_attention(q.transpose(1, 2), key.transpose(1, 2),  # noqa: E731
+                                                          v.transpose(1, 2)).transpose(1, 2)
+            case = {"q_tokens": m, "kv_tokens": kv, "head_dim": k}
+            ref = sdpa()
+            with torch.no_grad():
+                case["sdpa_fwd_ms"] = timed(sdpa)
+            case["sdpa_fwd_bwd_ms"] = timed(lambda: torch.autograd.grad(sdpa(), (q, key, v), g))
+            if xops is not None:
+                inp = fmha.Inputs(query=q, key=key, value=v)
+                try:
+                    case["xformers_fw_op"] = fmha._dispatch_fw(inp, True).NAME
+                    case["xformers_bw_op"] = fmha._dispatch_bw(inp, False).NAME
+                except Exception as e:  # noqa: BLE001
+                    case["xformers_dispatch_error"] = f"{type(e).__name__}: {e}"[:300]
+                for name, op in [("xformers", None), *ops.items()]:
+                    xf = lambda op=op: xops.memory_efficient_attention(q, key, v, op=op)  # noqa: E731
+                    try:
+                        with torch.no_grad():
+                            case[f"{name}_max_abs_diff"] = (xf() - ref).abs().max().item()
+                            case[f"{name}_fwd_ms"] = timed(xf)
+                    except Exception as e:  # noqa: BLE001  (op does not support this shape / build)
+                        case[f"{name}_fwd_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+                        continue
+                    try:
+                        case[f"{name}_fwd_bwd_ms"] = timed(lambda xf=xf: torch.autograd.grad(xf(), (q, key, v), g))
+                    except Exception as e:  # noqa: BLE001
+                        case[f"{name}_fwd_bwd_error"] = f"{type(e).__name__}: {e}".splitlines()[0][:200]
+            cases.append(case)
+    out["cases"] = cases
+    return out

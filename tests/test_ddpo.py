@@ -191,6 +191,35 @@ def test_pipeline_errors_and_pixel_layout(tiny_sd, tmp_path):
     assert embeds.shape == (4, parts.tokenizer.model_max_length, parts.text_encoder.config.hidden_size)
 
 
+def test_xformers_fallback_says_why(tiny_sd, monkeypatch, caplog):
+    """attention=xformers on a CUDA device falls back to SDPA and logs the reason: here an xformers whose
+    CUDA extension did not load (as a CUDA-12 wheel on a CUDA-13 torch, missing libcudart.so.12)."""
+    import logging
+    import sys
+    import types
+
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    from image_rlhf.pipeline import _set_attention
+    unet = load_pipeline(tiny_sd).unet
+    cpp = types.ModuleType("xformers._cpp_lib")
+    try:
+        raise RuntimeError("xFormers can't load C++/CUDA extensions.") from OSError(
+            "libcudart.so.12: cannot open shared object file")
+    except RuntimeError as e:
+        cpp._cpp_library_load_exception = e
+    monkeypatch.setitem(sys.modules, "xformers", types.ModuleType("xformers"))
+    monkeypatch.setitem(sys.modules, "xformers._cpp_lib", cpp)
+    monkeypatch.setattr(type(unet), "enable_xformers_memory_efficient_attention",
+                        lambda self: (_ for _ in ()).throw(ValueError("xFormers wasn't build with CUDA support")))
+    with caplog.at_level(logging.INFO, logger="image_rlhf.pipeline"):
+        _set_attention(unet, "xformers", "cuda")
+    assert {type(p) for p in unet.attn_processors.values()} == {AttnProcessor2_0}
+    assert "xFormers wasn't build with CUDA support" in caplog.text and "libcudart.so.12" in caplog.text
+    with pytest.raises(ValueError, match="'sdpa' or 'xformers'"):
+        _set_attention(unet, "flash", "cpu")
+
+
 def _digest(folder):
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
 
