@@ -173,6 +173,19 @@ def ddim_std_dev(scheduler: DDIMScheduler, timestep, eta: float = 1.0) -> torch.
     return eta * _variance(alpha_prod_t, alpha_prod_t_prev) ** 0.5
 
 
+def step_kl_per_element(mean_p: torch.Tensor, mean_q: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:
+    """`step_kl` / D: the exact Gaussian KL of the step per latent element (B,), in the dtype of the means and
+    differentiable, for a loss (DPOK's KL regulariser, Fan et al. 2023, in closed form).
+
+    Per element, because the clipped surrogate works on per-element-mean log-probs: both then carry the
+    same 1/(σ_t²·D) factor in their gradient through μ_θ (the surrogate's is A·(x_{t−1} − μ_θ)/(σ_t²D),
+    this one's (μ_θ − μ_q)/(σ_t²D)), so a KL weight is a trade between nats per element and unit-scale
+    advantages, whatever the resolution."""
+    diff = (mean_p - mean_q).flatten(1)                                                      # (B, D)
+    var = torch.as_tensor(std_dev_t, dtype=diff.dtype, device=diff.device).reshape(-1) ** 2
+    return diff.pow(2).mean(dim=1) / (2 * var)                                              # (B,)
+
+
 def step_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std_dev_t: torch.Tensor) -> torch.Tensor:
     """KL(N(μ_p, σ_t² I) ‖ N(μ_q, σ_t² I)) = ‖μ_p − μ_q‖² / (2σ_t²), summed over all D = C·H·W elements (B,).
 

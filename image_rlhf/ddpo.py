@@ -104,11 +104,17 @@ class DDPOConfig:
     """Policy = the CFG-guided step (as sampled). False: sample and train the conditional ε_θ(x_t, c)
     alone (half the UNet batch); guidance_scale then applies only to the grid images."""
     kl_coef: float = 0.0
-    """DPOK's KL-to-reference weight on per-step log-probs (0 = off); reference = the initial UNet. The penalty
-    is k2 = ½(log π − log π_ref)² on the per-element-mean log-probs the surrogate uses: 1/D² of the same penalty
-    on summed log-probs (D = latent elements), so a weight tuned on summed nats (DPOK's β) does not carry over.
-    Measured in the image world (D = 768): kl_coef 1 left kl/ref unchanged, 30 halved it
-    (image_rlhf.demo.ImageDemoPreset.ddpo)."""
+    """DPOK's KL-to-reference weight (0 = off); reference = the initial UNet; see kl_estimator."""
+    kl_estimator: str = "gaussian"
+    """The per-step KL penalty on trained steps. gaussian: DPOK's closed form, KL(π_θ(·|x_t) ‖ π_ref(·|x_t)) =
+    ‖μ_θ − μ_ref‖²/(2σ_t²), exact (no sampling noise), per latent element (ddim.step_kl_per_element: the scale
+    of the per-element-mean log-probs the surrogate uses, so kl_coef weighs nats per element against advantages
+    of unit scale). k2: ½(log π − log π_ref)² of the sampled transition on the per-element-mean log-probs
+    (Schulman's k2; its gradient carries 1/D² where the surrogate's carries 1/D: D = latent elements, and it
+    is a one-sample estimate: on the tiny test pipeline k2 at kl_coef 10 or 1000 did not hold the policy at all,
+    7.0k nats of kl/ref after 4 epochs against 3.2k with no leash, where gaussian at 10 gave 0.6k).
+    Measured in the image world (D = 768, image_rlhf.demo.ImageDemoPreset.ddpo): gaussian kl_coef 0.01 / 0.1 /
+    1 / 10 give kl/ref 6.0k / 1.1k / 165 / 12 nats against 9.2k unleashed."""
     monitor: str = ""
     """A second reward (same forms as `reward`) scored on every epoch's samples and logged as
     monitor/mean and monitor/std, never used for advantages: a gold judge (Gao et al. 2022)."""
@@ -175,6 +181,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
             cfg.noise_group_size and cfg.sample_batch_size % cfg.noise_group_size):
         raise ValueError(f"noise_group_size must be 0 (off) or >= 2 dividing sample_batch_size "
                          f"{cfg.sample_batch_size}, got {cfg.noise_group_size}")
+    if cfg.kl_estimator not in ("gaussian", "k2"):
+        raise ValueError(f"kl_estimator must be 'gaussian' or 'k2', got {cfg.kl_estimator!r}")
     if cfg.timestep_fraction <= 0 or cfg.timestep_fraction > 1:
         raise ValueError(f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
 
@@ -446,6 +454,7 @@ def _finish(run, cfg, parts, unet) -> Path:
         ("grid reward (fixed prompts and seeds; first = before training)", "grid/reward"),
         ("approx KL[π_old‖π] per step", "policy/approx_kl"),
         ("clip fraction", "policy/clipfrac"), ("KL to reference (k1)", "policy/kl_ref"),
+        (f"KL penalty per step ({cfg.kl_estimator}; gaussian: nats per element)", "policy/kl_penalty"),
         ("monitor (gold) reward", "monitor/mean"), ("KL to reference per trajectory (exact, nats)", "kl/ref"),
         ("images/s", "time/images_per_s")])
     grids = sorted((out / "grids").glob("epoch-*.png"))
@@ -455,7 +464,8 @@ def _finish(run, cfg, parts, unet) -> Path:
     body = (f"DDPO on `{cfg.pipeline}` against `{cfg.reward}`: {cfg.epochs} epochs of "
             f"{cfg.sample_batch_size * cfg.num_batches_per_epoch * world} images, {cfg.num_steps} DDIM steps "
             f"(η = {cfg.eta}, guidance {cfg.guidance_scale}), clip range {cfg.clip_range}, "
-            f"{f'LoRA r={cfg.lora.r}' if cfg.lora.r > 0 else 'full fine-tuning'}, KL coef {cfg.kl_coef}.\n\n"
+            f"{f'LoRA r={cfg.lora.r}' if cfg.lora.r > 0 else 'full fine-tuning'}, KL coef {cfg.kl_coef}"
+            f"{f' ({cfg.kl_estimator})' if cfg.kl_coef > 0 else ''}.\n\n"
             f"| metric | first epoch | last epoch |\n|---|---|---|\n{rows}\n\n"
             f"Result: `{result}`" + (" (`StableDiffusionPipeline.load_lora_weights`)." if cfg.lora.r > 0 else "."))
     run.finish("DDPO report", [("Summary", body), ("Samples (rows: seeds, columns: prompts)", grid_md or "none")],

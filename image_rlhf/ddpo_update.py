@@ -7,7 +7,7 @@ import contextlib
 import torch
 
 from align.rl import clipped_surrogate, kl_k1, kl_k2
-from image_rlhf.ddim import ddim_std_dev, step_kl
+from image_rlhf.ddim import ddim_std_dev, step_kl, step_kl_per_element
 from image_rlhf.sampling import step_log_prob
 
 
@@ -50,21 +50,26 @@ def ddpo_update(model, unet, ref_unet, optimizer, acc, scheduler, latents, times
                 sync = step_now and j0 + m == n_train_steps  # DDP all-reduces on the last backward only
                 with contextlib.nullcontext() if sync else acc.no_sync(model):
                     with acc.autocast():
-                        log_probs = step_log_prob(model, scheduler, x_t, t, x_prev, embeds[idx_m], neg, guidance,
-                                                  cfg.eta).float()                          # (m·b,) log π_θ
+                        log_probs, means = step_log_prob(model, scheduler, x_t, t, x_prev, embeds[idx_m], neg,
+                                                         guidance, cfg.eta, return_mean=True)
+                    log_probs = log_probs.float()                                            # (m·b,) log π_θ
                     olds = old_log_probs[idx_m, s]                                           # (m·b,) log π_old
                     if cfg.kl_coef > 0:
-                        ref_log_probs = ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds[idx_m], neg,
-                                                      guidance, cfg.eta, acc)               # (m·b,) log π_ref
+                        ref_log_probs, ref_means = ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev,
+                                                                embeds[idx_m], neg, guidance, cfg.eta, acc)
+                        if cfg.kl_estimator == "gaussian":                                   # (m·b,) exact, per element
+                            penalty = step_kl_per_element(means.float(), ref_means.float(),
+                                                          ddim_std_dev(scheduler, t, cfg.eta).to(means.device))
+                        else:  # k2 = ½(log π − log π_ref)²: as a loss its gradient is ∇KL[π‖π_ref] on samples
+                            penalty = kl_k2(log_probs, ref_log_probs)  # of π (Schulman 2020); k1's is 0 there
                     total = 0.0
                     for c in range(m):  # one loss per trained step, as if each had its own forward
                         rc = slice(c * b, (c + 1) * b)
                         log_prob = log_probs[rc]                                             # (b,)
                         loss, st = clipped_surrogate(log_prob, olds[rc], advantages[idx], cfg.clip_range)
                         if cfg.kl_coef > 0:
-                            # k2 = ½(log π − log π_ref)²: as a loss its gradient is ∇KL[π‖π_ref] on samples
-                            # of π (Schulman 2020); k1's expected gradient there is 0
-                            loss = loss + cfg.kl_coef * kl_k2(log_prob, ref_log_probs[rc]).mean()
+                            loss = loss + cfg.kl_coef * penalty[rc].mean()
+                            st["kl_penalty"] = penalty[rc].mean().detach()
                             st["kl_ref"] = kl_k1(log_prob, ref_log_probs[rc]).mean().detach()
                         total = total + loss
                         for name, v in {"loss": loss, **st}.items():
@@ -97,10 +102,11 @@ def reference(unet, ref_unet):
 
 
 @torch.no_grad()
-def ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta, acc) -> torch.Tensor:
-    """log π_ref of the same transitions."""
+def ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta, acc):
+    """(log π_ref (B,) float32, μ_ref (B, C, H, W)) of the same transitions."""
     with acc.autocast(), reference(unet, ref_unet) as ref:
-        return step_log_prob(ref, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta).float()
+        log_prob, mean = step_log_prob(ref, scheduler, x_t, t, x_prev, embeds, neg, guidance, eta, return_mean=True)
+    return log_prob.float(), mean
 
 
 @torch.no_grad()

@@ -75,7 +75,8 @@ DATASHEET_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 ANIMALS = ["cat", "dog", "horse", "monkey", "rabbit", "zebra", "spider", "bird", "sheep", "deer",
            "cow", "goat", "lion", "tiger", "bear", "raccoon", "fox", "wolf", "lizard", "beetle"]
 
-from bench_gpu_models import _device_dtype, attention_bench, build_gpt2, build_sd, matmul_tflops, unet_flops  # noqa: E402
+from bench_gpu_models import (_device_dtype, attention_bench, build_gpt2, build_sd, matmul_tflops,  # noqa: E402
+                              median_ms, unet_flops)
 
 
 # ------------------------------------------------------------------------------------------ children
@@ -100,23 +101,7 @@ def unet_child(spec: dict) -> dict:
     sched.set_timesteps(50, device=device)
     cuda = device.type == "cuda"
 
-    def timed(fn, reps: int) -> float:
-        for _ in range(2):
-            fn()
-        ts = []
-        for _ in range(reps):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
+    timed = lambda fn, reps: median_ms(fn, reps, warmup=2, cuda=cuda)  # noqa: E731
 
     auto = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda)  # noqa: E731
     with auto():

@@ -165,6 +165,28 @@ def unet_flops(pipe_dir: Path, tiny: bool) -> dict:
 
 # ------------------------------------------------------------------------------------------ attention
 
+def median_ms(fn, reps: int, warmup: int, cuda: bool) -> float:
+    """Median time of fn() in ms over `reps` calls after `warmup`: CUDA events (synchronised after each
+    call) where fn runs on the GPU, perf_counter where it runs on the CPU."""
+    import torch
+    for _ in range(warmup):
+        fn()
+    ts = []
+    for _ in range(reps):
+        if cuda:
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            torch.cuda.synchronize()
+            ts.append(a.elapsed_time(b))
+        else:
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(ts)
+
+
 # SD 1.5's attention at 512 px (8 heads; 64×64 latents): (query tokens, head dim) per UNet level, each as
 # self-attention and as cross-attention over CLIP's 77 text tokens. 16 rows = 8 CFG images.
 SD15_ATTN = [(4096, 40), (1024, 80), (256, 160), (64, 160)]
@@ -192,23 +214,7 @@ def attention_bench(tiny: bool, reps: int, rows: int = 16, heads: int = 8) -> di
         out["xformers"] = f"not importable: {type(e).__name__}: {e}"[:300]
         xops = None
 
-    def timed(fn) -> float:
-        for _ in range(3):
-            fn()
-        ts = []
-        for _ in range(reps):
-            if cuda:
-                a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                a.record()
-                fn()
-                b.record()
-                torch.cuda.synchronize()
-                ts.append(a.elapsed_time(b))
-            else:
-                t0 = time.perf_counter()
-                fn()
-                ts.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(ts)
+    timed = lambda fn: median_ms(fn, reps, warmup=3, cuda=cuda)  # noqa: E731
 
     cases = []
     for m, k in (TINY_ATTN if tiny else SD15_ATTN):

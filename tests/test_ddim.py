@@ -7,7 +7,7 @@ import torch
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 
-from image_rlhf.ddim import ddim_std_dev, ddim_step_with_logprob, step_kl  # noqa: E402
+from image_rlhf.ddim import ddim_std_dev, ddim_step_with_logprob, step_kl, step_kl_per_element  # noqa: E402
 from image_rlhf.sampling import decode_latents, memory_format, sample_trajectories, step_log_prob  # noqa: E402
 from image_rlhf.tiny import SD_DDIM_CONFIG, tiny_sd_pipeline  # noqa: E402
 
@@ -236,3 +236,26 @@ def test_channels_last_sampling_matches_contiguous(sd_pipe):
             lp = step_log_prob(unet, sd_pipe.scheduler, fast.latents_t[:, s], fast.timesteps[s], fast.next_latents[:, s],
                                cond, uncond, guidance_scale=5.0)
             torch.testing.assert_close(lp, fast.log_probs[:, s], rtol=0, atol=1e-5)
+
+
+def test_per_element_step_kl_is_the_expected_log_ratio_and_its_gradient():
+    """DPOK's closed-form penalty (kl_estimator=gaussian): step_kl / D, and the Monte-Carlo mean over
+    x_{t−1} ~ N(μ_p, σ²I) of the per-element-mean log-ratio log p − log q (k1, as ddim_step_with_logprob
+    reduces it) converges to it; its gradient in μ_p is (μ_p − μ_q)/(σ²D), by hand in float64."""
+    torch.manual_seed(0)
+    B, D = 3, 48
+    mu_p = torch.randn(B, 3, 4, 4, dtype=torch.float64, requires_grad=True)
+    mu_q = mu_p.detach() + 0.3 * torch.randn(B, 3, 4, 4, dtype=torch.float64)
+    sigma = torch.tensor([0.5, 0.2, 1.0], dtype=torch.float64)
+    kl = step_kl_per_element(mu_p, mu_q, sigma)
+    torch.testing.assert_close(kl, step_kl(mu_p, mu_q, sigma) / D, rtol=1e-12, atol=0)
+    want = torch.stack([((mu_p[i] - mu_q[i]) ** 2).sum() / (2 * sigma[i] ** 2) / D for i in range(B)])
+    torch.testing.assert_close(kl, want, rtol=1e-12, atol=0)
+    (grad,) = torch.autograd.grad(kl.sum(), mu_p)
+    torch.testing.assert_close(grad, (mu_p - mu_q).detach() / (sigma.reshape(B, 1, 1, 1) ** 2 * D))
+    s = sigma.reshape(B, 1, 1, 1)
+    x = mu_p.detach() + s * torch.randn(20000, B, 3, 4, 4, dtype=torch.float64)         # samples of p
+    normal = torch.distributions.Normal
+    k1 = (normal(mu_p.detach(), s).log_prob(x) - normal(mu_q, s).log_prob(x)).mean(dim=(2, 3, 4))  # (N, B)
+    se = k1.std(0) / 20000 ** 0.5
+    assert ((k1.mean(0) - kl.detach()).abs() < 4 * se).all(), (k1.mean(0), kl)
