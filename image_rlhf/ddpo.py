@@ -446,17 +446,20 @@ def _finish(run, cfg, parts, unet) -> Path:
     h = run.logger.history
 
     def first_last(key):
-        vals = [v for _, v in h.get(key, [])]
-        return (f"{vals[0]:.4g}", f"{vals[-1]:.4g}") if vals else ("n/a", "n/a")
+        vals = [v for _, v in h[key]]
+        return f"{vals[0]:.4g}", f"{vals[-1]:.4g}"
 
-    rows = "\n".join(f"| {name} | {first_last(key)[0]} | {first_last(key)[1]} |" for name, key in [
+    metrics = [
         ("reward (mean over the epoch's samples)", "reward/mean"), ("reward std", "reward/std"),
         ("grid reward (fixed prompts and seeds; first = before training)", "grid/reward"),
         ("approx KL[π_old‖π] per step", "policy/approx_kl"),
         ("clip fraction", "policy/clipfrac"), ("KL to reference (k1)", "policy/kl_ref"),
-        (f"KL penalty per step ({cfg.kl_estimator}; gaussian: nats per element)", "policy/kl_penalty"),
+        ("KL penalty per step (" + ("closed form, nats per element" if cfg.kl_estimator == "gaussian" else
+                                    cfg.kl_estimator) + ")", "policy/kl_penalty"),
         ("monitor (gold) reward", "monitor/mean"), ("KL to reference per trajectory (exact, nats)", "kl/ref"),
-        ("images/s", "time/images_per_s")])
+        ("images/s", "time/images_per_s")]
+    rows = "\n".join(f"| {name} | {first_last(key)[0]} | {first_last(key)[1]} |"
+                     for name, key in metrics if h.get(key))  # what this run logged (no monitor, no KL: not shown)
     grids = sorted((out / "grids").glob("epoch-*.png"))
     shown = [grids[0], grids[-1]] if len(grids) > 1 else grids
     grid_md = "\n\n".join(f"**{g.stem}**\n\n![{g.stem}](grids/{g.name})" for g in shown)

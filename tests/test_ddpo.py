@@ -93,6 +93,7 @@ def test_ddpo_raises_brightness_and_writes_the_run(tiny_sd, prompts_file, tmp_pa
     assert [r["step"] for r in _metrics(out) if "grid/reward" in r] == [0, 3, 4]
     report = (out / "report.md").read_text()
     assert "grids/epoch-000.png" in report and "grids/epoch-004.png" in report and "| reward" in report
+    assert "n/a" not in report and "| monitor" not in report and "KL penalty" not in report  # only what was logged
     assert (out / "curves.png").is_file() and any((out / "tb").iterdir())
     latest = out / "checkpoints" / (out / "checkpoints" / "latest").read_text().strip()
     assert latest.name == "step-00000004" and (latest / "trainable.safetensors").is_file()
@@ -302,7 +303,8 @@ def test_kl_leash_keeps_the_policy_near_the_reference(tiny_sd, prompts_file, tmp
         kls[coef] = rows[-1]["kl/ref"]
         if coef:
             assert all(r["policy/kl_penalty"] >= 0 for r in rows) and rows[-1]["policy/kl_penalty"] > 0
-            assert "KL coef 10.0 (gaussian)" in (out / "report.md").read_text()
+            report = (out / "report.md").read_text()
+            assert "KL coef 10.0 (gaussian)" in report and "| KL penalty per step (closed form, nats per element)" in report
     assert kls[0.0] > 100 and kls[10.0] < 0.5 * kls[0.0], kls
     with pytest.raises(ValueError, match="kl_estimator must be 'gaussian' or 'k2'"):
         run_ddpo(_cfg(tiny_sd, prompts_file, tmp_path / "bad", kl_estimator="k3"))
