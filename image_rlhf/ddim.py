@@ -200,6 +200,5 @@ def step_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std_dev_t: torch.Tensor)
     comparable across resolutions and step counts as a KL budget (Gao et al. 2022 plot gold
     reward against √KL).
     """
-    diff = (mean_p.double() - mean_q.double()).flatten(1)                                  # (B, D)
-    var = torch.as_tensor(std_dev_t, dtype=torch.float64, device=diff.device).reshape(-1) ** 2
-    return diff.pow(2).sum(dim=1) / (2 * var)                                               # (B,)
+    D = mean_p[0].numel()
+    return step_kl_per_element(mean_p.double(), mean_q.double(), std_dev_t) * D             # (B,)
