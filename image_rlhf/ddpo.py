@@ -138,6 +138,14 @@ class DDPOConfig:
     attention: str = "sdpa"
     """sdpa (torch's scaled_dot_product_attention) | xformers (used only when importable, on CUDA; xformers
     0.0.35's PyPI wheel ran DDPO 0.85x as fast as SDPA on an H100: README, GPU)."""
+    compile_unet: bool = False
+    """torch.compile the UNet (inductor, static shapes: a graph per UNet batch shape and grad mode, so sampling,
+    training and the grid each compile once; minutes on an SD-1.5 UNet, cached by inductor for later runs).
+    SD-1.5 UNet, LoRA, bf16, H100: ×1.72 per sampling call, ×1.44 per training call, training peak 12.9 vs
+    19.4 GiB, after 94 + 147 s of compiling; the CPU benchmark's tiny UNet: ×1.26 and ×1.0 (README)."""
+    compile_backend: str = "inductor"
+    """torch.compile's backend when compile_unet: inductor (generated kernels), or e.g. aot_eager (the same graph
+    capture and autograd, eager kernels: seconds to compile; to debug, and what the test suite runs)."""
     resolution: int = 0
     """Image size in pixels (0 = the UNet's native sample_size × the VAE factor)."""
     seed: int = 0
@@ -209,6 +217,10 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
             ref_unet = copy.deepcopy(unet).requires_grad_(False)
             if weight_dtype != torch.float32:
                 ref_unet.to(weight_dtype)
+    if cfg.compile_unet:  # in place: state_dict, peft and accelerate see the same module
+        for m in (unet, ref_unet):
+            if m is not None:
+                m.compile(backend=cfg.compile_backend, dynamic=False)
     reward_fn = load_reward(cfg.reward, acc.device)
     monitor_fn = load_reward(cfg.monitor, acc.device) if cfg.monitor else None
     kl_rows = (n_local if cfg.kl_samples <= 0 else min(cfg.kl_samples, n_local)) if cfg.log_kl else 0

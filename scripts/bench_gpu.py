@@ -7,8 +7,9 @@ ddpo  `image_rlhf.ddpo.run_ddpo` on a Stable-Diffusion-1.5-sized pipeline: the S
       built from configs, saved with save_pretrained and loaded by path as a user's would be. Settings
       are `configs/image/sd15-pickscore.yaml`'s (512 px, 50 DDIM steps, η = 1, CFG 5 at sampling and
       training, LoRA r = 4 on to_q/to_k/to_v/to_out.0, bf16 autocast, train batch 4, every timestep
-      trained; `--ddpo-set` overrides, e.g. timesteps_per_forward), with fewer samples per epoch (`--ddpo-batches` × 8) and the
-      mean-brightness reward, once per attention backend: torch SDPA, then xformers.
+      trained; `--ddpo-set` overrides, e.g. timesteps_per_forward), with fewer samples per epoch
+      (`--ddpo-batches` × the preset's sample_batch_size: 16; runs 1-4 had 8) and the mean-brightness
+      reward, once per attention backend (torch SDPA, then xformers) or per `--ddpo-variants`.
 ppo   `text_rlhf.ppo.run_ppo` on GPT-2-sized models (124M: 12 layers × 768, vocab 50257; the reward
       model a GPT2ForSequenceClassification of the same size): `configs/text/gpt2-hh.yaml`'s PPO stage
       (batch 64, 128 new tokens, 4 PPO epochs of 16-sample mini-batches, LoRA r = 16 on all linear
@@ -20,8 +21,11 @@ attn  the attention kernels alone at SD 1.5's shapes (8 heads; 4096/1024/256/64 
       (its own dispatch, and forced to each of its ops: fa3, fa2, cutlass), forward and forward + backward,
       with the op xformers' dispatch picks and its largest |difference| from SDPA.
 unet  the DDPO hot path alone in one process (same machine, so ratios are fair): the CFG sampling
-      forward of 8 images and the training forward + backward of 4 / 8 / 16 samples (timesteps_per_forward
-      1 / 2 / 4 at train batch 4), UNet contiguous vs channels_last; median of `--reps` CUDA-event timings.
+      forward of `--sample-batches` images (default 8) and the training forward + backward of 4 / 8 / 16
+      samples (timesteps_per_forward 1 / 2 / 4 at train batch 4), per `--unet-variants`: contiguous,
+      channels_last, compiled (torch.compile of the contiguous UNet, static shapes: DDPOConfig.compile_unet;
+      the first sampling batch only, as each shape is a compile; the first call's seconds, compile included,
+      are recorded and its output checked against eager's); median of `--reps` CUDA-event timings.
 
 Each variant runs in its own child process (peak memory = torch.cuda.max_memory_allocated of that run
 alone). Epoch/iteration 1 is warm-up (cuDNN autotuning, allocator growth); the numbers are medians over
@@ -47,6 +51,10 @@ antlr4-python3-runtime, importlib_metadata; xformers to try it) and a saved CLIP
         --flops RUN1/bench_gpu.json                                                           # run 3
     python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --attention xformers,sdpa \
         --flops RUN1/bench_gpu.json                                                           # run 4
+    python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts unet --unet-variants contiguous,compiled \
+        --sample-batches 8,16,32 --unet-batches 8                                             # run 5
+    python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --flops RUN1/bench_gpu.json \
+        --ddpo-variants compiled:compile_unet=true eager:compile_unet=false    # not yet run: ~10 min on an H100
     python scripts/bench_gpu.py --out /tmp/bench_gpu_tiny --tiny     # CPU dry run, tiny configs (minutes)
 
 xformers 0.0.35's PyPI wheel is built for CUDA 12.8: on a CUDA-13 torch its extension needs libcudart.so.12
@@ -108,16 +116,39 @@ def unet_child(spec: dict) -> dict:
         neg = negative_embeds(parts)
         emb = encode_prompts(parts, ANIMALS[:8])
     out: dict = {}
-    for fmt in ("contiguous", "channels_last"):
-        unet.to(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
-        x = torch.randn(8, c, h, w, device=device, dtype=dtype)
-        t = sched.timesteps[10]
+    eager_ref: dict = {}
 
-        @torch.no_grad()
-        def sample():
-            with auto():
-                _guided_noise_pred(unet, x, t, emb, neg, 5.0)
-        out[f"{fmt}/sample_fwd_8img_ms"] = timed(sample, spec["reps"])
+    def put(key, value):  # also to the log, so that a run killed mid-compile keeps what it measured
+        out[key] = value
+        print(f"unet {key} = {value}", file=sys.stderr, flush=True)
+
+    for fmt in spec["variants"]:
+        if fmt == "compiled":  # each shape is a compile (minutes at SD size): the first sampling batch only
+            torch._dynamo.reset()
+            unet.to(memory_format=torch.contiguous_format)
+            unet.compile(dynamic=False)
+        else:
+            unet.to(memory_format=torch.channels_last if fmt == "channels_last" else torch.contiguous_format)
+        for nb in spec["sample_batches"][:1] if fmt == "compiled" else spec["sample_batches"]:
+            x = torch.randn(nb, c, h, w, device=device, dtype=dtype, generator=torch.Generator(device).manual_seed(nb))
+            e = emb[torch.arange(nb) % len(emb)]
+            t = sched.timesteps[10]
+
+            @torch.no_grad()
+            def sample():
+                with auto():
+                    return _guided_noise_pred(unet, x, t, e, neg, 5.0)
+            t0 = time.perf_counter()
+            eps = sample().float()
+            if cuda:
+                torch.cuda.synchronize()
+            put(f"{fmt}/sample_first_call_s_{nb}img", time.perf_counter() - t0)  # compiled: with the compile
+            if fmt == "contiguous":
+                eager_ref[nb] = eps
+            elif nb in eager_ref:  # how far the variant's output is from eager's (bf16: ~1e-2 relative)
+                put(f"{fmt}/sample_max_rel_diff_{nb}img",
+                    ((eps - eager_ref[nb]).abs().max() / eager_ref[nb].abs().max()).item())
+            put(f"{fmt}/sample_fwd_{nb}img_ms", timed(sample, spec["reps"]))
         for b in spec["train_batches"]:
             xb = torch.randn(b, c, h, w, device=device, dtype=dtype)
             xp = torch.randn_like(xb)
@@ -130,9 +161,14 @@ def unet_child(spec: dict) -> dict:
                 lp.float().sum().backward()
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            out[f"{fmt}/train_fwd_bwd_{b}samples_ms"] = timed(train, spec["reps"])
+            t0 = time.perf_counter()
+            train()
             if cuda:
-                out[f"{fmt}/train_fwd_bwd_{b}samples_peak_gib"] = torch.cuda.max_memory_allocated() / 2 ** 30
+                torch.cuda.synchronize()
+            put(f"{fmt}/train_first_call_s_{b}samples", time.perf_counter() - t0)
+            put(f"{fmt}/train_fwd_bwd_{b}samples_ms", timed(train, spec["reps"]))
+            if cuda:
+                put(f"{fmt}/train_fwd_bwd_{b}samples_peak_gib", torch.cuda.max_memory_allocated() / 2 ** 30)
             unet.zero_grad(set_to_none=True)
     return out
 
@@ -147,9 +183,9 @@ def ddpo_child(spec: dict) -> dict:
 
     logging.basicConfig(level=logging.INFO, format="%(name)s: %(message)s")
     tiny = spec["tiny"]
-    overrides = [*spec.get("set", []), f"epochs={spec['epochs']}", f"num_batches_per_epoch={spec['batches']}",
+    overrides = [f"epochs={spec['epochs']}", f"num_batches_per_epoch={spec['batches']}",
                  f"gradient_accumulation_steps={2 * spec['batches']}", "grid_every=0", "save_every=100000",
-                 f"attention={spec['attention']}", "buffer_size=0"]
+                 "buffer_size=0", *spec.get("set", [])]
     if tiny:
         overrides += ["resolution=0", "num_steps=10", "mixed_precision=no"]
     cfg = load_config(DDPOConfig, REPO / "configs/image/sd15-pickscore.yaml", overrides=overrides, section="ddpo",
@@ -165,7 +201,7 @@ def ddpo_child(spec: dict) -> dict:
     n = cfg.sample_batch_size * cfg.num_batches_per_epoch
     sample_s = statistics.median(r["time/sample_s"] for r in rows)
     update_s = statistics.median(r["time/update_s"] for r in rows)
-    out = dict(attention=spec["attention"], processors=procs, images_per_epoch=n, num_steps=cfg.num_steps,
+    out = dict(name=spec["name"], attention=cfg.attention, compile_unet=cfg.compile_unet, processors=procs, images_per_epoch=n, num_steps=cfg.num_steps,
                trained_steps_per_image=cfg.num_steps, measured_epochs=len(rows), sample_s=sample_s, update_s=update_s,
                sampled_img_per_s=n / sample_s, train_ts_per_s=n * cfg.num_steps / update_s,
                e2e_img_per_s=n / (sample_s + update_s), wall_s=wall,
@@ -275,11 +311,16 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa,xformers")
     ap.add_argument("--tokenizer", default="", help="a saved CLIPTokenizer folder (else built, needs open_clip)")
     ap.add_argument("--ddpo-epochs", type=int, default=3)
-    ap.add_argument("--ddpo-batches", type=int, default=2, help="sampling batches of 8 per epoch")
+    ap.add_argument("--ddpo-batches", type=int, default=2, help="sampling batches (of the preset's sample_batch_size) per epoch")
     ap.add_argument("--ddpo-set", nargs="*", default=[], help="extra DDPOConfig key=value for every DDPO run")
+    ap.add_argument("--ddpo-variants", nargs="*", default=[],
+                    help="DDPO runs, each NAME:key=value,key=value (DDPOConfig overrides; default: one per --attention)")
     ap.add_argument("--flops", default="", help="reuse the FLOP counts of an earlier bench_gpu.json")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per micro-benchmark case (unet part)")
     ap.add_argument("--unet-batches", default="4,8,16", help="samples per training UNet call (unet part)")
+    ap.add_argument("--sample-batches", default="8", help="images per CFG sampling UNet call (unet part)")
+    ap.add_argument("--unet-variants", default="contiguous,channels_last",
+                    help="unet part: contiguous, channels_last, compiled")
     ap.add_argument("--ppo-iters", type=int, default=4)
     ap.add_argument("--ppo-set", nargs="*", default=[], help="extra PPOConfig key=value for every PPO run")
     ap.add_argument("--ppo-variants", nargs="*", default=["lora16:lora.r=16", "full:lora.r=0"],
@@ -316,7 +357,9 @@ def main() -> None:
         save()
     if "unet" in parts:
         res["unet"] = run_child(dict(kind="unet", pipeline=sd, tiny=a.tiny, reps=a.reps,
-                                     train_batches=[int(b) for b in a.unet_batches.split(",")]), out / "unet.log", 900)
+                                     train_batches=[int(b) for b in a.unet_batches.split(",") if b],
+                                     sample_batches=[int(b) for b in a.sample_batches.split(",") if b],
+                                     variants=a.unet_variants.split(",")), out / "unet.log", 900)
         save()
     if "ddpo" in parts:
         prompts = work / "prompts.txt"
@@ -327,11 +370,13 @@ def main() -> None:
             res["flops"] = run_child(dict(kind="flops", pipeline=sd, tiny=a.tiny), out / "flops.log", 600)
         save()
         res["ddpo"] = []
-        for attn in a.attention.split(","):
-            r = run_child(dict(kind="ddpo", attention=attn, pipeline=sd, prompts=str(prompts), set=a.ddpo_set,
-                               out=str(work / f"ddpo-{attn}"), epochs=a.ddpo_epochs, batches=a.ddpo_batches,
-                               tiny=a.tiny), out / f"ddpo-{attn}.log", 1200)
-            r["set"] = a.ddpo_set
+        for variant in a.ddpo_variants or [f"{x}:attention={x}" for x in a.attention.split(",")]:
+            name, _, sets = variant.partition(":")
+            sets = [x for x in sets.split(",") if x] + a.ddpo_set
+            r = run_child(dict(kind="ddpo", name=name, pipeline=sd, prompts=str(prompts), set=sets,
+                               out=str(work / f"ddpo-{name}"), epochs=a.ddpo_epochs, batches=a.ddpo_batches,
+                               tiny=a.tiny), out / f"ddpo-{name}.log", 1200)
+            r["set"] = sets
             fl = res["flops"]
             if "error" not in r and "error" not in fl:
                 f_s = r["num_steps"] * fl["unet_cfg_fwd_per_image_step"] + fl["vae_decode_per_image"] + \
@@ -378,24 +423,28 @@ def report(res: dict) -> None:
                  *(_f(c.get(f"{o}_fwd_bwd_ms"), 3) for o in ops)] for c in at["cases"]])
     u = res.get("unet")
     if u and "error" not in u:
-        print("UNet hot path (LoRA r=4, CFG, bf16 autocast), median ms per call")
-        print("| case | contiguous | channels_last | ratio |")
-        print("|---|---:|---:|---:|")
-        for key in dict.fromkeys(k.split("/", 1)[1] for k in u if "/" in k and k.endswith("_ms")):
-            c, cl = u.get(f"contiguous/{key}"), u.get(f"channels_last/{key}")
-            print(f"| {key} | {_f(c, 1)} | {_f(cl, 1)} | {_f(cl / c if c and cl else None)} |")
-        for key in (k for k in u if k.endswith("_gib")):
-            print(f"peak {key}: {_f(u[key], 1)} GiB")
+        print("UNet hot path (LoRA r=4, CFG, bf16 autocast), median ms per call; ratio = contiguous / variant")
+        variants = list(dict.fromkeys(k.split("/", 1)[0] for k in u if "/" in k))
+        others = [v for v in variants if v != "contiguous"]
+        _table(["case", *variants, *(f"× {v}" for v in others)], "l" + "r" * (len(variants) + len(others)),
+               [[key, *(_f(u.get(f"{v}/{key}"), 1) for v in variants),
+                 *(_f(u[f"contiguous/{key}"] / u[f"{v}/{key}"] if u.get(f"contiguous/{key}") and u.get(f"{v}/{key}")
+                      else None) for v in others)]
+                for key in dict.fromkeys(k.split("/", 1)[1] for k in u if "/" in k and k.endswith("_ms"))])
+        for key in (k for k in u if k.endswith(("_gib", "_first_call_s", "_diff")) or "_first_call_s_" in k
+                    or "_diff_" in k):
+            print(f"{key}: {_f(u[key], 3)}")
     if res.get("ddpo"):
         fl = res.get("flops", {})
         print(f"DDPO, SD-1.5-sized ({s.get('sd_params_m')} M params), UNet TFLOP: sampling fwd (CFG) "
               f"{_f(fl.get('unet_cfg_fwd_per_image_step', 0) / 1e12, 3)} per image-step, train fwd+bwd "
               f"{_f(fl.get('unet_cfg_fwd_bwd_per_sample_step', 0) / 1e12, 3)} per sample-step")
-        print(f"settings: {' '.join(res['ddpo'][0].get('set', [])) or 'preset'}")
-        _table(["attention", "processors", "sampled img/s", "train timesteps/s", "e2e img/s", "peak GiB",
-                "MFU sample", "MFU train"], "llrrrrrr",
-               [[r.get("attention", "?"), f"FAILED {r['error']}"] if "error" in r else
-                [r["attention"], ",".join(r["processors"]), _f(r["sampled_img_per_s"]), _f(r["train_ts_per_s"], 1),
+        print("settings: " + "; ".join(f"{r.get('name', '?')}: {' '.join(r.get('set', [])) or 'preset'}"
+                                        for r in res["ddpo"]))
+        _table(["run", "compiled", "processors", "sampled img/s", "train timesteps/s", "e2e img/s", "peak GiB",
+                "MFU sample", "MFU train"], "lllrrrrrr",
+               [[r.get("name", r.get("attention", "?")), f"FAILED {r['error']}"] if "error" in r else
+                [r.get("name", r["attention"]), str(r.get("compile_unet", False)), ",".join(r["processors"]), _f(r["sampled_img_per_s"]), _f(r["train_ts_per_s"], 1),
                  _f(r["e2e_img_per_s"], 3), _f(r.get("peak_alloc_gib"), 1), _f(r.get("sample_mfu_datasheet"), 3),
                  _f(r.get("train_mfu_datasheet"), 3)] for r in res["ddpo"]])
     if res.get("ppo"):

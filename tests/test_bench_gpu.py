@@ -30,4 +30,4 @@ def test_bench_gpu_tiny_dry_run(tmp_path):
     (ddpo,), (ppo,) = res["ddpo"], res["ppo"]
     assert ddpo["processors"] == ["AttnProcessor2_0"] and ddpo["train_ts_per_s"] > 0 and ddpo["sample_tflops"] > 0
     assert ppo["lora_r"] == 16 and ppo["merge_lora_generate"] and ppo["gen_tokens_per_s"] > 0
-    assert "| sdpa | AttnProcessor2_0 |" in p.stdout and "| lora16 | 16 | True |" in p.stdout
+    assert "| sdpa | False | AttnProcessor2_0 |" in p.stdout and "| lora16 | 16 | True |" in p.stdout
