@@ -31,9 +31,9 @@ from align.rl import PerPromptStatTracker, group_advantages
 from align.rl.config import LoraParams
 from align.runner import progress
 from align.session import adamw, rng_state, set_rng_state, start_run
-from image_rlhf.pipeline import (add_unet_lora, check_pipeline, encode_prompts, image_grid, load_pipeline,
-                                 load_trainable_state, negative_embeds, save_parts, save_png, save_unet_lora,
-                                 trainable_state)
+from image_rlhf.pipeline import (add_unet_lora, check_compile, check_pipeline, encode_prompts, image_grid,
+                                 load_pipeline, load_trainable_state, negative_embeds, save_parts, save_png,
+                                 save_unet_lora, trainable_state)
 from image_rlhf.ddim import ddim_std_dev
 from image_rlhf.ddpo_update import ddpo_update, epoch_generator, kl_to_ref
 from image_rlhf.sampling import decode_latents, memory_format, sample_trajectories
@@ -194,6 +194,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
     if cfg.timestep_fraction <= 0 or cfg.timestep_fraction > 1:
         raise ValueError(f"timestep_fraction must be in (0, 1], got {cfg.timestep_fraction}")
 
+    if cfg.compile_unet:
+        check_compile(cfg.compile_backend)
     check_pipeline(cfg.pipeline)  # before the run folder exists: a typo should not leave a half-made run
     prompts_all = load_prompts(cfg.prompts)
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)

@@ -293,3 +293,18 @@ def save_png(grid: torch.Tensor, path: str | Path) -> Path:
     buf = BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())
+
+
+def check_compile(backend: str) -> None:
+    """compile_unet's backend exists, and inductor on the CPU has its C++ compiler (else torch fails at the
+    first UNet call, after the run folder and the base model's grid are written)."""
+    import shutil
+
+    import torch._dynamo
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ValueError(f"compile_backend {backend!r} is not a torch.compile backend; "
+                         f"one of {torch._dynamo.list_backends()} (or aot_eager, eager)")
+    if backend == "inductor" and not torch.cuda.is_available() and not any(
+            shutil.which(c) for c in ("g++", "c++", "clang++")):
+        raise ValueError("compile_unet with the inductor backend on the CPU needs a C++ compiler (g++/clang++) "
+                         "on PATH; install one (Debian: apt install g++) or set compile_unet=false")

@@ -447,3 +447,6 @@ def test_compiled_unet_matches_eager(tiny_sd, prompts_file, tmp_path):
     assert lora1.keys() == lora0.keys() and ck1.keys() == ck0.keys() and len(lora0) > 0
     for k in lora0:  # one Adam step of lr 1e-3 from the same start: equal to float32 rounding of the gradient
         assert torch.allclose(lora1[k], lora0[k], atol=2e-5), k
+    with pytest.raises(ValueError, match="'nope' is not a torch.compile backend"):
+        run_ddpo(_cfg(tiny_sd, prompts_file, tmp_path / "bad", compile_unet=True, compile_backend="nope"))
+    assert not (tmp_path / "bad").exists()
