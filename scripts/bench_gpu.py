@@ -311,10 +311,11 @@ def main() -> None:
     ap.add_argument("--attention", default="sdpa,xformers")
     ap.add_argument("--tokenizer", default="", help="a saved CLIPTokenizer folder (else built, needs open_clip)")
     ap.add_argument("--ddpo-epochs", type=int, default=3)
-    ap.add_argument("--ddpo-batches", type=int, default=2, help="sampling batches (of the preset's sample_batch_size) per epoch")
+    ap.add_argument("--ddpo-batches", type=int, default=2,
+                    help="sampling batches (of the preset's sample_batch_size) per epoch")
     ap.add_argument("--ddpo-set", nargs="*", default=[], help="extra DDPOConfig key=value for every DDPO run")
     ap.add_argument("--ddpo-variants", nargs="*", default=[],
-                    help="DDPO runs, each NAME:key=value,key=value (DDPOConfig overrides; default: one per --attention)")
+                    help="DDPO runs, each NAME:key=value,... (DDPOConfig overrides; default: one per --attention)")
     ap.add_argument("--flops", default="", help="reuse the FLOP counts of an earlier bench_gpu.json")
     ap.add_argument("--reps", type=int, default=5, help="timed repetitions per micro-benchmark case (unet part)")
     ap.add_argument("--unet-batches", default="4,8,16", help="samples per training UNet call (unet part)")
