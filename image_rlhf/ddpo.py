@@ -482,7 +482,9 @@ def _finish(run, cfg, parts, unet) -> Path:
             f"{cfg.sample_batch_size * cfg.num_batches_per_epoch * world} images, {cfg.num_steps} DDIM steps "
             f"(η = {cfg.eta}, guidance {cfg.guidance_scale}), clip range {cfg.clip_range}, "
             f"{f'LoRA r={cfg.lora.r}' if cfg.lora.r > 0 else 'full fine-tuning'}, KL coef {cfg.kl_coef}"
-            f"{f' ({cfg.kl_estimator})' if cfg.kl_coef > 0 else ''}.\n\n"
+            f"{f' ({cfg.kl_estimator})' if cfg.kl_coef > 0 else ''}"
+            f"{f'; UNet compiled ({cfg.compile_backend}: the first epoch includes the compile)' if cfg.compile_unet else ''}"
+            ".\n\n"
             f"| metric | first epoch | last epoch |\n|---|---|---|\n{rows}\n\n"
             f"Result: `{result}`" + (" (`StableDiffusionPipeline.load_lora_weights`)." if cfg.lora.r > 0 else "."))
     run.finish("DDPO report", [("Summary", body), ("Samples (rows: seeds, columns: prompts)", grid_md or "none")],

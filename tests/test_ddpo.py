@@ -439,6 +439,7 @@ def test_compiled_unet_matches_eager(tiny_sd, prompts_file, tmp_path):
         out = tmp_path / f"compiled-{compiled}"
         run_ddpo(_cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), grid_seeds=[],
                       compile_unet=compiled, compile_backend="aot_eager"))
+        assert ("UNet compiled (aot_eager" in (out / "report.md").read_text()) == compiled
         runs[compiled] = (_metrics(out)[-1], load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")),
                           load_file(str(out / "checkpoints" / "step-00000001" / "trainable.safetensors")))
     (m0, lora0, ck0), (m1, lora1, ck1) = runs[False], runs[True]
