@@ -483,7 +483,8 @@ def _finish(run, cfg, parts, unet) -> Path:
             f"(η = {cfg.eta}, guidance {cfg.guidance_scale}), clip range {cfg.clip_range}, "
             f"{f'LoRA r={cfg.lora.r}' if cfg.lora.r > 0 else 'full fine-tuning'}, KL coef {cfg.kl_coef}"
             f"{f' ({cfg.kl_estimator})' if cfg.kl_coef > 0 else ''}"
-            f"{f'; UNet compiled ({cfg.compile_backend}: the first epoch includes the compile)' if cfg.compile_unet else ''}"
+            + (f"; UNet compiled ({cfg.compile_backend}: the first epoch includes the compile)"
+               if cfg.compile_unet else "") +
             ".\n\n"
             f"| metric | first epoch | last epoch |\n|---|---|---|\n{rows}\n\n"
             f"Result: `{result}`" + (" (`StableDiffusionPipeline.load_lora_weights`)." if cfg.lora.r > 0 else "."))
