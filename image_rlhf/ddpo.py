@@ -55,7 +55,8 @@ class DDPOConfig:
     out: str = ""
     epochs: int = 100
     sample_batch_size: int = 8
-    """Images per sampling batch, per process."""
+    """Images per sampling batch, per process. SD-1.5 UNet, bf16, CFG, H100: 10.6 / 8.9 / 8.4 ms per image and
+    step at 8 / 16 / 32 (the SD presets: 16)."""
     num_batches_per_epoch: int = 4
     """Sampling batches per epoch, per process: N = sample_batch_size × this samples per process."""
     train_batch_size: int = 4
