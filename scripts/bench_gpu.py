@@ -55,6 +55,10 @@ antlr4-python3-runtime, importlib_metadata; xformers to try it) and a saved CLIP
         --sample-batches 8,16,32 --unet-batches 8                                             # run 5
     python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --flops RUN1/bench_gpu.json \
         --ddpo-variants compiled:compile_unet=true eager:compile_unet=false    # not yet run: ~10 min on an H100
+    python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --flops RUN1/bench_gpu.json \
+        --ddpo-set gradient_accumulation_steps=8 --ddpo-variants bf16:mixed_precision=bf16 fp32:mixed_precision=no
+        # not yet run: one optimiser step per epoch, so per_epoch clipfrac = how often bf16's sampling-vs-training
+        # rounding alone exceeds DDPO's clip range 1e-4 (tiny pipeline on the CPU, bf16: 0.33; float32: 0)
     python scripts/bench_gpu.py --out /tmp/bench_gpu_tiny --tiny     # CPU dry run, tiny configs (minutes)
 
 xformers 0.0.35's PyPI wheel is built for CUDA 12.8: on a CUDA-13 torch its extension needs libcudart.so.12
@@ -197,15 +201,20 @@ def ddpo_child(spec: dict) -> dict:
     wall = time.perf_counter() - t0
     procs = sorted({type(p).__name__ for p in result.unet.attn_processors.values()})
     rows = [json.loads(l) for l in (Path(spec["out"]) / "metrics.jsonl").read_text().splitlines() if l.strip()]
-    rows = [r for r in rows if "time/sample_s" in r][1:]  # epoch 1 = warm-up
+    every = [r for r in rows if "time/sample_s" in r]
+    rows = every[1:]  # epoch 1 = warm-up
     n = cfg.sample_batch_size * cfg.num_batches_per_epoch
     sample_s = statistics.median(r["time/sample_s"] for r in rows)
     update_s = statistics.median(r["time/update_s"] for r in rows)
-    out = dict(name=spec["name"], attention=cfg.attention, compile_unet=cfg.compile_unet, processors=procs, images_per_epoch=n, num_steps=cfg.num_steps,
-               trained_steps_per_image=cfg.num_steps, measured_epochs=len(rows), sample_s=sample_s, update_s=update_s,
+    out = dict(name=spec["name"], attention=cfg.attention, compile_unet=cfg.compile_unet, processors=procs,
+               images_per_epoch=n, num_steps=cfg.num_steps, trained_steps_per_image=cfg.num_steps,
+               measured_epochs=len(rows), sample_s=sample_s, update_s=update_s,
                sampled_img_per_s=n / sample_s, train_ts_per_s=n * cfg.num_steps / update_s,
                e2e_img_per_s=n / (sample_s + update_s), wall_s=wall,
-               reward_first=rows[0]["reward/mean"], approx_kl=rows[-1].get("policy/approx_kl"))
+               reward_first=rows[0]["reward/mean"], approx_kl=rows[-1].get("policy/approx_kl"),
+               # every epoch's (warm-up included): with one optimiser step per epoch its ratios are sampling's
+               # against training's numerics of the same weights (bf16 rounds the two differently)
+               per_epoch={k: [r.get(f"policy/{k}") for r in every] for k in ("approx_kl", "clipfrac", "ratio")})
     if torch.cuda.is_available():
         out.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30)
