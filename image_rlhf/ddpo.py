@@ -134,6 +134,8 @@ class DDPOConfig:
     channels_last: bool = True
     """On the CPU, sample (rollouts, grids, the kl/ref forward) with the UNet in channels_last memory format:
     measured ×0.95 per sampling forward at the benchmark's settings; training stays contiguous (×1.01 there).
+    float32 only: in bf16 the NHWC and NCHW kernels round differently, so the recorded log-probs would miss the
+    training forward's by ~1e-4 per element (tiny pipeline: a sixth of the first step's ratios clipped at 1e-4).
     On CUDA the UNet stays contiguous: an SD-1.5 UNet in bf16 on an H100 measured ×1.17 per sampling forward
     and ×0.92-1.07 per training call in channels_last (scripts/bench_gpu.py, README)."""
     attention: str = "sdpa"
@@ -264,7 +266,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         torch.save(rng_state(), ckpt_dir / "rng.pt")
 
     # the memory format of every sampling forward (the policy and, for kl/ref, the frozen reference)
-    sampling_format = torch.channels_last if cfg.channels_last and acc.device.type == "cpu" else None
+    sampling_format = (torch.channels_last if cfg.channels_last and acc.device.type == "cpu"
+                       and weight_dtype == torch.float32 else None)
     sampling = lambda: memory_format([unet, ref_unet], sampling_format)  # noqa: E731
     grid_dir = run.out / "grids"
     epoch = run.start_step

@@ -83,7 +83,10 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     the per-step noise still comes from `generator`.
     """
     B = prompt_embeds.shape[0]
-    device, dtype = prompt_embeds.device, unet.dtype
+    # the scheduler's arithmetic and the stored x_t in float32 (or wider) whatever the UNet's dtype: a bf16
+    # UNet's ε is upcast here as at training time (accelerate's prepared model returns float32), so the
+    # recorded log-probs are the ones step_log_prob recomputes, and x_{t−1} is not rounded to bf16
+    device, dtype = prompt_embeds.device, torch.promote_types(unet.dtype, torch.float32)
     if latent_shape is None:
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -101,7 +104,7 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     for t in scheduler.timesteps:
         model_in = scheduler.scale_model_input(latents, t)
         noise_pred = _guided_noise_pred(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
-        noise_pred = noise_pred.contiguous()  # a channels_last UNet (`memory_format`) returns NHWC strides
+        noise_pred = noise_pred.contiguous().to(dtype)  # channels_last (`memory_format`) returns NHWC strides
         latents, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta,
                                                          generator=generator, return_mean=True)
         latents = latents.to(dtype)
@@ -147,6 +150,7 @@ def step_log_prob(unet, scheduler, latents_t: torch.Tensor, timesteps: torch.Ten
     """
     model_in = scheduler.scale_model_input(latents_t, timesteps)
     noise_pred = _guided_noise_pred(unet, model_in, timesteps, prompt_embeds, negative_embeds, guidance_scale)
+    noise_pred = noise_pred.to(torch.promote_types(noise_pred.dtype, torch.float32))  # as sample_trajectories
     _, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents_t, eta=eta,
                                                prev_sample=next_latents, reduce=reduce, return_mean=True)
     return (log_prob, mean) if return_mean else log_prob

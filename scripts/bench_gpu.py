@@ -57,8 +57,9 @@ antlr4-python3-runtime, importlib_metadata; xformers to try it) and a saved CLIP
         --ddpo-variants compiled:compile_unet=true eager:compile_unet=false    # not yet run: ~10 min on an H100
     python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --flops RUN1/bench_gpu.json \
         --ddpo-set gradient_accumulation_steps=8 --ddpo-variants bf16:mixed_precision=bf16 fp32:mixed_precision=no
-        # not yet run: one optimiser step per epoch, so per_epoch clipfrac = how often bf16's sampling-vs-training
-        # rounding alone exceeds DDPO's clip range 1e-4 (tiny pipeline on the CPU, bf16: 0.33; float32: 0)
+        # not yet run: one optimiser step per epoch, so per_epoch clipfrac = how often sampling's and training's
+        # UNet numerics alone differ by more than DDPO's clip range 1e-4 (different batch shapes in bf16; the tiny
+        # pipeline on the CPU: 0, since session 9 runs the sampler's DDIM step in float32 as training does)
     python scripts/bench_gpu.py --out /tmp/bench_gpu_tiny --tiny     # CPU dry run, tiny configs (minutes)
 
 xformers 0.0.35's PyPI wheel is built for CUDA 12.8: on a CUDA-13 torch its extension needs libcudart.so.12

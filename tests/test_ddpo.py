@@ -451,3 +451,15 @@ def test_compiled_unet_matches_eager(tiny_sd, prompts_file, tmp_path):
     with pytest.raises(ValueError, match="'nope' is not a torch.compile backend"):
         run_ddpo(_cfg(tiny_sd, prompts_file, tmp_path / "bad", compile_unet=True, compile_backend="nope"))
     assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_sampling_records_the_log_probs_training_recomputes(tiny_sd, prompts_file, tmp_path):
+    """Mixed precision: the first optimiser step's ratios are exactly 1 (nothing clipped at DDPO's 1e-4), with
+    sampling (16 UNet rows) and training (4 rows) batched differently. Before session 9 the sampler ran the
+    DDIM step in the bf16 UNet's dtype while accelerate's prepared model hands training a float32 ε, and the CPU
+    sampled in channels_last: approx_kl 2e-4 and a third of the ratios clipped before any update."""
+    out = tmp_path / "run"
+    run_ddpo(_cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), mixed_precision="bf16", grid_seeds=[],
+                  sample_batch_size=8, train_batch_size=2, gradient_accumulation_steps=4, timesteps_per_forward=1))
+    (row,) = [r for r in _metrics(out) if "policy/clipfrac" in r]
+    assert row["policy/clipfrac"] == 0.0 and abs(row["policy/approx_kl"]) < 1e-9 and row["policy/ratio"] == 1.0, row
