@@ -87,6 +87,7 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     # UNet's ε is upcast here as at training time (accelerate's prepared model returns float32), so the
     # recorded log-probs are the ones step_log_prob recomputes, and x_{t−1} is not rounded to bf16
     device, dtype = prompt_embeds.device, torch.promote_types(unet.dtype, torch.float32)
+    in_dtype = _input_dtype(unet)
     if latent_shape is None:
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -102,7 +103,7 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     latents = latents * scheduler.init_noise_sigma                                            # x_T
     all_latents, all_log_probs, all_means = [latents], [], []
     for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(latents, t)
+        model_in = scheduler.scale_model_input(latents, t).to(in_dtype)
         noise_pred = _guided_noise_pred(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
         noise_pred = noise_pred.contiguous().to(dtype)  # channels_last (`memory_format`) returns NHWC strides
         latents, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta,
@@ -138,6 +139,13 @@ def memory_format(modules, fmt: torch.memory_format | None):
             m.to(memory_format=torch.contiguous_format)
 
 
+def _input_dtype(unet) -> torch.dtype:
+    """The dtype of the UNet's first weight (conv_in), which its input x_t is cast to: a bf16 pipeline run
+    without autocast (`align compare --dtype bf16`) needs it, and sampling and training then feed the same
+    values. Also for an accelerate/DDP-wrapped or peft UNet (parameters() reaches the base weights)."""
+    return next(unet.parameters()).dtype
+
+
 def step_log_prob(unet, scheduler, latents_t: torch.Tensor, timesteps: torch.Tensor | int,
                   next_latents: torch.Tensor, prompt_embeds: torch.Tensor,
                   negative_embeds: torch.Tensor | None, guidance_scale: float = 5.0,
@@ -148,7 +156,7 @@ def step_log_prob(unet, scheduler, latents_t: torch.Tensor, timesteps: torch.Ten
     the same S as at sampling (`scheduler.set_timesteps(S)`). With the sampling UNet unchanged this
     equals the recorded `Trajectory.log_probs` (same CFG, same η). return_mean: (log_prob, μ_θ (B, C, H, W)).
     """
-    model_in = scheduler.scale_model_input(latents_t, timesteps)
+    model_in = scheduler.scale_model_input(latents_t, timesteps).to(_input_dtype(unet))
     noise_pred = _guided_noise_pred(unet, model_in, timesteps, prompt_embeds, negative_embeds, guidance_scale)
     noise_pred = noise_pred.to(torch.promote_types(noise_pred.dtype, torch.float32))  # as sample_trajectories
     _, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents_t, eta=eta,

@@ -463,3 +463,8 @@ def test_bf16_sampling_records_the_log_probs_training_recomputes(tiny_sd, prompt
                   sample_batch_size=8, train_batch_size=2, gradient_accumulation_steps=4, timesteps_per_forward=1))
     (row,) = [r for r in _metrics(out) if "policy/clipfrac" in r]
     assert row["policy/clipfrac"] == 0.0 and abs(row["policy/approx_kl"]) < 1e-9 and row["policy/ratio"] == 1.0, row
+    # a bf16 pipeline without autocast (`align compare --dtype bf16`): x_t reaches the UNet in its weights' dtype
+    from align.compare import ImageGenParams
+    from image_rlhf.compare import ImageGenerator
+    images = ImageGenerator(str(tiny_sd), ImageGenParams(num_steps=2), "cpu", torch.bfloat16)(PROMPTS[:2], 0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
