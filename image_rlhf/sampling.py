@@ -51,18 +51,22 @@ class Trajectory:
 def _guided_noise_pred(unet, latents, timesteps, prompt_embeds, negative_embeds, guidance_scale):
     """ε̂ with classifier-free guidance: one UNet call on [x_t; x_t] with [∅; c] (w > 1), else on c only.
 
-    timesteps: scalar or (B,). Returns (B, C, H, W) in the UNet's output dtype.
+    timesteps: scalar or (B,). x_t goes in as the dtype of the UNet's weights; ε comes out, and CFG combines it,
+    in float32 (or wider): so a bf16 UNet gives sampling and training (accelerate's prepared model, DDP or not)
+    the same ε, and the recorded log-probs are the ones step_log_prob recomputes. Returns (B, C, H, W).
     """
+    latents = latents.to(_input_dtype(unet))
+    up = lambda eps: eps.to(torch.promote_types(eps.dtype, torch.float32))  # noqa: E731
     B = latents.shape[0]
     t = torch.as_tensor(timesteps, device=latents.device).reshape(-1).expand(B)           # (B,)
     if guidance_scale <= 1.0:
-        return unet(latents, t, encoder_hidden_states=prompt_embeds).sample
+        return up(unet(latents, t, encoder_hidden_states=prompt_embeds).sample)
     if negative_embeds is None:
         raise ValueError(f"guidance_scale={guidance_scale} > 1 needs negative_embeds (the ∅ prompt)")
     negative_embeds = negative_embeds.expand(B, *negative_embeds.shape[1:])  # a single ∅ row is shared
     model_in = torch.cat([latents, latents])                                                 # (2B, C, H, W)
     embeds = torch.cat([negative_embeds, prompt_embeds])                                     # (2B, L, D)
-    noise_uncond, noise_cond = unet(model_in, torch.cat([t, t]), encoder_hidden_states=embeds).sample.chunk(2)
+    noise_uncond, noise_cond = up(unet(model_in, torch.cat([t, t]), encoder_hidden_states=embeds).sample).chunk(2)
     return noise_uncond + guidance_scale * (noise_cond - noise_uncond)
 
 
@@ -83,11 +87,9 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     the per-step noise still comes from `generator`.
     """
     B = prompt_embeds.shape[0]
-    # the scheduler's arithmetic and the stored x_t in float32 (or wider) whatever the UNet's dtype: a bf16
-    # UNet's ε is upcast here as at training time (accelerate's prepared model returns float32), so the
-    # recorded log-probs are the ones step_log_prob recomputes, and x_{t−1} is not rounded to bf16
+    # the scheduler's arithmetic and the stored x_t in float32 (or wider) whatever the UNet's dtype, on the
+    # float32 ε of _guided_noise_pred, as step_log_prob does at training time; x_{t−1} is not rounded to bf16
     device, dtype = prompt_embeds.device, torch.promote_types(unet.dtype, torch.float32)
-    in_dtype = _input_dtype(unet)
     if latent_shape is None:
         size = unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
@@ -103,9 +105,9 @@ def sample_trajectories(unet, scheduler, prompt_embeds: torch.Tensor, negative_e
     latents = latents * scheduler.init_noise_sigma                                            # x_T
     all_latents, all_log_probs, all_means = [latents], [], []
     for t in scheduler.timesteps:
-        model_in = scheduler.scale_model_input(latents, t).to(in_dtype)
+        model_in = scheduler.scale_model_input(latents, t)
         noise_pred = _guided_noise_pred(unet, model_in, t, prompt_embeds, negative_embeds, guidance_scale)
-        noise_pred = noise_pred.contiguous().to(dtype)  # channels_last (`memory_format`) returns NHWC strides
+        noise_pred = noise_pred.contiguous()  # a channels_last UNet (`memory_format`) returns NHWC strides
         latents, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, t, latents, eta=eta,
                                                          generator=generator, return_mean=True)
         latents = latents.to(dtype)
@@ -140,9 +142,8 @@ def memory_format(modules, fmt: torch.memory_format | None):
 
 
 def _input_dtype(unet) -> torch.dtype:
-    """The dtype of the UNet's first weight (conv_in), which its input x_t is cast to: a bf16 pipeline run
-    without autocast (`align compare --dtype bf16`) needs it, and sampling and training then feed the same
-    values. Also for an accelerate/DDP-wrapped or peft UNet (parameters() reaches the base weights)."""
+    """The dtype of the UNet's first weight (conv_in), which x_t is cast to: a bf16 pipeline run without autocast
+    (`align compare --dtype bf16`) needs it. Also for an accelerate/DDP-wrapped or peft UNet."""
     return next(unet.parameters()).dtype
 
 
@@ -156,9 +157,8 @@ def step_log_prob(unet, scheduler, latents_t: torch.Tensor, timesteps: torch.Ten
     the same S as at sampling (`scheduler.set_timesteps(S)`). With the sampling UNet unchanged this
     equals the recorded `Trajectory.log_probs` (same CFG, same η). return_mean: (log_prob, μ_θ (B, C, H, W)).
     """
-    model_in = scheduler.scale_model_input(latents_t, timesteps).to(_input_dtype(unet))
+    model_in = scheduler.scale_model_input(latents_t, timesteps)
     noise_pred = _guided_noise_pred(unet, model_in, timesteps, prompt_embeds, negative_embeds, guidance_scale)
-    noise_pred = noise_pred.to(torch.promote_types(noise_pred.dtype, torch.float32))  # as sample_trajectories
     _, log_prob, mean = ddim_step_with_logprob(scheduler, noise_pred, timesteps, latents_t, eta=eta,
                                                prev_sample=next_latents, reduce=reduce, return_mean=True)
     return (log_prob, mean) if return_mean else log_prob
