@@ -7,7 +7,8 @@ ddpo  `image_rlhf.ddpo.run_ddpo` on a Stable-Diffusion-1.5-sized pipeline: the S
       built from configs, saved with save_pretrained and loaded by path as a user's would be. Settings
       are `configs/image/sd15-pickscore.yaml`'s (512 px, 50 DDIM steps, η = 1, CFG 5 at sampling and
       training, LoRA r = 4 on to_q/to_k/to_v/to_out.0, bf16 autocast, train batch 4, every timestep
-      trained; `--ddpo-set` overrides, e.g. timesteps_per_forward), with fewer samples per epoch
+      trained, compile_unet: the preset's (on since run 7; runs 1-4 ran eager); `--ddpo-set` overrides, e.g.
+      timesteps_per_forward), with fewer samples per epoch
       (`--ddpo-batches` × the preset's sample_batch_size: 16; runs 1-4 had 8) and the mean-brightness
       reward, once per attention backend (torch SDPA, then xformers) or per `--ddpo-variants`.
 ppo   `text_rlhf.ppo.run_ppo` on GPT-2-sized models (124M: 12 layers × 768, vocab 50257; the reward
@@ -54,12 +55,10 @@ antlr4-python3-runtime, importlib_metadata; xformers to try it) and a saved CLIP
     python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts unet --unet-variants contiguous,compiled \
         --sample-batches 8,16,32 --unet-batches 8                                             # run 5
     python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --flops RUN1/bench_gpu.json \
-        --ddpo-variants compiled:compile_unet=true eager:compile_unet=false    # not yet run: ~10 min on an H100
-    python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --flops RUN1/bench_gpu.json \
-        --ddpo-set gradient_accumulation_steps=8 --ddpo-variants bf16:mixed_precision=bf16 fp32:mixed_precision=no
-        # not yet run: one optimiser step per epoch, so per_epoch clipfrac = how often sampling's and training's
-        # UNet numerics alone differ by more than DDPO's clip range 1e-4 (different batch shapes in bf16; the tiny
-        # pipeline on the CPU: 0, since session 9 runs the sampler's DDIM step in float32 as training does)
+        --ddpo-batches 1 --ddpo-set gradient_accumulation_steps=4 --ddpo-variants eager:compile_unet=false \
+        compiled:compile_unet=true fp32:mixed_precision=no,num_steps=10,epochs=2                # run 7 (~9.5 min)
+        # one optimiser step per epoch: each epoch's clipfrac = how often sampling's and training's numerics of
+        # the same weights differ by more than DDPO's clip range 1e-4 (bf16 kernels differ by batch shape)
     python scripts/bench_gpu.py --out /tmp/bench_gpu_tiny --tiny     # CPU dry run, tiny configs (minutes)
 
 xformers 0.0.35's PyPI wheel is built for CUDA 12.8: on a CUDA-13 torch its extension needs libcudart.so.12
@@ -190,9 +189,10 @@ def ddpo_child(spec: dict) -> dict:
     tiny = spec["tiny"]
     overrides = [f"epochs={spec['epochs']}", f"num_batches_per_epoch={spec['batches']}",
                  f"gradient_accumulation_steps={2 * spec['batches']}", "grid_every=0", "save_every=100000",
-                 "buffer_size=0", *spec.get("set", [])]
-    if tiny:
-        overrides += ["resolution=0", "num_steps=10", "mixed_precision=no"]
+                 "buffer_size=0"]
+    if tiny:  # before the variant's own settings, which may still compile (e.g. compile_backend=aot_eager)
+        overrides += ["resolution=0", "num_steps=10", "mixed_precision=no", "compile_unet=false"]
+    overrides += spec.get("set", [])
     cfg = load_config(DDPOConfig, REPO / "configs/image/sd15-pickscore.yaml", overrides=overrides, section="ddpo",
                       pipeline=spec["pipeline"], reward="brightness", prompts=spec["prompts"], out=spec["out"])
     if torch.cuda.is_available():
@@ -388,6 +388,7 @@ def main() -> None:
                                out=str(work / f"ddpo-{name}"), epochs=a.ddpo_epochs, batches=a.ddpo_batches,
                                tiny=a.tiny), out / f"ddpo-{name}.log", 1200)
             r["set"] = sets
+            r.setdefault("name", name)
             fl = res["flops"]
             if "error" not in r and "error" not in fl:
                 f_s = r["num_steps"] * fl["unet_cfg_fwd_per_image_step"] + fl["vae_decode_per_image"] + \

@@ -432,22 +432,36 @@ def test_compiled_unet_matches_eager(tiny_sd, prompts_file, tmp_path):
     eager, and its LoRA saves and checkpoints like eager's (state_dict names unchanged by compile). The aot_eager
     backend: dynamo's capture of the peft-wrapped diffusers UNet and AOTAutograd's backward, as inductor gets them,
     without inductor's kernel generation (4.7 min for this test on 2 CPU cores, ~20 s with aot_eager; inductor's
-    speed is measured in scripts/bench_gpu.py)."""
+    speed is measured in scripts/bench_gpu.py). The grid (1 prompt: 2 UNet rows, a shape sampling never uses) runs
+    eager: on an SD-1.5 UNet its graph would be one more ~90 s compile."""
     from safetensors.torch import load_file
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graph_inputs = []
+
+    @register_backend(name="align_test_aot_eager")
+    def recording_aot_eager(gm, example_inputs, **kw):  # aot_eager that notes each graph's input shapes
+        graph_inputs.append([tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)])
+        return aot_eager(gm, example_inputs, **kw)
+
     runs = {}
     for compiled in (False, True):
         out = tmp_path / f"compiled-{compiled}"
-        run_ddpo(_cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), grid_seeds=[],
-                      compile_unet=compiled, compile_backend="aot_eager"))
-        assert ("UNet compiled (aot_eager" in (out / "report.md").read_text()) == compiled
+        run_ddpo(_cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), grid_prompts=PROMPTS[:1],
+                      grid_seeds=[0], grid_every=1, compile_unet=compiled, compile_backend="align_test_aot_eager"))
+        assert ("UNet compiled (align_test_aot_eager" in (out / "report.md").read_text()) == compiled
         runs[compiled] = (_metrics(out)[-1], load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")),
                           load_file(str(out / "checkpoints" / "step-00000001" / "trainable.safetensors")))
     (m0, lora0, ck0), (m1, lora1, ck1) = runs[False], runs[True]
-    for key in ("reward/mean", "reward/std", "policy/approx_kl", "policy/clipfrac"):
+    for key in ("reward/mean", "reward/std", "policy/approx_kl", "policy/clipfrac", "grid/reward"):
         assert m1[key] == pytest.approx(m0[key], rel=1e-4, abs=1e-7), key
     assert lora1.keys() == lora0.keys() and ck1.keys() == ck0.keys() and len(lora0) > 0
     for k in lora0:  # one Adam step of lr 1e-3 from the same start: equal to float32 rounding of the gradient
         assert torch.allclose(lora1[k], lora0[k], atol=2e-5), k
+    batches = {s[0] for shapes in graph_inputs for s in shapes if len(s) == 4 and s[1:] == (4, 16, 16)}
+    assert 8 in batches and 16 in batches, batches  # sampling: 4 images × CFG; training: 4 × 2 timesteps × CFG
+    assert 2 not in batches, batches  # the grid's 1 prompt × CFG was never compiled
     with pytest.raises(ValueError, match="'nope' is not a torch.compile backend"):
         run_ddpo(_cfg(tiny_sd, prompts_file, tmp_path / "bad", compile_unet=True, compile_backend="nope"))
     assert not (tmp_path / "bad").exists()
