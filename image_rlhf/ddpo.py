@@ -36,6 +36,7 @@ from image_rlhf.pipeline import (add_unet_lora, check_compile, check_pipeline, e
                                  save_unet_lora, trainable_state)
 from image_rlhf.ddim import ddim_std_dev
 from image_rlhf.ddpo_update import ddpo_update, epoch_generator, kl_to_ref
+from image_rlhf.rewards import check_finite_rewards, load_reward, score_batch
 from image_rlhf.sampling import decode_latents, memory_format, sample_trajectories
 
 log = logging.getLogger(__name__)
@@ -85,6 +86,11 @@ class DDPOConfig:
     peak RSS of the backward +90 MB (k = 1), +250 MB (k = 2), +530 MB (k = 4). SD-1.5 UNet, LoRA, bf16, CFG,
     train batch 4, H100 (scripts/bench_gpu.py): 41.7 / 26.7 / 21.5 ms per (sample, step) and 10.8 / 19.4 /
     36.7 GiB peak for k = 1 / 2 / 4 — bigger UNet batches fill the GPU; 1 fits the smallest cards."""
+    recompute_log_probs: bool = False
+    """log π_old from the update's own UNet calls (no grad, once, before the first step) instead of the sampler's
+    record, as verl recomputes its rollouts' log-probs: ~1/3 more update compute. In bf16 on a GPU the two round
+    differently (other batch shapes and row layouts): an H100 put 3% of the first step's ratios outside clip_range
+    1e-4 (31% with trained adapters; README, GPU). Recomputed, they are 1 before any step."""
     lr: float = 3e-4
     max_grad_norm: float = 1.0
     adv_clip: float = 5.0
@@ -175,8 +181,6 @@ class DDPOResult:
 
 
 def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
-    from image_rlhf.rewards import load_reward
-
     for name in ("pipeline", "reward", "prompts", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"ddpo: --{name} is required")
@@ -297,8 +301,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
                                                latent_shape=latent_shape, return_means=n_kl > 0, init_latents=x_T)
                     images = decode_latents(parts.vae, traj.final_latents)                  # (B, 3, H, W) in [0, 1]
                     # 2. reward, per batch (images are not kept)
-                    rewards, err = _score(reward_fn, prompts, images, cfg.reward)           # (B,)
-                    monitor = _score(monitor_fn, prompts, images, cfg.monitor) if monitor_fn else (None, None)
+                    rewards, err = score_batch(reward_fn, prompts, images, cfg.reward)           # (B,)
+                    monitor = score_batch(monitor_fn, prompts, images, cfg.monitor) if monitor_fn else (None, None)
                 reward_error, monitor_error = reward_error or err, monitor_error or monitor[1]
                 if n_kl > 0:
                     t_kl -= time.perf_counter()
@@ -316,11 +320,11 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         rewards = torch.cat([b["rewards"] for b in batches]).to(acc.device)                  # (N,)
         all_rewards = acc.gather(rewards).cpu()                                              # (world·N,), rank order
         all_prompts = _gather_strings(prompts, acc)
-        _check_finite(all_rewards, all_prompts, epoch, cfg.reward, reward_error)
+        check_finite_rewards(all_rewards, all_prompts, epoch, cfg.reward, reward_error)
         extra = {}
         if monitor_fn is not None:  # the gold judge: logged, never trained on
             all_monitor = acc.gather(torch.cat([b["monitor"] for b in batches]).to(acc.device)).cpu()  # (world·N,)
-            _check_finite(all_monitor, all_prompts, epoch, cfg.monitor, monitor_error)
+            check_finite_rewards(all_monitor, all_prompts, epoch, cfg.monitor, monitor_error)
             extra.update({"monitor/mean": all_monitor.mean().item(),
                           "monitor/std": all_monitor.std(unbiased=False).item()})
         if kl_rows:
@@ -397,30 +401,6 @@ def compute_advantages(tracker: PerPromptStatTracker, prompts: list[str], reward
     return tracker.update(prompts, rewards).clamp(-adv_clip, adv_clip)
 
 
-def _score(reward_fn, prompts, images, spec) -> tuple[torch.Tensor, ValueError | None]:
-    """(B,) float32 scores on the CPU. A ValueError of the reward (a checked reward refusing NaN) becomes
-    NaN scores plus the error, so that every process learns of it at the gather instead of hanging there."""
-    try:
-        out = torch.as_tensor(reward_fn(list(prompts), images.float())).detach().float().flatten().cpu()
-    except ValueError as e:
-        return torch.full((len(prompts),), float("nan")), e
-    if out.numel() != len(prompts):
-        return torch.full((len(prompts),), float("nan")), ValueError(
-            f"reward {spec!r} returned {out.numel()} scores for {len(prompts)} images")
-    return out, None
-
-
-def _check_finite(rewards, prompts, epoch, spec, error: ValueError | None):
-    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-    if not bad:
-        return
-    where = f"epoch {epoch + 1}: nothing was updated, the last checkpoint is intact"
-    if error is not None:
-        raise FloatingPointError(f"{error} ({where})") from error
-    raise FloatingPointError(f"reward {spec!r} returned {rewards[bad[0]].item()} for prompt {prompts[bad[0]]!r} "
-                             f"({len(bad)} non-finite of {len(prompts)}, all processes); {where}")
-
-
 def _gather_strings(items: list[str], acc) -> list[str]:
     if acc.num_processes == 1:
         return list(items)
@@ -442,7 +422,7 @@ def _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run
                                        cfg.num_steps, cfg.guidance_scale, cfg.eta,
                                        generator=torch.Generator().manual_seed(int(seed)), latent_shape=latent_shape)
             images = decode_latents(parts.vae, traj.final_latents).cpu()
-            scores.append(_score(reward_fn, grid_prompts, images, cfg.reward)[0])
+            scores.append(score_batch(reward_fn, grid_prompts, images, cfg.reward)[0])
         rows.append(images)
     unet.train(was_training)
     grid = image_grid(torch.cat(rows), nrow=len(grid_prompts))

@@ -18,73 +18,100 @@ def epoch_generator(*keys: int) -> torch.Generator:
 
 
 def ddpo_update(model, unet, ref_unet, optimizer, acc, scheduler, latents, timesteps, old_log_probs, advantages,
-            embeds, neg, guidance, trainable, n_train_steps, cfg, epoch, rank) -> dict:
+                embeds, neg, guidance, trainable, n_train_steps, cfg, epoch, rank) -> dict:
     """`inner_epochs` passes over this process's N samples (shapes as in run_ddpo). Per train batch and
     trained step: the clipped surrogate; each loss is divided by the n_train_steps × gradient_accumulation_steps
     losses that one optimiser step sums, so it steps on their mean. `timesteps_per_forward` steps share one
-    UNet call and one backward (the sum of their losses): the same gradient, fewer, larger calls."""
+    UNet call and one backward (the sum of their losses): the same gradient, fewer, larger calls.
+    cfg.recompute_log_probs: log π_old from the first inner epoch's own UNet calls, run once without grad before
+    any step (`policy/logp_recompute_diff`: their mean |difference| from the sampler's record)."""
     N, S = old_log_probs.shape
     neg = neg if guidance > 1 else None
-    k_fwd = max(1, cfg.timesteps_per_forward)
     n_backward = n_train_steps * cfg.gradient_accumulation_steps
     sums: dict[str, float] = {}
-    n = 0
+    n, extra = 0, {}
     for inner in range(cfg.inner_epochs):
-        g = epoch_generator(cfg.seed, epoch, rank, 10_000 + inner)
-        perm = torch.randperm(N, generator=g)                                                # shuffle samples
-        # each sample visits its trainable steps in its own random order (ddpo-pytorch); the first
-        # n_train_steps of that order are trained on
-        step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(N)])  # (N, S')
-        for k, start in enumerate(range(0, N, cfg.train_batch_size)):
-            rows = perm[start:start + cfg.train_batch_size]                                  # (b,)
-            idx = rows.to(latents.device)
+        calls = list(_update_calls(N, trainable, n_train_steps, cfg, epoch_generator(cfg.seed, epoch, rank,
+                                                                                      10_000 + inner), latents.device))
+        if inner == 0 and cfg.recompute_log_probs:
+            old_log_probs, extra["policy/logp_recompute_diff"] = _recompute(
+                model, acc, scheduler, latents, timesteps, old_log_probs, embeds, neg, guidance, cfg.eta, calls)
+        for k, idx, idx_m, s, m, last in calls:
+            b = len(idx)
             step_now = (k + 1) % cfg.gradient_accumulation_steps == 0
-            b = len(rows)
-            for j0 in range(0, n_train_steps, k_fwd):
-                # m trained steps of the b samples in one UNet call: rows step-major, (j0, all b), (j0+1, all b), ...
-                m = min(k_fwd, n_train_steps - j0)
-                s = step_order[rows, j0:j0 + m].T.reshape(-1).to(latents.device)            # (m·b,) step index
-                idx_m = idx.repeat(m)                                                        # (m·b,) sample index
-                x_t, x_prev = latents[idx_m, s], latents[idx_m, s + 1]                       # (m·b, C, H, W)
-                t = timesteps[s]                                                             # (m·b,)
-                sync = step_now and j0 + m == n_train_steps  # DDP all-reduces on the last backward only
-                with contextlib.nullcontext() if sync else acc.no_sync(model):
-                    with acc.autocast():
-                        log_probs, means = step_log_prob(model, scheduler, x_t, t, x_prev, embeds[idx_m], neg,
-                                                         guidance, cfg.eta, return_mean=True)
-                    log_probs = log_probs.float()                                            # (m·b,) log π_θ
-                    olds = old_log_probs[idx_m, s]                                           # (m·b,) log π_old
+            x_t, x_prev = latents[idx_m, s], latents[idx_m, s + 1]                           # (m·b, C, H, W)
+            t = timesteps[s]                                                                 # (m·b,)
+            sync = step_now and last  # DDP all-reduces on the last backward only
+            with contextlib.nullcontext() if sync else acc.no_sync(model):
+                with acc.autocast():
+                    log_probs, means = step_log_prob(model, scheduler, x_t, t, x_prev, embeds[idx_m], neg,
+                                                     guidance, cfg.eta, return_mean=True)
+                log_probs = log_probs.float()                                                # (m·b,) log π_θ
+                olds = old_log_probs[idx_m, s]                                               # (m·b,) log π_old
+                if cfg.kl_coef > 0:
+                    ref_log_probs, ref_means = ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev,
+                                                            embeds[idx_m], neg, guidance, cfg.eta, acc)
+                    if cfg.kl_estimator == "gaussian":                                       # (m·b,) exact, per element
+                        penalty = step_kl_per_element(means.float(), ref_means.float(),
+                                                      ddim_std_dev(scheduler, t, cfg.eta).to(means.device))
+                    else:  # k2 = ½(log π − log π_ref)²: as a loss its gradient is ∇KL[π‖π_ref] on samples
+                        penalty = kl_k2(log_probs, ref_log_probs)  # of π (Schulman 2020); k1's is 0 there
+                total = 0.0
+                for c in range(m):  # one loss per trained step, as if each had its own forward
+                    rc = slice(c * b, (c + 1) * b)
+                    log_prob = log_probs[rc]                                                 # (b,)
+                    loss, st = clipped_surrogate(log_prob, olds[rc], advantages[idx], cfg.clip_range)
                     if cfg.kl_coef > 0:
-                        ref_log_probs, ref_means = ref_log_prob(unet, ref_unet, scheduler, x_t, t, x_prev,
-                                                                embeds[idx_m], neg, guidance, cfg.eta, acc)
-                        if cfg.kl_estimator == "gaussian":                                   # (m·b,) exact, per element
-                            penalty = step_kl_per_element(means.float(), ref_means.float(),
-                                                          ddim_std_dev(scheduler, t, cfg.eta).to(means.device))
-                        else:  # k2 = ½(log π − log π_ref)²: as a loss its gradient is ∇KL[π‖π_ref] on samples
-                            penalty = kl_k2(log_probs, ref_log_probs)  # of π (Schulman 2020); k1's is 0 there
-                    total = 0.0
-                    for c in range(m):  # one loss per trained step, as if each had its own forward
-                        rc = slice(c * b, (c + 1) * b)
-                        log_prob = log_probs[rc]                                             # (b,)
-                        loss, st = clipped_surrogate(log_prob, olds[rc], advantages[idx], cfg.clip_range)
-                        if cfg.kl_coef > 0:
-                            loss = loss + cfg.kl_coef * penalty[rc].mean()
-                            st["kl_penalty"] = penalty[rc].mean().detach()
-                            st["kl_ref"] = kl_k1(log_prob, ref_log_probs[rc]).mean().detach()
-                        total = total + loss
-                        for name, v in {"loss": loss, **st}.items():
-                            sums[f"policy/{name}"] = sums.get(f"policy/{name}", 0.0) + float(v.detach())
-                        n += 1
-                    acc.backward(total / n_backward)
-            if step_now:
+                        loss = loss + cfg.kl_coef * penalty[rc].mean()
+                        st["kl_penalty"] = penalty[rc].mean().detach()
+                        st["kl_ref"] = kl_k1(log_prob, ref_log_probs[rc]).mean().detach()
+                    total = total + loss
+                    for name, v in {"loss": loss, **st}.items():
+                        sums[f"policy/{name}"] = sums.get(f"policy/{name}", 0.0) + float(v.detach())
+                    n += 1
+                acc.backward(total / n_backward)
+            if step_now and last:
                 if cfg.max_grad_norm:
                     norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
                     sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + norm * n_backward
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
-    means = torch.tensor([v / n for v in sums.values()], device=acc.device)
-    means = acc.gather(means.unsqueeze(0)).mean(0)                                           # average over processes
-    return dict(zip(sums, means.tolist()))
+    out = {**{k: v / n for k, v in sums.items()}, **extra}
+    means = acc.gather(torch.tensor(list(out.values()), device=acc.device).unsqueeze(0)).mean(0)  # over processes
+    return dict(zip(out, means.tolist()))
+
+
+def _update_calls(N, trainable, n_train_steps, cfg, g, device):
+    """One inner epoch's UNet calls, in order: (k, idx (b,), idx_m (m·b,), s (m·b,), m, last). Samples are
+    shuffled into train batches k; each sample visits its trainable steps in its own random order (ddpo-pytorch)
+    and the first n_train_steps of that order are trained on, `timesteps_per_forward` = m of them per call, rows
+    step-major: (step j0, all b samples), (j0 + 1, all b), ...; last: the batch's last call."""
+    k_fwd = max(1, cfg.timesteps_per_forward)
+    perm = torch.randperm(N, generator=g)                                                    # shuffle samples
+    step_order = torch.stack([trainable[torch.randperm(len(trainable), generator=g)] for _ in range(N)])  # (N, S')
+    for k, start in enumerate(range(0, N, cfg.train_batch_size)):
+        rows = perm[start:start + cfg.train_batch_size]                                      # (b,)
+        idx = rows.to(device)
+        for j0 in range(0, n_train_steps, k_fwd):
+            m = min(k_fwd, n_train_steps - j0)
+            s = step_order[rows, j0:j0 + m].T.reshape(-1).to(device)                         # (m·b,) step index
+            yield k, idx, idx.repeat(m), s, m, j0 + m == n_train_steps
+
+
+@torch.no_grad()
+def _recompute(model, acc, scheduler, latents, timesteps, old_log_probs, embeds, neg, guidance, eta, calls):
+    """log π_old of the trained (sample, step)s from the training forward itself, call for call as the update will
+    run it (same rows, shapes and order; grad mode does not change a kernel's result): before the first optimiser
+    step its ratios are then exactly 1, whatever the sampler's kernels rounded differently. Returns (the (N, S)
+    log-probs, the recomputed entries' mean |difference| from the recorded ones)."""
+    olds, diffs = old_log_probs.clone(), []
+    for _, _, idx_m, s, _, _ in calls:
+        with acc.autocast():
+            lp = step_log_prob(model, scheduler, latents[idx_m, s], timesteps[s], latents[idx_m, s + 1],
+                               embeds[idx_m], neg, guidance, eta).float()                    # (m·b,)
+        diffs.append((lp - olds[idx_m, s]).abs())
+        olds[idx_m, s] = lp
+    return olds, torch.cat(diffs).mean().item()
 
 
 @contextlib.contextmanager

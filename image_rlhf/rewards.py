@@ -140,3 +140,29 @@ def load_reward(spec: str, device="cpu") -> Callable:
 
 __all__ = ["jpeg_size_kb", "jpeg_compressibility", "jpeg_incompressibility", "brightness", "BUILTINS",
            "CheckedReward", "load_reward"]
+
+
+def score_batch(reward_fn, prompts, images, spec) -> tuple[torch.Tensor, ValueError | None]:
+    """One batch's (B,) float32 scores on the CPU, for a training loop. A ValueError of the reward (a checked
+    reward refusing NaN) becomes NaN scores plus the error, so that every process learns of it at the gather
+    instead of hanging there."""
+    try:
+        out = torch.as_tensor(reward_fn(list(prompts), images.float())).detach().float().flatten().cpu()
+    except ValueError as e:
+        return torch.full((len(prompts),), float("nan")), e
+    if out.numel() != len(prompts):
+        return torch.full((len(prompts),), float("nan")), ValueError(
+            f"reward {spec!r} returned {out.numel()} scores for {len(prompts)} images")
+    return out, None
+
+
+def check_finite_rewards(rewards, prompts, epoch, spec, error: ValueError | None):
+    """Raise FloatingPointError naming the reward, the first bad prompt and the epoch on a NaN/inf score."""
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    where = f"epoch {epoch + 1}: nothing was updated, the last checkpoint is intact"
+    if error is not None:
+        raise FloatingPointError(f"{error} ({where})") from error
+    raise FloatingPointError(f"reward {spec!r} returned {rewards[bad[0]].item()} for prompt {prompts[bad[0]]!r} "
+                             f"({len(bad)} non-finite of {len(prompts)}, all processes); {where}")

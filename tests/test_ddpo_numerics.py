@@ -1,0 +1,119 @@
+"""DDPO's numerics on the tiny random Stable Diffusion pipeline: a compiled UNet against eager, bf16 sampling
+against the update's recomputation, and `recompute_log_probs` against a sampler with other numerics."""
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("diffusers")
+pytest.importorskip("peft")
+from test_ddpo import PROMPTS, _cfg, _metrics  # noqa: E402
+
+from align.rl.config import LoraParams  # noqa: E402
+from image_rlhf.ddpo import run_ddpo  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def tiny_sd(tiny_sd_path):
+    """conftest's tiny SD pipeline (latents (4, 16, 16), as test_ddpo's)."""
+    return Path(tiny_sd_path)
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.txt"
+    path.write_text("\n".join(PROMPTS) + "\n")
+    return path
+
+
+def test_compiled_unet_matches_eager(tiny_sd, prompts_file, tmp_path):
+    """compile_unet=True (torch.compile, in place) samples the same trajectories and takes the same LoRA step as
+    eager, and its LoRA saves and checkpoints like eager's (state_dict names unchanged by compile). The aot_eager
+    backend: dynamo's capture of the peft-wrapped diffusers UNet and AOTAutograd's backward, as inductor gets them,
+    without inductor's kernel generation (4.7 min for this test on 2 CPU cores, ~20 s with aot_eager; inductor's
+    speed is measured in scripts/bench_gpu.py). The grid (1 prompt: 2 UNet rows, a shape sampling never uses) runs
+    eager: on an SD-1.5 UNet its graph would be one more ~90 s compile."""
+    from safetensors.torch import load_file
+    from torch._dynamo import register_backend
+    from torch._dynamo.backends.debugging import aot_eager
+
+    graph_inputs = []
+
+    @register_backend(name="align_test_aot_eager")
+    def recording_aot_eager(gm, example_inputs, **kw):  # aot_eager that notes each graph's input shapes
+        graph_inputs.append([tuple(x.shape) for x in example_inputs if isinstance(x, torch.Tensor)])
+        return aot_eager(gm, example_inputs, **kw)
+
+    runs = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compiled-{compiled}"
+        run_ddpo(_cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), grid_prompts=PROMPTS[:1],
+                      grid_seeds=[0], grid_every=1, compile_unet=compiled, compile_backend="align_test_aot_eager"))
+        assert ("UNet compiled (align_test_aot_eager" in (out / "report.md").read_text()) == compiled
+        runs[compiled] = (_metrics(out)[-1], load_file(str(out / "lora" / "pytorch_lora_weights.safetensors")),
+                          load_file(str(out / "checkpoints" / "step-00000001" / "trainable.safetensors")))
+    (m0, lora0, ck0), (m1, lora1, ck1) = runs[False], runs[True]
+    for key in ("reward/mean", "reward/std", "policy/approx_kl", "policy/clipfrac", "grid/reward"):
+        assert m1[key] == pytest.approx(m0[key], rel=1e-4, abs=1e-7), key
+    assert lora1.keys() == lora0.keys() and ck1.keys() == ck0.keys() and len(lora0) > 0
+    for k in lora0:  # one Adam step of lr 1e-3 from the same start: equal to float32 rounding of the gradient
+        assert torch.allclose(lora1[k], lora0[k], atol=2e-5), k
+    batches = {s[0] for shapes in graph_inputs for s in shapes if len(s) == 4 and s[1:] == (4, 16, 16)}
+    assert 8 in batches and 16 in batches, batches  # sampling: 4 images × CFG; training: 4 × 2 timesteps × CFG
+    assert 2 not in batches, batches  # the grid's 1 prompt × CFG was never compiled
+    with pytest.raises(ValueError, match="'nope' is not a torch.compile backend"):
+        run_ddpo(_cfg(tiny_sd, prompts_file, tmp_path / "bad", compile_unet=True, compile_backend="nope"))
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_sampling_records_the_log_probs_training_recomputes(tiny_sd, prompts_file, tmp_path):
+    """Mixed precision: the first optimiser step's ratios are exactly 1 (nothing clipped at DDPO's 1e-4), with
+    sampling (16 UNet rows) and training (4 rows) batched differently. Before session 9 the sampler ran the
+    DDIM step in the bf16 UNet's dtype while accelerate's prepared model hands training a float32 ε, and the CPU
+    sampled in channels_last: approx_kl 2e-4 and a third of the ratios clipped before any update."""
+    out = tmp_path / "run"
+    run_ddpo(_cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), mixed_precision="bf16",
+                  grid_seeds=[], sample_batch_size=8, train_batch_size=2, gradient_accumulation_steps=4,
+                  timesteps_per_forward=1))
+    (row,) = [r for r in _metrics(out) if "policy/clipfrac" in r]
+    assert row["policy/clipfrac"] == 0.0 and abs(row["policy/approx_kl"]) < 1e-9 and row["policy/ratio"] == 1.0, row
+    # a bf16 pipeline without autocast (`align compare --dtype bf16`): x_t reaches the UNet in its weights' dtype
+    from align.compare import ImageGenParams
+    from image_rlhf.compare import ImageGenerator
+    images = ImageGenerator(str(tiny_sd), ImageGenParams(num_steps=2), "cpu", torch.bfloat16)(PROMPTS[:2], 0)
+    assert images.shape == (2, 3, 32, 32) and torch.isfinite(images).all()
+
+
+def test_recompute_log_probs_replaces_a_sampler_with_other_numerics(tiny_sd, prompts_file, tmp_path, monkeypatch):
+    """recompute_log_probs: log π_old comes from the update's own UNet calls. A sampler whose recorded log-probs are
+    off by 1e-3 (as a GPU's bf16 kernels round sampling's batch shapes differently from training's, by less)
+    puts every ratio of the first step outside DDPO's clip range 1e-4; recomputed, the step is the one of an
+    exact sampler (to float32 rounding), and the logged mean |difference| is the offset."""
+    import image_rlhf.ddpo
+    from safetensors.torch import load_file
+    exact = image_rlhf.ddpo.sample_trajectories
+
+    def off_sampler(*args, **kw):
+        traj = exact(*args, **kw)
+        traj.log_probs = traj.log_probs + 1e-3
+        return traj
+
+    runs = {}
+    for name, sampler, recompute in (("exact", exact, False), ("off", off_sampler, False),
+                                     ("recomputed", off_sampler, True)):
+        monkeypatch.setattr(image_rlhf.ddpo, "sample_trajectories", sampler)
+        out = tmp_path / name
+        run_ddpo(_cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), grid_seeds=[],
+                      recompute_log_probs=recompute))
+        (row,) = [r for r in _metrics(out) if "policy/clipfrac" in r]
+        runs[name] = row, load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+    (exact_row, exact_lora), (off_row, off_lora), (rec_row, rec_lora) = runs["exact"], runs["off"], runs["recomputed"]
+    assert exact_row["policy/clipfrac"] == 0.0 and exact_row["policy/ratio"] == 1.0
+    # every ratio e^−1e-3, outside 1 ± 1e-4: the clipped branch wins (no gradient) for the negative advantages
+    assert off_row["policy/ratio"] == pytest.approx(math.exp(-1e-3), rel=1e-6) and off_row["policy/clipfrac"] > 0
+    assert rec_row["policy/clipfrac"] == 0.0 and rec_row["policy/ratio"] == 1.0 and rec_row["policy/approx_kl"] == 0.0
+    assert rec_row["policy/logp_recompute_diff"] == pytest.approx(1e-3, rel=1e-3)
+    assert "policy/logp_recompute_diff" not in exact_row
+    gap = lambda lora: max((lora[k] - exact_lora[k]).abs().max().item() for k in exact_lora)  # noqa: E731
+    assert gap(rec_lora) < 1e-6 < 1e-4 < gap(off_lora), (gap(rec_lora), gap(off_lora))  # Adam's first step: ±lr
