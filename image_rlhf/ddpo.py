@@ -452,7 +452,8 @@ def _finish(run, cfg, parts, unet) -> Path:
         ("reward (mean over the epoch's samples)", "reward/mean"), ("reward std", "reward/std"),
         ("grid reward (fixed prompts and seeds; first = before training)", "grid/reward"),
         ("approx KL[π_old‖π] per step", "policy/approx_kl"),
-        ("clip fraction", "policy/clipfrac"), ("KL to reference (k1)", "policy/kl_ref"),
+        ("clip fraction", "policy/clipfrac"), ("mean |log π_old recomputed − sampled|", "policy/logp_recompute_diff"),
+        ("KL to reference (k1)", "policy/kl_ref"),
         ("KL penalty per step (" + ("closed form, nats per element" if cfg.kl_estimator == "gaussian" else
                                     cfg.kl_estimator) + ")", "policy/kl_penalty"),
         ("monitor (gold) reward", "monitor/mean"), ("KL to reference per trajectory (exact, nats)", "kl/ref"),

@@ -108,6 +108,7 @@ def test_recompute_log_probs_replaces_a_sampler_with_other_numerics(tiny_sd, pro
                       recompute_log_probs=recompute))
         (row,) = [r for r in _metrics(out) if "policy/clipfrac" in r]
         runs[name] = row, load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
+        assert ("log π_old recomputed" in (out / "report.md").read_text()) == recompute
     (exact_row, exact_lora), (off_row, off_lora), (rec_row, rec_lora) = runs["exact"], runs["off"], runs["recomputed"]
     assert exact_row["policy/clipfrac"] == 0.0 and exact_row["policy/ratio"] == 1.0
     # every ratio e^−1e-3, outside 1 ± 1e-4: the clipped branch wins (no gradient) for the negative advantages
