@@ -296,8 +296,8 @@ def save_png(grid: torch.Tensor, path: str | Path) -> Path:
 
 
 def check_compile(backend: str) -> None:
-    """compile_unet's backend exists, and inductor on the CPU has its C++ compiler (else torch fails at the
-    first UNet call, after the run folder and the base model's grid are written)."""
+    """compile_unet's backend exists, and inductor has its C++ compiler (CPU) or triton (GPU): else torch fails at
+    the first UNet call, after the run folder is written."""
     import shutil
 
     import torch._dynamo
@@ -308,3 +308,8 @@ def check_compile(backend: str) -> None:
             shutil.which(c) for c in ("g++", "c++", "clang++")):
         raise ValueError("compile_unet with the inductor backend on the CPU needs a C++ compiler (g++/clang++) "
                          "on PATH; install one (Debian: apt install g++) or set compile_unet=false")
+    if backend == "inductor" and torch.cuda.is_available():
+        from torch.utils._triton import has_triton
+        if not has_triton():
+            raise ValueError("compile_unet with the inductor backend on a GPU needs a working triton (Linux torch "
+                             "wheels ship it: pip install triton matching your torch), or set compile_unet=false")

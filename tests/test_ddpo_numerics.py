@@ -67,6 +67,23 @@ def test_compiled_unet_matches_eager(tiny_sd, prompts_file, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def test_compile_checks_fail_fast_without_a_compiler_or_triton(monkeypatch):
+    """inductor needs a C++ compiler on the CPU and triton on a GPU: said before the run starts."""
+    import shutil
+
+    import torch.utils._triton
+    from image_rlhf.pipeline import check_compile
+    check_compile("aot_eager")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.utils._triton, "has_triton", lambda: False)
+    with pytest.raises(ValueError, match="needs a working triton"):
+        check_compile("inductor")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    with pytest.raises(ValueError, match="needs a C\\+\\+ compiler"):
+        check_compile("inductor")
+
+
 def test_bf16_sampling_records_the_log_probs_training_recomputes(tiny_sd, prompts_file, tmp_path):
     """Mixed precision: the first optimiser step's ratios are exactly 1 (nothing clipped at DDPO's 1e-4), with
     sampling (16 UNet rows) and training (4 rows) batched differently. Before session 9 the sampler ran the
