@@ -87,10 +87,11 @@ class DDPOConfig:
     train batch 4, H100 (scripts/bench_gpu.py): 41.7 / 26.7 / 21.5 ms per (sample, step) and 10.8 / 19.4 /
     36.7 GiB peak for k = 1 / 2 / 4 — bigger UNet batches fill the GPU; 1 fits the smallest cards."""
     recompute_log_probs: bool = False
-    """log π_old from the update's own UNet calls (no grad, once, before the first step) instead of the sampler's
-    record, as verl recomputes its rollouts' log-probs: ~1/3 more update compute. In bf16 on a GPU the two round
-    differently (other batch shapes and row layouts): an H100 put 3% of the first step's ratios outside clip_range
-    1e-4 (31% with trained adapters; README, GPU). Recomputed, they are 1 before any step."""
+    """log π_old from the update's own UNet calls (forward only, once, before the first step) instead of the
+    sampler's record, as verl recomputes its rollouts' log-probs: ~1/3 more update compute. In bf16 on a GPU the two
+    round differently (other batch shapes and row layouts): on an H100 the first step's clip fraction was 3%, and
+    31% of the ratios left 1 ± clip_range with trained adapters (README, GPU). Recomputed, they are 1 before any
+    step."""
     lr: float = 3e-4
     max_grad_norm: float = 1.0
     adv_clip: float = 5.0

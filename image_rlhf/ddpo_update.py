@@ -23,7 +23,7 @@ def ddpo_update(model, unet, ref_unet, optimizer, acc, scheduler, latents, times
     trained step: the clipped surrogate; each loss is divided by the n_train_steps × gradient_accumulation_steps
     losses that one optimiser step sums, so it steps on their mean. `timesteps_per_forward` steps share one
     UNet call and one backward (the sum of their losses): the same gradient, fewer, larger calls.
-    cfg.recompute_log_probs: log π_old from the first inner epoch's own UNet calls, run once without grad before
+    cfg.recompute_log_probs: log π_old from the first inner epoch's own UNet calls, run once (no backward) before
     any step (`policy/logp_recompute_diff`: their mean |difference| from the sampler's record)."""
     N, S = old_log_probs.shape
     neg = neg if guidance > 1 else None
@@ -98,19 +98,21 @@ def _update_calls(N, trainable, n_train_steps, cfg, g, device):
             yield k, idx, idx.repeat(m), s, m, j0 + m == n_train_steps
 
 
-@torch.no_grad()
 def _recompute(model, acc, scheduler, latents, timesteps, old_log_probs, embeds, neg, guidance, eta, calls):
     """log π_old of the trained (sample, step)s from the training forward itself, call for call as the update will
-    run it (same rows, shapes and order; grad mode does not change a kernel's result): before the first optimiser
-    step its ratios are then exactly 1, whatever the sampler's kernels rounded differently. Returns (the (N, S)
-    log-probs, the recomputed entries' mean |difference| from the recorded ones)."""
+    run it (same rows, shapes and order): before the first optimiser step its ratios are then exactly 1, whatever
+    the sampler's kernels rounded differently. Grad stays on (no backward; DDP not synced), so that a compiled UNet
+    runs its training graph, whose fusions may round unlike its inference graph (eager kernels give the same
+    result either way: run 8, README). Returns (the (N, S) log-probs, the recomputed entries' mean |difference|
+    from the recorded ones)."""
     olds, diffs = old_log_probs.clone(), []
-    for _, _, idx_m, s, _, _ in calls:
-        with acc.autocast():
-            lp = step_log_prob(model, scheduler, latents[idx_m, s], timesteps[s], latents[idx_m, s + 1],
-                               embeds[idx_m], neg, guidance, eta).float()                    # (m·b,)
-        diffs.append((lp - olds[idx_m, s]).abs())
-        olds[idx_m, s] = lp
+    with acc.no_sync(model):
+        for _, _, idx_m, s, _, _ in calls:
+            with acc.autocast():
+                lp = step_log_prob(model, scheduler, latents[idx_m, s], timesteps[s], latents[idx_m, s + 1],
+                                   embeds[idx_m], neg, guidance, eta).detach().float()       # (m·b,)
+            diffs.append((lp - olds[idx_m, s]).abs())
+            olds[idx_m, s] = lp
     return olds, torch.cat(diffs).mean().item()
 
 

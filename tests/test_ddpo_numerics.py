@@ -117,16 +117,19 @@ def test_recompute_log_probs_replaces_a_sampler_with_other_numerics(tiny_sd, pro
         return traj
 
     runs = {}
-    for name, sampler, recompute in (("exact", exact, False), ("off", off_sampler, False),
-                                     ("recomputed", off_sampler, True)):
+    for name, sampler, recompute, compiled in (("exact", exact, False, False), ("off", off_sampler, False, False),
+                                               ("recomputed", off_sampler, True, False),
+                                               ("recomputed-compiled", off_sampler, True, True)):
         monkeypatch.setattr(image_rlhf.ddpo, "sample_trajectories", sampler)
         out = tmp_path / name
         run_ddpo(_cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), grid_seeds=[],
-                      recompute_log_probs=recompute))
+                      recompute_log_probs=recompute, compile_unet=compiled, compile_backend="aot_eager"))
         (row,) = [r for r in _metrics(out) if "policy/clipfrac" in r]
         runs[name] = row, load_file(str(out / "lora" / "pytorch_lora_weights.safetensors"))
         assert ("log π_old recomputed" in (out / "report.md").read_text()) == recompute
     (exact_row, exact_lora), (off_row, off_lora), (rec_row, rec_lora) = runs["exact"], runs["off"], runs["recomputed"]
+    comp_row = runs["recomputed-compiled"][0]  # the recompute runs the compiled training graph
+    assert comp_row["policy/clipfrac"] == 0.0 and comp_row["policy/ratio"] == 1.0, comp_row
     assert exact_row["policy/clipfrac"] == 0.0 and exact_row["policy/ratio"] == 1.0
     # every ratio e^−1e-3, outside 1 ± 1e-4: the clipped branch wins (no gradient) for the negative advantages
     assert off_row["policy/ratio"] == pytest.approx(math.exp(-1e-3), rel=1e-6) and off_row["policy/clipfrac"] > 0
