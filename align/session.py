@@ -136,3 +136,11 @@ def warmup_cosine(warmup: int, steps: int, min_ratio: float = 0.1):
         p = min(1.0, (step - warmup) / max(1, steps - warmup))
         return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * p))
     return f
+
+
+def gather_strings(items: list[str], acc) -> list[str]:
+    """Every process's strings, in rank order (acc.gather's order for tensors)."""
+    if acc.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+    return list(gather_object(list(items)))

@@ -27,16 +27,16 @@ from pathlib import Path
 import torch
 
 from align.data import load_prompts
-from align.rl import PerPromptStatTracker, group_advantages
+from align.rl import PerPromptStatTracker, check_finite_rewards, group_advantages
 from align.rl.config import LoraParams
 from align.runner import progress
-from align.session import adamw, rng_state, set_rng_state, start_run
+from align.session import adamw, gather_strings, rng_state, set_rng_state, start_run
 from image_rlhf.pipeline import (add_unet_lora, check_compile, check_pipeline, encode_prompts, image_grid,
                                  load_pipeline, load_trainable_state, negative_embeds, save_parts, save_png,
                                  save_unet_lora, trainable_state)
 from image_rlhf.ddim import ddim_std_dev
 from image_rlhf.ddpo_update import ddpo_update, epoch_generator, kl_to_ref
-from image_rlhf.rewards import check_finite_rewards, load_reward, score_batch
+from image_rlhf.rewards import load_reward, score_batch
 from image_rlhf.sampling import decode_latents, memory_format, sample_trajectories
 
 log = logging.getLogger(__name__)
@@ -320,12 +320,13 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         embeds = torch.cat([b["embeds"] for b in batches])                                   # (N, L, D)
         rewards = torch.cat([b["rewards"] for b in batches]).to(acc.device)                  # (N,)
         all_rewards = acc.gather(rewards).cpu()                                              # (world·N,), rank order
-        all_prompts = _gather_strings(prompts, acc)
-        check_finite_rewards(all_rewards, all_prompts, epoch, cfg.reward, reward_error)
+        all_prompts = gather_strings(prompts, acc)
+        where = f"epoch {epoch + 1}: nothing was updated, the last checkpoint is intact"
+        check_finite_rewards(all_rewards, all_prompts, cfg.reward, where, reward_error)
         extra = {}
         if monitor_fn is not None:  # the gold judge: logged, never trained on
             all_monitor = acc.gather(torch.cat([b["monitor"] for b in batches]).to(acc.device)).cpu()  # (world·N,)
-            check_finite_rewards(all_monitor, all_prompts, epoch, cfg.monitor, monitor_error)
+            check_finite_rewards(all_monitor, all_prompts, cfg.monitor, where, monitor_error)
             extra.update({"monitor/mean": all_monitor.mean().item(),
                           "monitor/std": all_monitor.std(unbiased=False).item()})
         if kl_rows:
@@ -400,13 +401,6 @@ def compute_advantages(tracker: PerPromptStatTracker, prompts: list[str], reward
     The clip bounds what one outlier image (a reward-model glitch) can do to an update; ddpo-pytorch
     applies it in the loss (adv_clip_max = 5), here it is applied once, to the advantages."""
     return tracker.update(prompts, rewards).clamp(-adv_clip, adv_clip)
-
-
-def _gather_strings(items: list[str], acc) -> list[str]:
-    if acc.num_processes == 1:
-        return list(items)
-    from accelerate.utils import gather_object
-    return list(gather_object(list(items)))
 
 
 @torch.no_grad()

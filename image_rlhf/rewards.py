@@ -154,15 +154,3 @@ def score_batch(reward_fn, prompts, images, spec) -> tuple[torch.Tensor, ValueEr
         return torch.full((len(prompts),), float("nan")), ValueError(
             f"reward {spec!r} returned {out.numel()} scores for {len(prompts)} images")
     return out, None
-
-
-def check_finite_rewards(rewards, prompts, epoch, spec, error: ValueError | None):
-    """Raise FloatingPointError naming the reward, the first bad prompt and the epoch on a NaN/inf score."""
-    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-    if not bad:
-        return
-    where = f"epoch {epoch + 1}: nothing was updated, the last checkpoint is intact"
-    if error is not None:
-        raise FloatingPointError(f"{error} ({where})") from error
-    raise FloatingPointError(f"reward {spec!r} returned {rewards[bad[0]].item()} for prompt {prompts[bad[0]]!r} "
-                             f"({len(bad)} non-finite of {len(prompts)}, all processes); {where}")

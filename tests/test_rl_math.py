@@ -183,3 +183,17 @@ def test_group_advantages_by_hand():
         group_advantages(torch.ones(6), 1)
     with pytest.raises(ValueError, match="non-finite rewards at batch positions \\[4\\]"):
         group_advantages(torch.tensor([1.0, 2.0, 3.0, 4.0, float("nan"), 6.0]), 2)
+
+
+def test_check_finite_rewards_names_the_reward_prompt_and_where():
+    """One check for text PPO and image DDPO: silent on finite rewards; else the spec, the first bad value and its
+    prompt, how many, and where the run stopped; a reward's own ValueError is re-raised with that place."""
+    from align.rl import check_finite_rewards
+    check_finite_rewards(torch.tensor([0.0, -1e30, 2.0]), ["a", "b", "c"], "r", "never shown")
+    where = "iteration 3: nothing was updated, the last checkpoint is intact"
+    with pytest.raises(FloatingPointError, match=r"^reward 'mod:fn' returned inf for prompt 'b' \(2 non-finite of 3\); "
+                                                 r"iteration 3: nothing was updated"):
+        check_finite_rewards(torch.tensor([0.0, float("inf"), float("nan")]), ["a", "b", "c"], "mod:fn", where)
+    with pytest.raises(FloatingPointError, match=r"^NaN score for 'c' \(iteration 3: ") as info:
+        check_finite_rewards(torch.tensor([float("nan")]), ["c"], "mod:fn", where, ValueError("NaN score for 'c'"))
+    assert isinstance(info.value.__cause__, ValueError)

@@ -25,10 +25,11 @@ import torch
 
 from align.data import load_prompts
 from align.reward import normalizer_from_scores
-from align.rl import clipped_surrogate, clipped_value_loss, gae, kl_estimate, make_kl_controller, masked_mean, masked_whiten
+from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_loss, gae, kl_estimate,
+                      make_kl_controller, masked_mean, masked_whiten)
 from align.rl.config import LoraParams, PPOParams
 from align.runner import progress
-from align.session import adamw, rng_state, set_rng_state, start_run
+from align.session import adamw, gather_strings, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, fuse_activations, load_causal_lm, load_seq_scorer,
                               load_tokenizer, ModelLoadError, pad_batch, save_hf, unwrap_hf)
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
@@ -247,7 +248,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             ref_log_prob = reference_log_probs(policy, ref_lm, seq, mask, T, cfg.temperature)
             texts = tok.batch_decode(responses.masked_fill(resp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
             scores = reward_fn(prompts, texts, seq, mask).float()              # (B,)
-        _check_finite(scores, prompts, it, cfg.reward)
+        all_prompts = gather_strings(prompts, acc)  # every rank checks every rank's scores: all raise, none hangs
+        check_finite_rewards(acc.gather(scores), all_prompts, cfg.reward,
+                             f"iteration {it + 1}: nothing was updated, the last checkpoint is intact")
         ended = (responses == tok.eos_token_id).logical_and(resp_mask.bool()).any(1) if cfg.stop_at_eos else \
             torch.zeros_like(scores, dtype=torch.bool)
         raw_scores = scores.clone()
@@ -292,7 +295,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         if monitor_fn is not None:
             with torch.no_grad():
                 monitored = acc.gather(monitor_fn(prompts, texts, seq, mask).float())
-            _check_finite(monitored, prompts, it, cfg.monitor)
+            check_finite_rewards(monitored, all_prompts, cfg.monitor,
+                                 f"iteration {it + 1}, after its update: the last checkpoint is intact")
             metrics["monitor/mean"] = monitored.mean().item()
         run.log(it, metrics)
         bar.set_postfix(score=f"{metrics['env/raw_score']:.3f}", kl=f"{seq_kl:.2f}")
@@ -336,14 +340,6 @@ def _prompts_for(prompts_all, it, batch, world, rank, seed) -> list[str]:
         perm = torch.randperm(len(prompts_all), generator=torch.Generator().manual_seed(seed * 7919 + epoch)).tolist()
         out += [prompts_all[i] for i in perm[offset:offset + g_batch - len(out)]]
     return out[rank * batch:(rank + 1) * batch]
-
-
-def _check_finite(scores, prompts, it, spec):
-    bad = (~torch.isfinite(scores)).nonzero().flatten().tolist()
-    if bad:
-        raise FloatingPointError(f"reward {spec!r} returned {scores[bad[0]].item()} at iteration {it + 1} for prompt "
-                                 f"{prompts[bad[0]]!r} ({len(bad)} non-finite of {len(prompts)}); nothing was updated, "
-                                 "the last checkpoint is intact")
 
 
 def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, advantages, returns, cfg, micro,

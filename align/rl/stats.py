@@ -1,4 +1,4 @@
-"""Running statistics: global running moments and DDPO's per-prompt stat tracker."""
+"""Running statistics: global running moments, DDPO's per-prompt stat tracker, the non-finite reward check."""
 from __future__ import annotations
 
 from collections import deque
@@ -102,3 +102,18 @@ def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-6) 
     centred = r.reshape(-1, group_size)
     centred = centred - centred.mean(1, keepdim=True)
     return (centred / (centred.std(unbiased=False) + eps)).flatten().float()
+
+
+def check_finite_rewards(rewards: torch.Tensor, prompts: list[str], spec: str, where: str,
+                         error: Exception | None = None) -> None:
+    """Stop a run on NaN/inf rewards (B,), all processes' (so every rank raises, none hangs at a collective):
+    FloatingPointError naming the reward spec, the first bad value and its prompt (prompts: the same rows), how
+    many, and `where` (e.g. "iteration 3: nothing was updated, the last checkpoint is intact"). error: the
+    reward's own ValueError (a checked reward refusing NaN), re-raised with `where`."""
+    bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+    if not bad:
+        return
+    if error is not None:
+        raise FloatingPointError(f"{error} ({where})") from error
+    raise FloatingPointError(f"reward {spec!r} returned {rewards[bad[0]].item()} for prompt {prompts[bad[0]]!r} "
+                             f"({len(bad)} non-finite of {len(prompts)}); {where}")
