@@ -89,9 +89,10 @@ class DDPOConfig:
     recompute_log_probs: bool = False
     """log π_old from the update's own UNet calls (forward only, once, before the first step) instead of the
     sampler's record, as verl recomputes its rollouts' log-probs: one more UNet forward per trained step (CPU
-    benchmark: update time ×1.46, images/s ×0.76). In bf16 on a GPU the two round differently (other batch
-    shapes and row layouts): on an H100 the first step's clip fraction was 3%, and 31% of the ratios left
-    1 ± clip_range with trained adapters (README, GPU). Recomputed, they are 1 before any step."""
+    benchmark: update time ×1.46, images/s ×0.76; H100, SD-1.5-sized, eager bf16: ×1.56 and ×0.71). In bf16 on
+    a GPU the two round differently (other batch shapes and row layouts): on an H100 the first step's clip
+    fraction was 3%, and 31% of the ratios left 1 ± clip_range with trained adapters (README, GPU).
+    Recomputed, they are exactly 1 before any step (H100 run 9: clip fraction 3% -> 0)."""
     lr: float = 3e-4
     max_grad_norm: float = 1.0
     adv_clip: float = 5.0

@@ -59,6 +59,9 @@ antlr4-python3-runtime, importlib_metadata; xformers to try it) and a saved CLIP
         compiled:compile_unet=true fp32:mixed_precision=no,num_steps=10,epochs=2                # run 7 (~9.5 min)
         # one optimiser step per epoch: each epoch's clipfrac = how often sampling's and training's numerics of
         # the same weights differ by more than DDPO's clip range 1e-4 (bf16 kernels differ by batch shape)
+    python scripts/bench_gpu.py --out OUT --tokenizer TOK --parts ddpo --attention sdpa --flops RUN1/bench_gpu.json \
+        --ddpo-epochs 3 --ddpo-batches 1 --ddpo-set gradient_accumulation_steps=4 compile_unet=false \
+        --ddpo-variants eager:recompute_log_probs=false recompute:recompute_log_probs=true    # run 9 (~4 min)
     python scripts/bench_gpu.py --out /tmp/bench_gpu_tiny --tiny     # CPU dry run, tiny configs (minutes)
 
 xformers 0.0.35's PyPI wheel is built for CUDA 12.8: on a CUDA-13 torch its extension needs libcudart.so.12
@@ -215,7 +218,7 @@ def ddpo_child(spec: dict) -> dict:
                reward_first=rows[0]["reward/mean"], approx_kl=rows[-1].get("policy/approx_kl"),
                # every epoch's (warm-up included): with one optimiser step per epoch its ratios are sampling's
                # against training's numerics of the same weights (bf16 rounds the two differently)
-               per_epoch={k: [r.get(f"policy/{k}") for r in every] for k in ("approx_kl", "clipfrac", "ratio")})
+               per_epoch={k: [r.get(f"policy/{k}") for r in every] for k in ("approx_kl", "clipfrac", "ratio", "logp_recompute_diff")})
     if torch.cuda.is_available():
         out.update(peak_alloc_gib=torch.cuda.max_memory_allocated() / 2 ** 30,
                    peak_reserved_gib=torch.cuda.max_memory_reserved() / 2 ** 30)
