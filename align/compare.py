@@ -245,22 +245,8 @@ class FunctionJudge:
     As with `python -m`, a module in the working directory is found even from the `align` script."""
 
     def __init__(self, spec: str):
-        import os
-        import sys
-        module, _, name = spec.partition(":")
-        try:
-            try:
-                mod = importlib.import_module(module)
-            except ModuleNotFoundError as e:
-                if e.name != module.split(".")[0] or os.getcwd() in sys.path:
-                    raise
-                sys.path.insert(0, os.getcwd())
-                mod = importlib.import_module(module)
-            self.fn = getattr(mod, name)
-        except (ImportError, AttributeError) as e:
-            raise ValueError(f"judge {spec!r}: cannot import {name!r} from {module!r}: {e}") from e
-        if not callable(self.fn):
-            raise ValueError(f"judge {spec!r}: {module}.{name} is not callable")
+        from align.config import import_function
+        self.fn = import_function(spec, "judge")
         self.spec = spec
 
     def __call__(self, prompts, outputs):

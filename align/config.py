@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from omegaconf import DictConfig, OmegaConf, StringNode
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
-__all__ = ["ConfigError", "load_config", "save_config", "config_dict"]
+__all__ = ["ConfigError", "load_config", "save_config", "config_dict", "import_function"]
 
 
 class ConfigError(ValueError):
@@ -210,3 +210,41 @@ def save_config(cfg, path) -> None:
     from align.runner import atomic_write_text  # runner imports torch; keep config import light
 
     atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config_dict(cfg))))
+
+
+def import_function(spec: str, what: str = "function"):
+    """The callable a `module:function` or `path/to/file.py:function` spec names (rewards, judges, monitors).
+
+    As with `python -m`, a module in the working directory is found even when run from the `align`
+    script (whose sys.path starts at its own folder). A ValueError names `what`, the spec and the cause."""
+    import importlib
+    import importlib.util
+    import os
+    import sys
+    from pathlib import Path
+    module, _, name = spec.rpartition(":")
+    if not module or not name:
+        raise ValueError(f"{what} {spec!r}: expected module:function or file.py:function")
+    try:
+        if module.endswith(".py"):
+            path = Path(module).expanduser()
+            if not path.is_file():
+                raise ImportError(f"no such file {str(path)!r}")
+            mod_spec = importlib.util.spec_from_file_location(f"_align_user_{path.stem}", path)
+            mod = importlib.util.module_from_spec(mod_spec)
+            sys.modules[mod_spec.name] = mod  # dataclasses and pickling look their module up here
+            mod_spec.loader.exec_module(mod)
+        else:
+            try:
+                mod = importlib.import_module(module)
+            except ModuleNotFoundError as e:
+                if e.name != module.split(".")[0] or os.getcwd() in sys.path:
+                    raise
+                sys.path.insert(0, os.getcwd())
+                mod = importlib.import_module(module)
+        fn = getattr(mod, name)
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"{what} {spec!r}: cannot import {name!r} from {module!r}: {e}") from e
+    if not callable(fn):
+        raise ValueError(f"{what} {spec!r}: {module}.{name} is not callable")
+    return fn

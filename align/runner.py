@@ -190,7 +190,8 @@ class RunDirError(ValueError):
 
 
 def prepare_out_dir(out_dir, resume: bool, is_main: bool = True) -> Path:
-    """Create `out_dir`; refuse to silently mix a new run into an old one (nothing is deleted).
+    """Create `out_dir`; refuse to silently mix a new run into an old one (nothing is deleted). A folder
+    whose run stopped before logging anything (no metrics, no checkpoint) is started over without --resume.
 
     Non-main processes only create the folder: by the time they look, rank 0 may already have
     started writing metrics there.
@@ -200,9 +201,13 @@ def prepare_out_dir(out_dir, resume: bool, is_main: bool = True) -> Path:
     if not is_main:
         return out
     has_ckpt = CheckpointManager(out).latest() is not None
-    if not resume and (has_ckpt or (out / "metrics.jsonl").exists()):
+    metrics = out / "metrics.jsonl"
+    logged = metrics.exists() and metrics.read_text(encoding="utf-8", errors="replace").strip() != ""
+    if not resume and (has_ckpt or logged):
         raise RunDirError(f"{out} already holds a run; pass --resume to continue it "
                           f"or choose another --out")
+    if not resume and metrics.exists():  # e.g. stopped by a typo in an input: nothing logged, nothing to keep
+        logger.info("%s: the run there stopped before its first step; starting over in it", out)
     if resume and not has_ckpt:
         logger.warning("--resume: no checkpoint in %s; starting from scratch", out)
     return out

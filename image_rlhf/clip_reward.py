@@ -157,8 +157,15 @@ class ClipReward(nn.Module):
                              f"a built-in ({', '.join(TINY_CONFIGS)}) or an open_clip model name")
         if image_size:
             model_cfg["vision_cfg"]["image_size"] = int(image_size)
-        model = open_clip.create_model(name, pretrained=pretrained, device=device,
-                                       force_image_size=int(image_size) if image_size else None)
+        try:
+            model = open_clip.create_model(name, pretrained=pretrained, device=device,
+                                           force_image_size=int(image_size) if image_size else None)
+        except RuntimeError as e:  # a tag whose weights cannot be fetched (offline, no such tag)
+            if not pretrained or "download" not in str(e).lower():
+                raise
+            raise ValueError(f"CLIP {spec!r} pretrained={pretrained!r}: {str(e).splitlines()[0]} (a tag's weights "
+                             f"come from the hub; offline, give pretrained=PATH of a checkpoint file, or a saved "
+                             f"reward folder as the CLIP)") from e
         return cls(model, open_clip.get_tokenizer(name), model_cfg, mode or "pickscore", name, pretrained,
                    head_hidden).to(device)
 

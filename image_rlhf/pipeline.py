@@ -11,8 +11,9 @@ Two folder layouts are understood, both one subfolder per component (each `save_
 
 The UNet is a `UNet2DConditionModel` (in pixel space its channels are RGB in [−1, 1]), the text
 encoder a transformers `CLIPTextModel` with its `CLIPTokenizer`, and whatever scheduler was saved
-is replaced by `DDIMScheduler.from_config(...)` of its config: DDPO's policy is the DDIM step
-(ddim.py), and SD's scheduler config (set_alpha_to_one=False, steps_offset=1) keeps σ_t > 0 there.
+is replaced by a `DDIMScheduler` of its config (`ddim_scheduler`: SD's settings where a PNDM/Euler/...
+config lacks them, clip_sample off for latents as diffusers' pipeline does): DDPO's policy is the DDIM
+step (ddim.py), and SD's scheduler config (set_alpha_to_one=False, steps_offset=1) keeps σ_t > 0 there.
 Components are loaded one by one (`from_pretrained(src, subfolder=...)`) so a missing one is
 named in the error and a hub id downloads only the weights actually used.
 """
@@ -133,17 +134,31 @@ def load_pipeline(src: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     from transformers import CLIPTextModel, CLIPTokenizer
 
     src, local, index, has_vae = check_pipeline(src)
-    try:
-        scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(src, subfolder="scheduler"))
-        tokenizer = CLIPTokenizer.from_pretrained(src, subfolder="tokenizer")
-        text_encoder = CLIPTextModel.from_pretrained(src, subfolder="text_encoder", torch_dtype=dtype)
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", torch_dtype=dtype)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", torch_dtype=dtype) if has_vae else None
-    except PipelineLoadError:
-        raise
-    except (OSError, ValueError) as e:
-        kind = "folder" if local else "hub id (no local folder of that name)"
-        raise PipelineLoadError(f"{src}: cannot load the pipeline {kind}: {str(e).splitlines()[0]}") from e
+    kind = "folder" if local else "hub id (no local folder of that name)"
+
+    def load(name, fn, **kw):
+        try:
+            return fn(src, subfolder=name, **kw)
+        except (OSError, ValueError) as e:
+            if "torch_dtype" in kw:  # weights saved only as a variant (e.g. *.fp16.safetensors), as diffusers allows
+                try:
+                    out = fn(src, subfolder=name, variant="fp16", **kw)
+                    log.info("%s: %s loaded from its fp16 variant files (no plain weights)", src, name)
+                    return out
+                except (OSError, ValueError):
+                    pass
+            raise PipelineLoadError(f"{src}: cannot load '{name}' of the pipeline {kind}: "
+                                    f"{str(e).splitlines()[0]}") from e
+
+    scheduler = ddim_scheduler(load("scheduler", DDIMScheduler.load_config), src, latent=has_vae)
+    tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
+    text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, torch_dtype=dtype)
+    unet = load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
+    vae = load("vae", AutoencoderKL.from_pretrained, torch_dtype=dtype) if has_vae else None
+    width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
+    if width != cross:
+        raise PipelineLoadError(f"{src}: the text encoder's hidden_size is {width} but the UNet's "
+                                f"cross_attention_dim is {cross}: text_encoder/ and unet/ are not one model's")
     for m in (unet, vae, text_encoder):
         if m is not None:
             m.to(device).requires_grad_(False).eval()
@@ -152,6 +167,39 @@ def load_pipeline(src: str | Path, device="cpu", dtype: torch.dtype = torch.floa
         log.info("%s: a %s; using its unet, text_encoder, tokenizer%s", src, index["_class_name"],
                  ", vae" if has_vae else "")
     return DiffusionParts(unet, vae, text_encoder, tokenizer, scheduler, src)
+
+
+# Stable Diffusion's DDIM settings for what a saved scheduler config of another class (PNDM, Euler, DPM-Solver,
+# ...) lacks: DDIMScheduler's own defaults (clip_sample and set_alpha_to_one True, steps_offset 0) would clip SD
+# latents to ±1 at every step and leave the last step without noise (σ = 0).
+SD_DDIM_DEFAULTS = dict(clip_sample=False, set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+def ddim_scheduler(config: dict, src: str = "", latent: bool = True):
+    """`DDIMScheduler` from a saved scheduler config of any class, with the settings DDPO's DDIM step needs.
+
+    - A config of another class gets SD's values (SD_DDIM_DEFAULTS) for the keys it lacks.
+    - Latent pipelines, as diffusers' `StableDiffusionPipeline.__init__` does: clip_sample -> False (latents
+      are not in [−1, 1]), steps_offset -> 1.
+    - timestep_spacing "linspace" -> "leading": the DDIM step goes from t to t − T/S (ddim.py, as
+      `DDIMScheduler.step`), which only the "leading" grid ("trailing" where S divides T) lands on; on the
+      linspace grid each stored x_{t−1} would sit at another noise level than the next step's t says.
+    Every change is logged."""
+    from diffusers import DDIMScheduler
+    cfg, changed = dict(config), {}
+    saved = cfg.get("_class_name") or "DDIMScheduler"
+    if saved != "DDIMScheduler":
+        changed.update({k: v for k, v in SD_DDIM_DEFAULTS.items() if k not in cfg})
+    if cfg.get("timestep_spacing", "leading") == "linspace":
+        changed["timestep_spacing"] = "leading"
+    if latent and {**cfg, **changed}.get("clip_sample", True):
+        changed["clip_sample"] = False
+    if latent and {**cfg, **changed}.get("steps_offset", 0) != 1:
+        changed["steps_offset"] = 1
+    if changed:
+        log.info("%s: scheduler %s -> DDIMScheduler with %s", src or "pipeline", saved,
+                 ", ".join(f"{k}={v}" for k, v in changed.items()))
+    return DDIMScheduler.from_config({**cfg, **changed})
 
 
 def _set_attention(unet, attention: str, device) -> None:

@@ -9,7 +9,6 @@ with the spec and the index instead of turning the policy's gradients into NaN.
 """
 from __future__ import annotations
 
-import importlib
 import io
 from pathlib import Path
 from typing import Callable
@@ -129,13 +128,8 @@ def load_reward(spec: str, device="cpu") -> Callable:
     if not sep or not module or not name:
         raise ValueError(f"reward {spec!r}: expected one of {sorted(BUILTINS)}, pickscore, aesthetic, hpsv2, a ClipReward "
                          f"or transformers CLIP folder, or module:function")
-    try:
-        fn = getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise ValueError(f"reward {spec!r}: cannot import {name!r} from {module!r}: {e}") from e
-    if not callable(fn):
-        raise ValueError(f"reward {spec!r}: {module}.{name} is not callable")
-    return CheckedReward(fn, spec, device)
+    from align.config import import_function
+    return CheckedReward(import_function(spec, "reward"), spec, device)
 
 
 __all__ = ["jpeg_size_kb", "jpeg_compressibility", "jpeg_incompressibility", "brightness", "BUILTINS",

@@ -178,13 +178,13 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
             raise ValueError(f"image rm: --{name} is required")
     if cfg.mode not in ("pickscore", "aesthetic"):
         raise ValueError(f"image rm: mode must be 'pickscore' or 'aesthetic', got {cfg.mode!r}")
-    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
-    acc = run.accelerator
-    groups = load_preferences(cfg.data, candidates="path")
+    groups = load_preferences(cfg.data, candidates="path")  # bad input fails before the run folder exists
     if cfg.eval_data:
         train, held = groups, load_preferences(cfg.eval_data, candidates="path")
     else:  # split by prompt, so no held-out prompt was seen in training
         train, held = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    acc = run.accelerator
     if run.resume_dir:
         reward = ClipReward.load(run.resume_dir / "model", device=acc.device)
     else:

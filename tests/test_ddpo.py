@@ -192,6 +192,55 @@ def test_pipeline_errors_and_pixel_layout(tiny_sd, tmp_path):
     assert embeds.shape == (4, parts.tokenizer.model_max_length, parts.text_encoder.config.hidden_size)
 
 
+def test_hub_style_folders_load_as_diffusers_would(tiny_sd, tmp_path, caplog):
+    """Folders as hub checkpoints ship them: a PNDM (SD 1.5) or Euler v-prediction (SD 2.x) scheduler saved by
+    current diffusers, which lacks DDIM's keys, and weights saved only as the fp16 variant. DDIM's own defaults
+    would clip SD latents to ±1 every step (clip_sample) and leave the last step without noise."""
+    import json
+    import logging
+
+    from diffusers import DDIMScheduler, EulerDiscreteScheduler, PNDMScheduler, UNet2DConditionModel
+
+    from image_rlhf.pipeline import ddim_scheduler
+    from image_rlhf.tiny import SD_DDIM_CONFIG
+    betas = {k: SD_DDIM_CONFIG[k] for k in ("num_train_timesteps", "beta_start", "beta_end", "beta_schedule")}
+    for sched in (PNDMScheduler(**betas, skip_prk_steps=True),
+                  EulerDiscreteScheduler(**betas, prediction_type="v_prediction", timestep_spacing="linspace")):
+        folder = tmp_path / type(sched).__name__
+        shutil.copytree(tiny_sd, folder)
+        sched.save_pretrained(folder / "scheduler")
+        raw = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        assert "clip_sample" not in raw  # as current diffusers writes them (Euler: no set_alpha_to_one either)
+        with caplog.at_level(logging.INFO, logger="image_rlhf.pipeline"):
+            got = load_pipeline(folder).scheduler.config
+        assert (got.clip_sample, got.set_alpha_to_one, got.steps_offset, got.timestep_spacing) == (
+            False, False, 1, "leading")
+        assert got.prediction_type == sched.config.prediction_type
+        assert f"scheduler {type(sched).__name__} -> DDIMScheduler" in caplog.text
+        assert {k: got[k] for k in betas} == betas
+    # a latent pipeline's DDIM config with clip_sample on (diffusers' pipeline turns it off), a pixel one keeps it
+    assert not ddim_scheduler({**SD_DDIM_CONFIG, "clip_sample": True}).config.clip_sample
+    assert ddim_scheduler({**SD_DDIM_CONFIG, "clip_sample": True}, latent=False).config.clip_sample
+    assert ddim_scheduler(dict(SD_DDIM_CONFIG)).config == DDIMScheduler(**SD_DDIM_CONFIG).config  # unchanged
+    # weights saved only as the fp16 variant (diffusion_pytorch_model.fp16.safetensors, ...)
+    variant = tmp_path / "fp16"
+    StableDiffusionPipeline.from_pretrained(tiny_sd).save_pretrained(variant, variant="fp16")
+    assert not list((variant / "unet").glob("diffusion_pytorch_model.safetensors"))
+    parts = load_pipeline(variant)
+    ref = load_pipeline(tiny_sd)
+    assert torch.equal(next(parts.unet.parameters()), next(ref.unet.parameters()))
+    # no weights at all: the error names the component; a text encoder of another width than the UNet's
+    for f in (variant / "unet").glob("*.safetensors"):
+        f.unlink()
+    with pytest.raises(PipelineLoadError, match="cannot load 'unet' of the pipeline folder"):
+        load_pipeline(variant)
+    wide = UNet2DConditionModel.from_config({**UNet2DConditionModel.load_config(tiny_sd, subfolder="unet"),
+                                             "cross_attention_dim": 64})
+    wide.save_pretrained(variant / "unet")
+    with pytest.raises(PipelineLoadError, match="hidden_size is 32 but the UNet's cross_attention_dim is 64"):
+        load_pipeline(variant)
+
+
 def test_xformers_fallback_says_why(tiny_sd, monkeypatch, caplog):
     """attention=xformers on a CUDA device falls back to SDPA and logs the reason: here an xformers whose
     CUDA extension did not load (as a CUDA-12 wheel on a CUDA-13 torch, missing libcudart.so.12)."""

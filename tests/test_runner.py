@@ -8,7 +8,7 @@ from typing import Optional
 
 import pytest
 
-from align.config import ConfigError, config_dict, load_config, save_config
+from align.config import ConfigError, config_dict, import_function, load_config, save_config
 from align.report import markdown_table, write_report
 from align.runner import (CheckpointManager, RunDirError, RunLogger, atomic_write_json,
                           atomic_write_text, peak_rss_mb, plot_curves, prepare_out_dir,
@@ -97,6 +97,27 @@ def test_save_config_roundtrip(tmp_path):
 
 # ---------------------------------------------------------------------------- atomic files
 
+def test_import_function_from_working_directory_and_file(tmp_path, monkeypatch):
+    """module:function finds a module in the working directory (as `python -m` does, also from the `align`
+    script, whose sys.path does not hold it), and file.py:function loads a file anywhere."""
+    import sys
+    (tmp_path / "align_test_cwd_rewards.py").write_text("def score(p, x):\n    return [1.0] * len(p)\nNOT_FN = 3\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    assert import_function("align_test_cwd_rewards:score", "reward")(["a", "b"], None) == [1.0, 1.0]
+    sub = tmp_path / "elsewhere"
+    sub.mkdir()
+    (sub / "judge.py").write_text("def gold(p, x):\n    return [2.0] * len(p)\n")
+    monkeypatch.chdir(sub.parent.parent)
+    assert import_function(f"{sub / 'judge.py'}:gold", "judge")(["a"], None) == [2.0]
+    for spec, msg in [("no_such_module_xyz:f", "reward 'no_such_module_xyz:f': cannot import 'f'"),
+                      ("align_test_cwd_rewards:missing", "cannot import 'missing'"),
+                      ("align_test_cwd_rewards:NOT_FN", "is not callable"),
+                      (f"{tmp_path / 'nope.py'}:f", "no such file"), ("score", "expected module:function")]:
+        with pytest.raises(ValueError, match=msg):
+            import_function(spec, "reward")
+
+
 def test_atomic_write_leaves_no_temp_files(tmp_path):
     atomic_write_text(tmp_path / "a.txt", "one")
     atomic_write_text(tmp_path / "a.txt", "two")
@@ -178,6 +199,9 @@ def test_prepare_out_dir(tmp_path, caplog):
     out = tmp_path / "run"
     assert prepare_out_dir(out, resume=False) == out and out.is_dir()
     assert prepare_out_dir(out, resume=False) == out  # empty folder: fine
+    (out / "metrics.jsonl").write_text("")  # a run stopped before its first step (e.g. a bad input)
+    (out / "config.yaml").write_text("lr: 1\n")
+    assert prepare_out_dir(out, resume=False) == out
     (out / "metrics.jsonl").write_text('{"step": 1}\n')
     with pytest.raises(RunDirError, match="already holds a run; pass --resume"):
         prepare_out_dir(out, resume=False)

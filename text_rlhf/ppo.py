@@ -13,9 +13,7 @@ One iteration, top to bottom (Ziegler et al. 2019; Stiennon et al. 2020; Instruc
 from __future__ import annotations
 
 import copy
-import importlib
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -23,15 +21,16 @@ from pathlib import Path
 
 import torch
 
+from align.config import import_function
 from align.data import load_prompts
 from align.reward import normalizer_from_scores
 from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_loss, gae, kl_estimate,
-                      make_kl_controller, masked_mean, masked_whiten)
+                      make_kl_controller, masked_whiten)
 from align.rl.config import LoraParams, PPOParams
 from align.runner import progress
 from align.session import adamw, gather_strings, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, fuse_activations, load_causal_lm, load_seq_scorer,
-                              load_tokenizer, ModelLoadError, pad_batch, save_hf, unwrap_hf)
+                              load_tokenizer, pad_batch, save_hf)
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
                               response_mask)
 
@@ -103,11 +102,7 @@ class RewardFn:
         self.spec, self.device, self.batch_size, self.policy_tok = spec, device, batch_size, policy_tok
         self.fn = self.scorer = None
         if ":" in spec and not Path(spec).exists():
-            module, _, name = spec.partition(":")
-            try:
-                self.fn = getattr(importlib.import_module(module), name)
-            except (ImportError, AttributeError) as e:
-                raise ValueError(f"--reward {spec!r}: cannot import {name!r} from {module!r}: {e}") from e
+            self.fn = import_function(spec, "--reward")
             return
         self.tok = load_tokenizer(spec, padding_side="right")
         self.scorer = SequenceScorer(load_seq_scorer(spec, pad_token_id=self.tok.pad_token_id)).to(device).eval()
