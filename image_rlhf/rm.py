@@ -67,11 +67,14 @@ class ImageRMConfig:
 # ---------------------------------------------------------------------------- images
 
 def decode_image(path, size: tuple[int, int]) -> torch.Tensor:
-    """(3, H, W) uint8: PIL -> RGB -> shortest side to size (bicubic) -> centre crop, as open_clip."""
+    """(3, H, W) uint8: PIL -> RGB -> shortest side to size (bicubic) -> centre crop, as open_clip.
+    16-bit greyscale (PIL modes I;16*, I) is scaled to 8 bits first: PIL's convert clips it to white."""
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
+        if im.mode.startswith("I"):
+            im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         im = im.convert("RGB")
     (th, tw), (w, h) = size, im.size
     scale = max(th / h, tw / w)

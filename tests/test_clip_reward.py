@@ -143,6 +143,22 @@ def test_split_by_prompt_holds_out_whole_prompts(tmp_path):
     assert len(train) + len(held) == len(groups)
 
 
+def test_decode_image_modes_and_sizes(tmp_path):
+    """Any PIL mode becomes (3, H, W) uint8 at the CLIP's size (shortest side, centre crop): 16-bit greyscale
+    scaled to 8 bits (PIL's convert would clip it to white), L/P/RGBA/JPEG as open_clip's preprocessing."""
+    from image_rlhf.rm import decode_image
+    grey16 = np.full((20, 30), 32896, dtype=np.uint16)  # 128 · 257
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    Image.new("L", (30, 20), 128).save(tmp_path / "l.png")
+    Image.new("RGBA", (20, 40), (128, 128, 128, 0)).save(tmp_path / "rgba.png")
+    Image.new("RGB", (16, 16), (128, 128, 128)).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "p.png")
+    Image.new("RGB", (64, 48), (128, 128, 128)).save(tmp_path / "c.jpg", quality=95)
+    for name in ("g16.png", "l.png", "rgba.png", "p.png", "c.jpg"):
+        x = decode_image(tmp_path / name, (8, 8))
+        assert x.shape == (3, 8, 8) and x.dtype == torch.uint8, name
+        assert (x.int() - 128).abs().max() <= 1, (name, x.float().mean())
+
+
 # make_colour_prefs writes a ranking on line 1 (img/0-2.png) and a chosen/rejected pair on line 2.
 def _corrupt(folder, records):
     (folder / "img" / "1.png").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(300)))
