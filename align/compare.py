@@ -91,6 +91,8 @@ class CompareConfig:
     """Engineered variant of prompts that have none: fewshot-qa, sd-tags, or text with {prompt}."""
     fewshot: str = ""
     """{"prompt", "response"} JSONL of the examples for --template fewshot-qa."""
+    fewshot_k: int = 0
+    """Shots per prompt, drawn from --fewshot (seeded by the prompt); 0 = every example in the file."""
     seeds: list[int] = field(default_factory=lambda: [0])
     success_threshold: float | None = None
     """success = score >= this; None = 1.0 for module:function judges, no success rate otherwise."""
@@ -362,7 +364,7 @@ def run_compare(cfg: CompareConfig, echo: bool = True) -> dict:
     seeds = [int(s) for s in cfg.seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {seeds}: give one or more distinct seeds")
-    template = make_template(cfg.template, cfg.fewshot or None) if cfg.template else None
+    template = make_template(cfg.template, cfg.fewshot or None, cfg.fewshot_k) if cfg.template else None
     if cfg.fewshot and not cfg.template:
         raise ValueError("--fewshot needs --template fewshot-qa")
     items = load_compare_prompts(cfg.prompts, template)

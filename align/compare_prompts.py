@@ -37,12 +37,13 @@ class Template:
         return f"Template({self.name!r})"
 
 
-def make_template(spec: str, fewshot=None) -> Template:
+def make_template(spec: str, fewshot=None, k: int = 0) -> Template:
     """A named template or a custom one:
 
     - "fewshot-qa": the {"prompt", "response"} examples of the `fewshot` JSONL as `Q: p\\nA: r\\n\\n`
       blocks (p and r stripped), then `Q: <prompt>\\nA:`; an example whose prompt is the one asked
-      is left out (it would hand the model the answer);
+      is left out (it would hand the model the answer); k > 0: k of them per prompt, drawn at random
+      (seeded by the prompt, so every model and seed sees the same shots), as GPT-3's few-shot evaluation;
     - "sd-tags": `<prompt>, masterpiece, best quality, highly detailed` (trailing spaces and dots of the
       prompt dropped);
     - any text containing "{prompt}": that text with the prompt put in (no other braces interpreted).
@@ -56,8 +57,13 @@ def make_template(spec: str, fewshot=None) -> Template:
         examples = load_sft(fewshot)
 
         def render(prompt: str) -> str:
+            pool = [e for e in examples if e["prompt"] != prompt]
+            if 0 < k < len(pool):
+                import random
+                import zlib
+                pool = random.Random(zlib.crc32(prompt.encode())).sample(pool, k)
             shots = "".join(QA_EXAMPLE.format(prompt=e["prompt"].strip(), response=e["response"].strip())
-                            for e in examples if e["prompt"] != prompt)
+                            for e in pool)
             return shots + QA_QUERY.format(prompt=prompt)
         return Template(spec, render)
     if spec == "sd-tags":

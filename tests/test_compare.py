@@ -119,6 +119,12 @@ def test_templates_render(tmp_path):
     qa = make_template("fewshot-qa", shots)
     assert qa("sort 3 1") == "Q: add 2 and 3\nA: 5\n\nQ: reverse 1 2\nA: 2 1\n\nQ: sort 3 1\nA:"
     assert qa("add 2 and 3") == "Q: reverse 1 2\nA: 2 1\n\nQ: add 2 and 3\nA:"  # no answer leaked
+    many = _write(tmp_path / "many.jsonl", [json.dumps({"prompt": f"add {i} and 1", "response": f" {i + 1}"})
+                                            for i in range(20)])
+    k3 = make_template("fewshot-qa", many, k=3)
+    assert k3("sort 3 1").count("Q: ") == 4 and k3("sort 3 1") == make_template("fewshot-qa", many, k=3)("sort 3 1")
+    assert k3("sort 3 1") != k3("sort 2 1") and "Q: add 4 and 1\n" not in k3("add 4 and 1")[:-20]
+    assert make_template("fewshot-qa", many)("x").count("Q: ") == 21
     assert make_template("sd-tags")("a red circle ") == "a red circle, masterpiece, best quality, highly detailed"
     assert make_template("Instruction: {prompt} {json: 1}")("x") == "Instruction: x {json: 1}"
     with pytest.raises(ValueError, match="needs --fewshot"):

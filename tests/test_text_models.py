@@ -56,7 +56,7 @@ def test_left_padding_does_not_change_log_probs(arch, request):
 def test_reward_model_reads_last_real_token_even_when_pad_is_eos(tiny_gpt2):
     """pad == EOS here: HF's pooling by pad id would read the wrong position; ours goes by the mask."""
     tok = load_tokenizer(tiny_gpt2, padding_side="right")
-    scorer = SequenceScorer(load_seq_scorer(tiny_gpt2, pad_token_id=tok.pad_token_id)).eval()
+    scorer = SequenceScorer(load_seq_scorer(tiny_gpt2, pad_token_id=tok.pad_token_id, new_head=True)).eval()
     ids, _ = encode_pairs(tok, ["red circle", "the quick brown fox"], [" blue", " jumps over the dog"], 64)
     assert all(seq[-1] == tok.eos_token_id for seq in ids)
     batch, mask = pad_batch(ids, tok.pad_token_id, side="right")

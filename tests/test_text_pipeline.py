@@ -99,9 +99,8 @@ def test_ppo_with_learned_rm_and_lora_reference_via_cli(tiny_gpt2, data, tmp_pat
 def test_ppo_lora_dropout_does_not_make_the_ratio_random(tiny_gpt2, data, tmp_path):
     """A LoRA dropout from a preset (lora.dropout > 0) must not reach PPO. With lr = 0 the policy never
     changes, so the update's log π equals the rollout's (approx-KL 0 up to float rounding) only if log π is
-    deterministic; two mini-batches, so the old log-probs come from their own pass. (The LM stays in eval
-    mode, so today that holds anyway; the dropouts, LoRA's too, are also zeroed, in case it is ever
-    put in train mode.)"""
+    deterministic; two mini-batches, so the old log-probs come from their own pass. The policy trains in
+    train mode (transformers checkpoints layers only there), so the dropouts, LoRA's too, must be zeroed."""
     result = run_ppo(load_config(PPOConfig, None, ["iterations=1", "batch_size=8", "ppo.mini_batch_size=4",
                                                    "ppo.ppo_epochs=1", "max_new_tokens=6", "lora.r=4",
                                                    "lora.dropout=0.5", "lr=0.0"],

@@ -20,20 +20,13 @@ import logging
 import torch
 
 from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
-from text_rlhf.models import (SequenceScorer, load_causal_lm, load_seq_scorer, load_tokenizer)
+from text_rlhf.models import SequenceScorer, load_causal_lm, load_seq_scorer, load_tokenizer, max_positions
 from text_rlhf.policy import raw_sampling, response_mask
 from text_rlhf.rm import TextScorer
 
 log = logging.getLogger(__name__)
 
 DEFAULT_BATCH_SIZE = 16
-
-
-def _max_positions(config) -> int | None:
-    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
-        if getattr(config, name, None):
-            return int(getattr(config, name))
-    return None
 
 
 def generation_config(tok, params):
@@ -58,7 +51,7 @@ class TextGenerator:
         self.params, self.device = params, torch.device(device)
         self.gen_cfg = generation_config(self.tok, params)
         self.deterministic = not params.sample
-        self.max_positions = _max_positions(self.lm.config)
+        self.max_positions = max_positions(self.lm.config)
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seed: int) -> list[str]:
@@ -97,7 +90,7 @@ class RMJudge:
         model = load_seq_scorer(path, dtype=dtype, pad_token_id=self.tok.pad_token_id)
         scorer = SequenceScorer(model).to(device).eval()
         scorer.requires_grad_(False)
-        limit = _max_positions(model.config) or 10 ** 6
+        limit = max_positions(model.config) or 10 ** 6
         self.score = TextScorer(scorer, self.tok, min(limit, self.tok.model_max_length), device)
 
     @torch.no_grad()

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 
 import torch
@@ -74,31 +73,58 @@ def fuse_activations(model: nn.Module) -> int:
     return n
 
 
+def _missing_head(info: dict, heads: tuple[str, ...]) -> list[str]:
+    """The weights of `heads` (top-level module names) that the checkpoint did not hold."""
+    return sorted(k for k in info.get("missing_keys", ()) if k.split(".")[0] in heads)
+
+
 def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, fused_activations: bool = True):
+    """A causal LM whose checkpoint holds its LM head (an `align text rm` folder here is a mistake: its
+    head would be random, and the error says so)."""
     from transformers import AutoModelForCausalLM
     path = _check_path(path, "model")
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+        model, info = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, output_loading_info=True)
     except OSError as e:
         raise ModelLoadError(f"model: cannot load {path!r}: {e}") from e
+    missing = _missing_head(info, ("lm_head", "embed_out", "output"))
+    if missing and not getattr(model.config, "tie_word_embeddings", False):
+        kind = read_align_meta(path).get("kind", "")
+        raise ModelLoadError(f"model: {path!r} has no language-model head ({', '.join(missing)} missing"
+                             f"{'; it is a ' + kind if kind else ''}): pass a causal-LM folder (an SFT/PPO run's)")
     if fused_activations:
         fuse_activations(model)
     return model
 
 
-def load_seq_scorer(path: str, dtype: torch.dtype = torch.float32, pad_token_id: int | None = None):
-    """A causal-LM trunk with a scalar head (AutoModelForSequenceClassification, num_labels=1); from a
-    plain causal-LM checkpoint the head starts random, as in InstructGPT's RM initialisation."""
+def load_seq_scorer(path: str, dtype: torch.dtype = torch.float32, pad_token_id: int | None = None,
+                    new_head: bool = False):
+    """A causal-LM trunk with a scalar head (AutoModelForSequenceClassification, num_labels=1). new_head (RM
+    training): from a plain causal-LM checkpoint the head starts random, as in InstructGPT's RM initialisation;
+    otherwise (a reward, a judge, a critic) a checkpoint without a trained head is an error, not a random score."""
     from transformers import AutoModelForSequenceClassification
     path = _check_path(path, "reward model")
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype)
+        model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                         output_loading_info=True)
     except OSError as e:
         raise ModelLoadError(f"reward model: cannot load {path!r}: {e}") from e
+    missing = _missing_head(info, ("score", "classifier"))
+    if missing and not new_head:
+        raise ModelLoadError(f"reward model: {path!r} holds no trained reward head ({', '.join(missing)} would start "
+                             f"random): pass an `align text rm` output (its folder or model/), not a causal LM's")
     if pad_token_id is not None:
         model.config.pad_token_id = pad_token_id
     fuse_activations(model)
     return model
+
+
+def enable_checkpointing(model) -> None:
+    """Activation (gradient) checkpointing of a transformers model: `activation_checkpointing_enable` where it
+    exists (transformers 5; its old name warns), else `gradient_checkpointing_enable`. transformers
+    checkpoints a layer only in train mode with grad on, so the trainers put their models in train mode."""
+    enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+    enable()
 
 
 def apply_lora(model, lora, task_type: str, mixed_precision: str = "no"):
@@ -171,7 +197,9 @@ class SequenceScorer(nn.Module):
 
     Wraps an AutoModelForSequenceClassification (saved/loaded with save_pretrained) but does not use
     its pooling, which finds the last token by comparing ids with pad_token_id and so breaks when
-    pad == EOS. The InstructGPT shift lives in `config.reward_shift`: score = head(h_last) − shift.
+    pad == EOS (it would read the token before EOS: plain `AutoModelForSequenceClassification(...)` calls score
+    an align RM differently where pad == EOS; score with this class or `align compare --judge`). An optional
+    constant shift in `config.reward_shift` (set by hand; PPO normalises with its own) is subtracted.
     """
 
     def __init__(self, model):
@@ -199,12 +227,55 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length
                  ) -> tuple[list[list[int]], list[int]]:
     """Token ids of prompt + response (+ EOS), prompt and response tokenized apart exactly as at
     generation time (the prompt alone, then the tokens the model produced). Returns the ids and the
-    prompt lengths; sequences longer than max_length keep their first max_length tokens."""
+    prompt lengths. A sequence longer than max_length loses the *start of its prompt* (its BOS kept), so
+    the response and the EOS the score is read at survive (cutting the end would make two candidates of a
+    long prompt the same sequence, scored at a prompt token); a response longer than max_length alone
+    keeps its first tokens and the EOS. How many were cut is logged."""
     p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
     r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     eos = [tokenizer.eos_token_id] if add_eos else []
-    ids = [(p + r + eos)[:max_length] for p, r in zip(p_ids, r_ids)]
-    return ids, [min(len(p), max_length) for p in p_ids]
+    bos = tokenizer.bos_token_id
+    ids, lengths, cut = [], [], 0
+    for p, r in zip(p_ids, r_ids):
+        if len(p) + len(r) + len(eos) > max_length:
+            cut += 1
+            head = [bos] if bos is not None and p and p[0] == bos and max_length > len(eos) + 1 else []
+            room = max_length - len(head) - len(r) - len(eos)
+            if room >= 0:
+                p = head + (p[len(p) - room:] if room else [])
+            else:
+                p, r = head, r[:max_length - len(head) - len(eos)]
+        ids.append(p + r + eos)
+        lengths.append(len(p))
+    if cut:
+        log.warning("%d of %d sequences are longer than max_length %d: their prompts were cut from the start",
+                    cut, len(ids), max_length)
+    return ids, lengths
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings cover (None: no fixed limit, e.g. ALiBi)."""
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    return None
+
+
+def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, P) ids and mask of generation prompts. A prompt longer than max_length keeps its *last*
+    tokens (an instruction's end, e.g. "Assistant:", is what the response follows) and its BOS where the
+    tokenizer adds one; how many were cut is logged."""
+    ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    bos = tokenizer.bos_token_id
+    cut = 0
+    for i, x in enumerate(ids):
+        if len(x) > max_length:
+            keep_bos = bos is not None and x[0] == bos and max_length > 1
+            ids[i] = ([bos] if keep_bos else []) + x[len(x) - max_length + keep_bos:]
+            cut += 1
+    if cut:
+        log.warning("%d of %d prompts are longer than %d tokens: kept their last tokens", cut, len(ids), max_length)
+    return pad_batch(ids, tokenizer.pad_token_id, side="left")
 
 
 def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", fill=None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -16,15 +16,26 @@ from text_rlhf.models import position_ids_from_mask, token_log_probs, unwrap_hf
 
 
 def disable_dropout(model: nn.Module) -> None:
-    """PPO's ratio must be 1 on the first mini-batch: dropout would make log π noisy."""
+    """PPO's ratio must be 1 on the first mini-batch: dropout would make log π noisy. Both kinds are zeroed:
+    `nn.Dropout` modules and the float rates attention modules keep and apply in train mode
+    (`dropout=self.attention_dropout if self.training else 0.0`, Llama, Qwen2, OPT, ...)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
+        for name, value in list(vars(m).items()):
+            if "dropout" in name and isinstance(value, float) and value:
+                setattr(m, name, 0.0)
 
 
 def hidden_size(model) -> int:
-    cfg = unwrap_hf(model).config
-    for name in ("hidden_size", "n_embd", "d_model"):
+    """Width of the last hidden state: what the LM head reads where there is one (OPT-350m projects its
+    1024-wide states to 512 before the head), else the config's (word_embed_proj_dim where OPT sets it)."""
+    hf = unwrap_hf(model)
+    head = hf.get_output_embeddings() if hasattr(hf, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        return head.in_features
+    cfg = hf.config
+    for name in ("word_embed_proj_dim", "hidden_size", "n_embd", "d_model"):
         if getattr(cfg, name, None):
             return int(getattr(cfg, name))
     raise ValueError(f"cannot find the hidden size of {type(model).__name__}")

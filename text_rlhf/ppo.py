@@ -29,8 +29,8 @@ from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_los
 from align.rl.config import LoraParams, PPOParams
 from align.runner import progress
 from align.session import adamw, gather_strings, rng_state, set_rng_state, start_run
-from text_rlhf.models import (SequenceScorer, apply_lora, fuse_activations, load_causal_lm, load_seq_scorer,
-                              load_tokenizer, pad_batch, save_hf)
+from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_prompts, fuse_activations,
+                              load_causal_lm, load_seq_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
                               response_mask)
 
@@ -110,7 +110,9 @@ class RewardFn:
         self.same_tok = self.tok.get_vocab() == policy_tok.get_vocab()
 
     @torch.no_grad()
-    def __call__(self, prompts, responses_text, seq, mask) -> torch.Tensor:
+    def __call__(self, prompts, responses_text, seq, mask, ended=None) -> torch.Tensor:
+        """ended (B,) bool: the responses that stopped at EOS. The same-tokenizer path reads their EOS from
+        `seq`; re-encoded for an RM with another tokenizer they get that tokenizer's EOS, as the RM was trained."""
         if self.fn is not None:
             out = torch.as_tensor(self.fn(list(prompts), list(responses_text)), dtype=torch.float32).flatten()
             if out.numel() != len(prompts):
@@ -124,6 +126,9 @@ class RewardFn:
                 from text_rlhf.models import encode_pairs
                 ids, _ = encode_pairs(self.tok, prompts[i:i + self.batch_size], responses_text[i:i + self.batch_size],
                                       10 ** 6, add_eos=False)
+                if ended is not None:
+                    ids = [x + [self.tok.eos_token_id] if e else x
+                           for x, e in zip(ids, ended[i:i + self.batch_size].tolist())]
                 s, m = (t.to(self.device) for t in pad_batch(ids, self.tok.pad_token_id))
             scores.append(self.scorer(s, m))
         return torch.cat(scores)
@@ -152,6 +157,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     if cfg.temperature != 1.0 or cfg.top_k or cfg.top_p < 1.0:
         log.warning("sampling with temperature=%s top_k=%s top_p=%s: samples no longer come from π, so the KL "
                     "penalty and the PPO ratio refer to a different distribution", cfg.temperature, cfg.top_k, cfg.top_p)
+    if cfg.missing_eos_penalty and not cfg.stop_at_eos:
+        raise ValueError("ppo: missing_eos_penalty needs stop_at_eos=true (without it no response ends with EOS, "
+                         "so every one would be penalised)")
     prompts_all = load_prompts(cfg.prompts)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.policy, padding_side="left")
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
@@ -159,9 +167,14 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
 
     # models: policy (+ value head or critic), reference, reward
     lm = load_causal_lm(cfg.policy)
+    limit = max_positions(lm.config)  # prompts are cut (from the left) to fit the responses in the positions
+    max_prompt = min(cfg.max_prompt_length, limit - cfg.max_new_tokens) if limit else cfg.max_prompt_length
+    if max_prompt < 1:
+        raise ValueError(f"ppo: max_new_tokens = {cfg.max_new_tokens} leaves no room for a prompt in the model's "
+                         f"{limit} positions")
     disable_dropout(lm)
     if cfg.gradient_checkpointing:
-        lm.gradient_checkpointing_enable()
+        enable_checkpointing(lm)
     ref_lm = None
     if cfg.reference:
         if cfg.lora.r > 0:
@@ -181,9 +194,12 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         critic = AutoModel.from_pretrained(str(Path(init) / "model") if (Path(init) / "model").is_dir() else init)
         fuse_activations(critic)
         disable_dropout(critic)
+        if cfg.gradient_checkpointing:
+            enable_checkpointing(critic)
     elif cfg.value_model != "head":
         raise ValueError(f"value_model must be 'head' or 'separate', not {cfg.value_model!r}")
     model = PolicyWithValue(lm, critic)
+    model.train()  # from_pretrained leaves eval mode; transformers checkpoints layers only in train mode
     reward_fn = RewardFn(cfg.reward, tok, acc.device, cfg.reward_batch_size)
     monitor_fn = RewardFn(cfg.monitor, tok, acc.device, cfg.reward_batch_size) if cfg.monitor else None
     optimizer = adamw(model.parameters(), lr=cfg.lr, eps=1e-5)
@@ -219,8 +235,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         t0 = time.perf_counter()
         # ------------------------------------------------------------ 1. rollout
         prompts = _prompts_for(prompts_all, it, cfg.batch_size, world, acc.process_index, cfg.seed)
-        enc = tok(prompts, return_tensors="pt", padding=True, truncation=True, max_length=cfg.max_prompt_length)
-        prompt_ids, prompt_mask = enc["input_ids"].to(acc.device), enc["attention_mask"].to(acc.device)
+        prompt_ids, prompt_mask = (t.to(acc.device) for t in encode_prompts(tok, prompts, max_prompt))
         P = prompt_ids.shape[1]
         with torch.no_grad(), acc.autocast(), raw_sampling(policy.lm), merged_lora(policy.lm, cfg.merge_lora_generate):
             seq = policy.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
@@ -242,12 +257,12 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
                 old_log_prob, old_values = policy(seq, mask, T, cfg.temperature)   # (B, T), (B, T)
             ref_log_prob = reference_log_probs(policy, ref_lm, seq, mask, T, cfg.temperature)
             texts = tok.batch_decode(responses.masked_fill(resp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
-            scores = reward_fn(prompts, texts, seq, mask).float()              # (B,)
+            ended = (responses == tok.eos_token_id).logical_and(resp_mask.bool()).any(1) if cfg.stop_at_eos else \
+                torch.zeros(len(prompts), dtype=torch.bool, device=responses.device)
+            scores = reward_fn(prompts, texts, seq, mask, ended).float()       # (B,)
         all_prompts = gather_strings(prompts, acc)  # every rank checks every rank's scores: all raise, none hangs
         check_finite_rewards(acc.gather(scores), all_prompts, cfg.reward,
                              f"iteration {it + 1}: nothing was updated, the last checkpoint is intact")
-        ended = (responses == tok.eos_token_id).logical_and(resp_mask.bool()).any(1) if cfg.stop_at_eos else \
-            torch.zeros_like(scores, dtype=torch.bool)
         raw_scores = scores.clone()
         if cfg.normalize_reward:
             if shift is None:  # the first rollout: a sample of the initial policy (π_ref unless `reference`)
@@ -289,7 +304,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         }
         if monitor_fn is not None:
             with torch.no_grad():
-                monitored = acc.gather(monitor_fn(prompts, texts, seq, mask).float())
+                monitored = acc.gather(monitor_fn(prompts, texts, seq, mask, ended).float())
             check_finite_rewards(monitored, all_prompts, cfg.monitor,
                                  f"iteration {it + 1}, after its update: the last checkpoint is intact")
             metrics["monitor/mean"] = monitored.mean().item()
@@ -406,6 +421,8 @@ def _finish(run, cfg, policy, tok, shift) -> Path:
         save_hf(policy.lm, tok, out / "model")
         from safetensors.torch import save_file
         save_file({k: v.contiguous() for k, v in policy.value_head.state_dict().items()}, str(out / "value_head.safetensors"))
+        if policy.critic is not None:  # value_model=separate: the head reads this trunk's states
+            policy.critic.save_pretrained(out / "critic")
     h = run.logger.history
 
     def first_last(key):

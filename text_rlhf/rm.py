@@ -20,8 +20,8 @@ from align.reward import PairBatch, batch_loss, evaluate_pairs
 from align.rl.config import LoraParams
 from align.runner import progress
 from align.session import adamw, rng_state, set_rng_state, start_run
-from text_rlhf.models import (SequenceScorer, apply_lora, encode_pairs, load_seq_scorer, load_tokenizer, pad_batch,
-                              save_hf)
+from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, load_seq_scorer,
+                              load_tokenizer, pad_batch, save_hf)
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         if not getattr(cfg, name):
             raise ValueError(f"rm: --{name} is required")
     groups = load_groups(cfg.data, cfg.hf_limit)  # bad input fails before the run folder exists
+    tok = load_tokenizer(cfg.model, padding_side="right")  # so does a wrong --model
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
     if cfg.eval_data:
@@ -93,11 +94,10 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         held_prompts = {prompts[i] for i in perm[:int(len(prompts) * cfg.eval_fraction)]}
         train = [g for g in groups if g.prompt not in held_prompts]
         held = [g for g in groups if g.prompt in held_prompts]
-    tok = load_tokenizer(cfg.model, padding_side="right")
     model = load_seq_scorer(str(run.resume_dir / "model") if run.resume_dir and cfg.lora.r <= 0 else cfg.model,
-                            pad_token_id=tok.pad_token_id)
+                            pad_token_id=tok.pad_token_id, new_head=True)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     model = apply_lora(model, cfg.lora, "SEQ_CLS", cfg.mixed_precision)
     scorer = SequenceScorer(model)
     optimizer = adamw(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)

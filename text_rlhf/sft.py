@@ -17,7 +17,8 @@ from align.data import load_sft
 from align.rl.config import LoraParams
 from align.runner import progress
 from align.session import adamw, rng_state, set_rng_state, start_run
-from text_rlhf.models import apply_lora, dtype_of, load_causal_lm, load_tokenizer, pad_batch, position_ids_from_mask, save_hf
+from text_rlhf.models import (apply_lora, enable_checkpointing, load_causal_lm, load_tokenizer, pad_batch,
+                              position_ids_from_mask, save_hf)
 
 log = logging.getLogger(__name__)
 
@@ -93,7 +94,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
 
     model = load_causal_lm(cfg.model)
     if cfg.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_checkpointing(model)
     model = apply_lora(model, cfg.lora, "CAUSAL_LM", cfg.mixed_precision)
     if run.resume_dir:
         _load_weights(model, run.resume_dir / "model")

@@ -43,8 +43,8 @@ def build_wordlevel_tokenizer(vocab_size: int = 512):
 
 def tiny_causal_lm(arch: str, tokenizer, n_layer: int = 2, n_embd: int = 32, n_head: int = 2,
                    n_positions: int = 128, seed: int = 0, dropout: float | None = None):
-    """A random GPT-2 or Llama-style model sized to the tokenizer; `dropout` (GPT-2: embedding,
-    residual and attention; Llama: attention) overrides the architecture's default."""
+    """A random GPT-2, Llama- or OPT-350m-style model sized to the tokenizer; `dropout` (GPT-2: embedding,
+    residual and attention; Llama: attention; OPT: both) overrides the architecture's default."""
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -64,7 +64,15 @@ def tiny_causal_lm(arch: str, tokenizer, n_layer: int = 2, n_embd: int = 32, n_h
         if dropout is not None:
             cfg.attention_dropout = dropout
         return LlamaForCausalLM(cfg)
-    raise ValueError(f"unknown tiny architecture {arch!r} (gpt2 or llama)")
+    if arch == "opt":  # OPT-350m's layout: post-norm, states projected to a narrower width before the head
+        from transformers import OPTConfig, OPTForCausalLM
+        cfg = OPTConfig(vocab_size=len(tokenizer), hidden_size=n_embd, ffn_dim=2 * n_embd, num_hidden_layers=n_layer,
+                        num_attention_heads=n_head, max_position_embeddings=n_positions,
+                        word_embed_proj_dim=n_embd // 2, do_layer_norm_before=False, **ids)
+        if dropout is not None:
+            cfg.dropout = cfg.attention_dropout = dropout
+        return OPTForCausalLM(cfg)
+    raise ValueError(f"unknown tiny architecture {arch!r} (gpt2, llama or opt)")
 
 
 def save_tiny(out: str | Path, arch: str, corpus: list[str], vocab_size: int = 256, pad: bool = True, **model_kw) -> Path:

@@ -9,7 +9,6 @@ tokenizer) so every later stage loads it by path like any hub checkpoint.
 from __future__ import annotations
 
 import logging
-import random
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path

@@ -1,0 +1,173 @@
+"""The text trainers on what a new user brings: other architectures (OPT-350m's projected width), models with
+float dropout rates, gradient checkpointing, the wrong kind of folder, long prompts, an RM with its own
+tokenizer."""
+import json
+
+import pytest
+import torch
+
+from align.config import load_config
+from text_rlhf.models import (ModelLoadError, SequenceScorer, encode_pairs, encode_prompts, load_causal_lm,
+                              load_seq_scorer, load_tokenizer, pad_batch)
+from text_rlhf.policy import PolicyWithValue, disable_dropout
+from text_rlhf.ppo import PPOConfig, RewardFn, run_ppo
+from text_rlhf.tiny import build_bpe_tokenizer, tiny_causal_lm
+
+from conftest import CORPUS
+
+
+def _save(tmp_path, name, arch, pad=True, **kw):
+    tok = build_bpe_tokenizer(CORPUS, 300, pad=pad)
+    out = tmp_path / name
+    tiny_causal_lm(arch, tok, **kw).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ["add 2 and 3:", "the quick brown", "a red"]))
+    return str(path)
+
+
+def _ppo(policy, prompts_file, out, *overrides, reward="rewards:vowels"):
+    return load_config(PPOConfig, None, ["iterations=1", "batch_size=4", "ppo.mini_batch_size=2", "ppo.ppo_epochs=1",
+                                         "max_new_tokens=6", *overrides],
+                       policy=policy, reward=reward, prompts=prompts_file, out=str(out))
+
+
+def test_value_head_reads_the_width_the_lm_head_reads(tmp_path, prompts_file):
+    """OPT-350m projects its hidden states (1024) to word_embed_proj_dim (512) before the LM head; the value
+    head (shared trunk) and a separate critic read those projected states."""
+    opt = _save(tmp_path, "opt", "opt", n_embd=32)
+    lm = load_causal_lm(opt)
+    assert lm.config.hidden_size == 32 and lm.config.word_embed_proj_dim == 16
+    from transformers import AutoModel
+    for critic in (None, AutoModel.from_pretrained(opt)):
+        policy = PolicyWithValue(lm, critic)
+        assert policy.value_head.in_features == 16
+        ids = torch.randint(5, 200, (2, 7))
+        log_prob, values = policy(ids, torch.ones_like(ids), 3)
+        assert log_prob.shape == values.shape == (2, 3)
+    for value_model in ("head", "separate"):
+        run_ppo(_ppo(opt, prompts_file, tmp_path / value_model, f"value_model={value_model}"))
+
+
+def test_ppo_checkpoints_layers_and_zeroes_float_dropout_rates(tmp_path, prompts_file, monkeypatch):
+    """gradient_checkpointing=true checkpoints the policy's layers (transformers does only in train mode), and
+    a model whose attention applies a float dropout rate in train mode (Llama's attention_dropout, OPT's)
+    still has PPO ratios of exactly 1 at lr 0."""
+    import transformers.modeling_utils as mu  # binds torch.utils.checkpoint.checkpoint when enabling
+    calls = {"n": 0}
+    real = mu.checkpoint
+
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(mu, "checkpoint", counting)
+    for arch in ("llama", "opt"):
+        path = _save(tmp_path, arch, arch, dropout=0.5)
+        assert load_causal_lm(path).config.attention_dropout == 0.5
+        calls["n"] = 0
+        out = tmp_path / f"ppo-{arch}"
+        result = run_ppo(_ppo(path, prompts_file, out, "gradient_checkpointing=true", "lr=0.0"))
+        assert calls["n"] > 0, arch
+        row = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+        assert abs(row["policy/approx_kl"]) < 1e-7 and row["policy/clipfrac"] == 0.0, (arch, row)
+        rates = [v for m in result.policy.modules() for k, v in vars(m).items() if "dropout" in k
+                 and isinstance(v, float)]
+        assert rates and not any(rates), arch
+    m = torch.nn.Module()
+    m.attention_dropout, m.other = 0.3, 0.3
+    disable_dropout(m)
+    assert (m.attention_dropout, m.other) == (0.0, 0.3)
+
+
+def test_the_wrong_kind_of_folder_is_an_error(tmp_path, tiny_llama):
+    """An SFT (causal-LM) folder as a reward model would score with a random head; an RM folder as a policy
+    would generate with a random LM head. Both are errors; RM training starts a fresh head on purpose."""
+    with pytest.raises(ModelLoadError, match="holds no trained reward head"):
+        load_seq_scorer(tiny_llama)
+    rm = load_seq_scorer(tiny_llama, new_head=True)
+    rm.save_pretrained(tmp_path / "rm")
+    assert load_seq_scorer(str(tmp_path / "rm")).score.in_features == 32
+    with pytest.raises(ModelLoadError, match="no language-model head"):
+        load_causal_lm(str(tmp_path / "rm"))
+
+
+def test_long_prompts_keep_their_end_and_bos():
+    from tokenizers.processors import TemplateProcessing
+    tok = build_bpe_tokenizer(CORPUS, 300)
+    bos = tok.bos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[
+        ("<|endoftext|>", bos)])  # a tokenizer that prepends BOS, as OPT's, Llama's and Gemma's do
+    prompts = ["the quick brown fox jumps over the lazy dog Assistant:", "a red"]
+    full = tok(prompts)["input_ids"]
+    assert full[0][0] == bos and len(full[0]) > 6
+    ids, mask = encode_prompts(tok, prompts, 6)
+    assert ids.shape == (2, 6) and ids[0].tolist() == [bos] + full[0][-5:]  # BOS + the instruction's end
+    assert ids[1, -len(full[1]):].tolist() == full[1] and mask[1].sum() == len(full[1])  # short: left-padded
+
+
+def test_ppo_fits_prompts_to_the_positions_and_refuses_conflicting_settings(tiny_gpt2, prompts_file, tmp_path,
+                                                                            caplog):
+    """Prompts are cut from the left to leave max_new_tokens of the model's positions (128 here) for the
+    response, instead of an index error deep in the position embedding (a device-side assert on a GPU)."""
+    long = tmp_path / "long.jsonl"
+    long.write_text(json.dumps({"prompt": " ".join(CORPUS) + " Assistant:"}) + "\n")
+    with caplog.at_level("WARNING"):
+        run_ppo(_ppo(tiny_gpt2, str(long), tmp_path / "long", "max_new_tokens=100", "stop_at_eos=false"))
+    assert "prompts are longer than 28 tokens: kept their last tokens" in caplog.text
+    with pytest.raises(ValueError, match="max_new_tokens = 128 leaves no room for a prompt"):
+        run_ppo(_ppo(tiny_gpt2, prompts_file, tmp_path / "a", "max_new_tokens=128"))
+    with pytest.raises(ValueError, match="missing_eos_penalty needs stop_at_eos"):
+        run_ppo(_ppo(tiny_gpt2, prompts_file, tmp_path / "b", "missing_eos_penalty=1.0", "stop_at_eos=false"))
+    assert not (tmp_path / "b").exists()
+
+
+def test_rm_with_another_tokenizer_scores_the_eos_it_was_trained_on(tmp_path, tiny_gpt2):
+    """PPO re-encodes the text for an RM whose tokenizer differs from the policy's; a response that ended at
+    EOS gets the RM tokenizer's EOS, as `align text rm` trained it (encode_pairs adds one)."""
+    rm_tok = build_bpe_tokenizer(CORPUS[:3] * 2, 280)
+    lm = tiny_causal_lm("llama", rm_tok)
+    from transformers import AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    lm.config.num_labels = 1
+    rm = AutoModelForSequenceClassification.from_config(lm.config)
+    rm.save_pretrained(tmp_path / "rm")
+    rm_tok.save_pretrained(tmp_path / "rm")
+    policy_tok = load_tokenizer(tiny_gpt2, padding_side="left")
+    reward = RewardFn(str(tmp_path / "rm"), policy_tok, "cpu", 8)
+    assert not reward.same_tok
+    prompts, texts = ["add 2 and 3:", "a red"], [" 5", " circle"]
+    got = reward(prompts, texts, None, None, torch.tensor([True, False]))
+    scorer = SequenceScorer(load_seq_scorer(str(tmp_path / "rm"))).eval()
+    want = []
+    for p, t, eos in zip(prompts, texts, (True, False)):
+        ids, _ = encode_pairs(rm_tok, [p], [t], 10 ** 6, add_eos=eos)
+        want.append(scorer(*pad_batch(ids, rm_tok.pad_token_id)))
+    torch.testing.assert_close(got, torch.cat(want))
+    assert not torch.allclose(got, reward(prompts, texts, None, None, torch.tensor([False, False])))
+
+
+def test_long_pairs_lose_the_prompts_start_not_the_response():
+    """max_length cuts a long prompt from its start (BOS kept), so two candidates stay different and end at
+    the EOS the score is read at; a response longer than max_length alone keeps its start and the EOS."""
+    from tokenizers.processors import TemplateProcessing
+    tok = build_bpe_tokenizer(CORPUS, 300)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    tok._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A", special_tokens=[
+        ("<|endoftext|>", bos)])
+    prompt = "the quick brown fox jumps over the lazy dog and reverse the list"
+    (a, b), lengths = encode_pairs(tok, [prompt, prompt], [" red", " blue"], 8)
+    r_a, r_b = (tok(x, add_special_tokens=False)["input_ids"] for x in (" red", " blue"))
+    assert len(a) <= 8 and len(b) <= 8 and a != b
+    assert a[0] == bos and a[-1] == eos and a[-1 - len(r_a):-1] == r_a and b[-1 - len(r_b):-1] == r_b
+    assert a[1:lengths[0]] == tok(prompt)["input_ids"][-(lengths[0] - 1):]  # the prompt's end
+    (c,), _ = encode_pairs(tok, ["a"], [" the quick brown fox jumps over the lazy dog"], 6)
+    long_r = tok(" the quick brown fox jumps over the lazy dog", add_special_tokens=False)["input_ids"]
+    assert c == [bos] + long_r[:4] + [eos]
+    (d,), _ = encode_pairs(tok, ["a"], [" red"], 64)  # short: untouched
+    assert d == tok("a")["input_ids"] + r_a + [eos]
