@@ -156,7 +156,7 @@ def load_pipeline(src: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     unet = load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
     vae = load("vae", AutoencoderKL.from_pretrained, torch_dtype=dtype) if has_vae else None
     width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
-    if width != cross:
+    if width != cross and not getattr(unet.config, "encoder_hid_dim", None):  # (no projection of its own)
         raise PipelineLoadError(f"{src}: the text encoder's hidden_size is {width} but the UNet's "
                                 f"cross_attention_dim is {cross}: text_encoder/ and unet/ are not one model's")
     for m in (unet, vae, text_encoder):

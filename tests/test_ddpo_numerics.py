@@ -130,7 +130,8 @@ def test_recompute_log_probs_replaces_a_sampler_with_other_numerics(tiny_sd, pro
     (exact_row, exact_lora), (off_row, off_lora), (rec_row, rec_lora) = runs["exact"], runs["off"], runs["recomputed"]
     comp_row = runs["recomputed-compiled"][0]  # the recompute runs the compiled training graph
     assert comp_row["policy/clipfrac"] == 0.0 and comp_row["policy/ratio"] == 1.0, comp_row
-    assert exact_row["policy/clipfrac"] == 0.0 and exact_row["policy/ratio"] == 1.0
+    # float32, but sampling's and training's UNet calls differ in batch shape: on an AVX-512 CPU ~1e-7 apart
+    assert exact_row["policy/clipfrac"] == 0.0 and exact_row["policy/ratio"] == pytest.approx(1.0, abs=1e-6)
     # every ratio e^−1e-3, outside 1 ± 1e-4: the clipped branch wins (no gradient) for the negative advantages
     assert off_row["policy/ratio"] == pytest.approx(math.exp(-1e-3), rel=1e-6) and off_row["policy/clipfrac"] > 0
     assert rec_row["policy/clipfrac"] == 0.0 and rec_row["policy/ratio"] == 1.0 and rec_row["policy/approx_kl"] == 0.0
