@@ -20,13 +20,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 MODALITIES = {"text": "text_rlhf.cli", "image": "image_rlhf.cli"}
 
 
-def add_run_args(p: argparse.ArgumentParser) -> None:
-    """Flags every training command shares."""
-    p.add_argument("--config", help="YAML preset (e.g. configs/text/tiny.yaml); flags and key=value override it")
+def add_run_args(p: argparse.ArgumentParser, preset: str = "configs/text/tiny.yaml",
+                 example: str = "lr=1e-5 seed=1") -> None:
+    """Flags every training command shares; `preset` and `example` are the command's own, for its help."""
+    p.add_argument("--config", help=f"YAML preset (e.g. {preset}); flags and key=value override it")
     p.add_argument("--resume", action="store_true", help="continue from the last checkpoint in --out")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.set_defaults(overrides=[])
-    p.epilog = "Any number of key=value config overrides may follow, anywhere (e.g. ppo.clip_range=0.1 lr=1e-5)."
+    p.epilog = f"Any number of key=value config overrides may follow, anywhere (e.g. {example})."
 
 
 def stage_config(cls, args, **fields):
@@ -55,7 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
 def add_demo_parser(sub) -> None:
     d = sub.add_parser("demo", help="the whole recipe on the miniature worlds (base -> SFT -> RM -> RL), with a "
                                     "report of plain vs engineered prompts before and after alignment")
-    d.add_argument("--world", choices=["text", "image", "both"], default="both")
+    d.add_argument("--world", choices=["text", "image", "both"], default="both",
+                   help="which miniature world(s) to run (default both, side by side)")
     d.add_argument("--out", default="runs/demo", help="output folder (default runs/demo); its world folders are replaced")
     d.add_argument("--fresh", action="store_true", help="retrain the cached base models (cache: $ALIGN_CACHE, "
                    "default ~/.cache/align/worlds)")
@@ -103,9 +105,10 @@ def _compare(args) -> None:
     compare = importlib.import_module("align.compare")  # imports torch: not at `align --help` time
     from align.config import load_config
     # --stop '\nQ:' arrives as backslash + n: read the escapes \n and \t as newline and tab
-    stop = args.stop.replace("\\n", "\n").replace("\\t", "\t") if args.stop else args.stop
+    unescape = lambda s: s.replace("\\n", "\n").replace("\\t", "\t") if s else s  # noqa: E731
+    stop, template = unescape(args.stop), unescape(args.template)
     fields = {"models": args.model, "kind": args.kind, "prompts": args.prompts, "judge": args.judge,
-              "template": args.template, "fewshot": args.fewshot, "success_threshold": args.success_threshold,
+              "template": template, "fewshot": args.fewshot, "success_threshold": args.success_threshold,
               "text.max_new_tokens": args.max_new_tokens, "text.sample": args.sample, "text.stop": stop,
               "image.num_steps": args.num_steps, "batch_size": args.batch_size, "limit": args.limit,
               "out": args.out,

@@ -197,7 +197,7 @@ def headline(result: WorldResult) -> dict:
 
 def _fmt_ci(ci) -> str:
     lo, hi = ci
-    return "" if lo is None or lo != lo else f" [{lo:.2f}, {hi:.2f}]"
+    return "" if lo is None or lo != lo else f" [{lo:.0%}, {hi:.0%}]"
 
 
 def summary(results: list[WorldResult], total_s: float) -> str:

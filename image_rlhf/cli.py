@@ -9,10 +9,12 @@ from align.cli import add_run_args, stage_config
 def add_parsers(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="stage", required=True)
     r = sub.add_parser("rm", help="CLIP reward model (PickScore-style or aesthetic head) on ranked image pairs")
-    r.add_argument("--clip", help="starting CLIP: open_clip model name, model-config .json, or a saved folder")
+    r.add_argument("--clip", help="starting CLIP: an open_clip model name (+ pretrained=TAG, e.g. ViT-H-14 "
+                                  "pretrained=laion2b_s32b_b79k), a model-config .json, tiny-clip, or a saved "
+                                  "reward folder (an `align image rm` run)")
     r.add_argument("--data", help="image preferences JSONL (image paths relative to the file)")
     r.add_argument("--out", help="output folder")
-    add_run_args(r)
+    add_run_args(r, "configs/image/tiny.yaml", "mode=aesthetic lr=1e-5 epochs=2")
     r.set_defaults(func=_rm)
 
     d = sub.add_parser("ddpo", help="DDPO: RL fine-tuning of a diffusion pipeline against a reward")
@@ -23,7 +25,7 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
                                     "scoring (prompts, images)")
     d.add_argument("--prompts", help='prompts: a text file, one per line, or JSONL ({"prompt"} per line)')
     d.add_argument("--out", help="output folder")
-    add_run_args(d)
+    add_run_args(d, "configs/image/tiny.yaml", "lora.r=8 num_steps=20 kl_coef=0.1")
     d.set_defaults(func=_ddpo)
 
 

@@ -131,6 +131,8 @@ class ClipReward(nn.Module):
         import open_clip
 
         spec = str(name_or_config)
+        if not (Path(spec) / META_FILE).is_file() and (Path(spec) / "model" / META_FILE).is_file():
+            spec = str(Path(spec) / "model")  # an `align image rm` run folder: the model it finished with
         if (Path(spec) / META_FILE).is_file():
             r = cls.load(spec, device=device)
             if mode is None or mode == r.mode:
@@ -160,12 +162,16 @@ class ClipReward(nn.Module):
         try:
             model = open_clip.create_model(name, pretrained=pretrained, device=device,
                                            force_image_size=int(image_size) if image_size else None)
-        except RuntimeError as e:  # a tag whose weights cannot be fetched (offline, no such tag)
-            if not pretrained or "download" not in str(e).lower():
+        except RuntimeError as e:  # a tag whose weights cannot be fetched (offline), or no such tag
+            if not pretrained:
                 raise
-            raise ValueError(f"CLIP {spec!r} pretrained={pretrained!r}: {str(e).splitlines()[0]} (a tag's weights "
-                             f"come from the hub; offline, give pretrained=PATH of a checkpoint file, or a saved "
-                             f"reward folder as the CLIP)") from e
+            if "download" in str(e).lower():
+                raise ValueError(f"CLIP {spec!r} pretrained={pretrained!r}: {str(e).splitlines()[0]} (a tag's weights "
+                                 f"come from the hub; offline, give pretrained=PATH of a checkpoint file, or a saved "
+                                 f"reward folder as the CLIP)") from e
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            raise ValueError(f"CLIP {spec!r} pretrained={pretrained!r}: {str(e).splitlines()[0]} (tags of {name}: "
+                             f"{', '.join(tags) or 'none'}; or a checkpoint file path)") from e
         return cls(model, open_clip.get_tokenizer(name), model_cfg, mode or "pickscore", name, pretrained,
                    head_hidden).to(device)
 

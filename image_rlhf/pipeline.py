@@ -206,6 +206,8 @@ def _set_attention(unet, attention: str, device) -> None:
     if attention not in ("sdpa", "xformers"):
         raise ValueError(f"attention must be 'sdpa' or 'xformers', got {attention!r}")
     from diffusers.models.attention_processor import AttnProcessor2_0
+    if attention == "xformers" and torch.device(device).type != "cuda":
+        log.info("attention=xformers: xformers has no %s kernels; using SDPA attention", torch.device(device).type)
     if attention == "xformers" and torch.device(device).type == "cuda":
         try:
             import xformers  # noqa: F401

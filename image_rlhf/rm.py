@@ -39,6 +39,8 @@ class ImageRMConfig:
     """Preferences JSONL; image paths are relative to the file."""
     eval_data: str = ""
     """Held-out preferences; empty = split eval_fraction of the prompts off `data`."""
+    allow_duplicates: bool = False
+    """A record repeated in the data file is an error naming both lines; true: drop the repeats (logged)."""
     out: str = ""
     epochs: float = 1.0
     max_pairs_per_batch: int = 64
@@ -181,9 +183,9 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
             raise ValueError(f"image rm: --{name} is required")
     if cfg.mode not in ("pickscore", "aesthetic"):
         raise ValueError(f"image rm: mode must be 'pickscore' or 'aesthetic', got {cfg.mode!r}")
-    groups = load_preferences(cfg.data, candidates="path")  # bad input fails before the run folder exists
+    groups = load_preferences(cfg.data, candidates="path", allow_duplicates=cfg.allow_duplicates)  # bad input fails before the run folder exists
     if cfg.eval_data:
-        train, held = groups, load_preferences(cfg.eval_data, candidates="path")
+        train, held = groups, load_preferences(cfg.eval_data, candidates="path", allow_duplicates=cfg.allow_duplicates)
     else:  # split by prompt, so no held-out prompt was seen in training
         train, held = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)

@@ -258,3 +258,15 @@ def test_image_rm_resumes_from_checkpoint(tmp_path):
     steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert steps[:len(first)] == first and max(steps) == 2 * max(first)
     assert (tmp_path / "run" / "model" / "align_reward.json").exists()
+
+
+def test_clip_spec_takes_a_run_folder_and_names_unknown_tags(tmp_path):
+    """--clip accepts an `align image rm` run folder (its model/), as --reward does; an unknown pretrained tag is
+    a one-line error listing the model's tags, not a traceback."""
+    from image_rlhf.clip_reward import ClipReward
+    reward = ClipReward.create("tiny-clip", mode="aesthetic", head_hidden=(8,))
+    reward.save(tmp_path / "run" / "model")
+    again = ClipReward.create(str(tmp_path / "run"))
+    assert again.mode == "aesthetic" and again.image_size == reward.image_size
+    with pytest.raises(ValueError, match=r"pretrained='nosuchtag'.*\(tags of tiny-clip: none; or a checkpoint"):
+        ClipReward.create("tiny-clip", "nosuchtag")

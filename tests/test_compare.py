@@ -346,3 +346,5 @@ def test_cli_flags_and_config_file(tmp_path, monkeypatch):
     assert (cfg.models, cfg.judge, cfg.seeds, cfg.n_boot) == (["a", "b=x,c"], "gold:score", [4], 10)
     assert (cfg.text.stop, cfg.text.sample, cfg.image.num_steps, cfg.image.guidance_scale) == ("\nQ:", True, 3, 7.5)
     assert main(["compare", "--seeds", "1,2", "--judge", "j:f"]) == 0 and seen[-1].seeds == [1, 2]
+    assert main(["compare", "--template", "Q: {prompt}\\nA:", "fewshot_k=2"]) == 0  # as a shell passes '\n'
+    assert (seen[-1].template, seen[-1].fewshot_k) == ("Q: {prompt}\nA:", 2)

@@ -85,7 +85,7 @@ def test_ppo_checkpoints_layers_and_zeroes_float_dropout_rates(tmp_path, prompts
     assert (m.attention_dropout, m.other) == (0.0, 0.3)
 
 
-def test_the_wrong_kind_of_folder_is_an_error(tmp_path, tiny_llama):
+def test_the_wrong_kind_of_folder_is_an_error(tmp_path, tiny_llama, tiny_gpt2, monkeypatch):
     """An SFT (causal-LM) folder as a reward model would score with a random head; an RM folder as a policy
     would generate with a random LM head. Both are errors; RM training starts a fresh head on purpose."""
     with pytest.raises(ModelLoadError, match="holds no trained reward head"):
@@ -95,6 +95,16 @@ def test_the_wrong_kind_of_folder_is_an_error(tmp_path, tiny_llama):
     assert load_seq_scorer(str(tmp_path / "rm")).score.in_features == 32
     with pytest.raises(ModelLoadError, match="no language-model head"):
         load_causal_lm(str(tmp_path / "rm"))
+    # GPT-2 ties its LM head to the input embedding, so nothing is missing: align.json says what the folder is
+    load_seq_scorer(tiny_gpt2, new_head=True).save_pretrained(tmp_path / "gpt2-rm")
+    (tmp_path / "gpt2-rm" / "align.json").write_text('{"kind": "text_reward_model"}')
+    with pytest.raises(ModelLoadError, match="tied embedding was never trained as an LM head; it is a text_reward"):
+        load_causal_lm(str(tmp_path / "gpt2-rm"))
+    # runs/sftt, where runs/ exists: a typo, not a hub id org/name (no minute of hub retries)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    with pytest.raises(ModelLoadError, match="no such folder 'runs/sftt'"):
+        load_causal_lm("runs/sftt")
 
 
 def test_long_prompts_keep_their_end_and_bos():

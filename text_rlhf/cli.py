@@ -27,7 +27,7 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
     q.add_argument("--reward", help="reward model folder, or module:function scoring (prompts, responses)")
     q.add_argument("--prompts", help='prompts JSONL ({"prompt"} per line) or a text file, one per line')
     q.add_argument("--out", help="output folder")
-    add_run_args(q)
+    add_run_args(q, example="ppo.clip_range=0.1 lora.r=16 mixed_precision=bf16")
     q.set_defaults(func=_ppo)
 
 

@@ -30,7 +30,8 @@ def _check_path(path: str, what: str, need_config: bool = True) -> str:
             raise ModelLoadError(f"{what}: {str(path)!r} has no config.json (not a save_pretrained folder)")
         return str(p)
     s = str(path)
-    if s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith("/") or not s:
+    if s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith("/") or not s or \
+            ("/" in s and Path(s.split("/")[0]).expanduser().is_dir()):  # runs/sftt: a typo, not org/name
         raise ModelLoadError(f"{what}: no such folder {s!r}")
     return s  # a hub id such as "gpt2" or "EleutherAI/pythia-160m"
 
@@ -88,9 +89,10 @@ def load_causal_lm(path: str, dtype: torch.dtype = torch.float32, fused_activati
     except OSError as e:
         raise ModelLoadError(f"model: cannot load {path!r}: {e}") from e
     missing = _missing_head(info, ("lm_head", "embed_out", "output"))
-    if missing and not getattr(model.config, "tie_word_embeddings", False):
-        kind = read_align_meta(path).get("kind", "")
-        raise ModelLoadError(f"model: {path!r} has no language-model head ({', '.join(missing)} missing"
+    kind = read_align_meta(path).get("kind", "")
+    if kind == "text_reward_model" or (missing and not getattr(model.config, "tie_word_embeddings", False)):
+        why = f"{', '.join(missing)} missing" if missing else "its tied embedding was never trained as an LM head"
+        raise ModelLoadError(f"model: {path!r} has no language-model head ({why}"
                              f"{'; it is a ' + kind if kind else ''}): pass a causal-LM folder (an SFT/PPO run's)")
     if fused_activations:
         fuse_activations(model)

@@ -436,7 +436,7 @@ def _finish(run, cfg, policy, tok, shift) -> Path:
         ("RM score (raw)", "env/raw_score"), ("KL[π‖π_ref] per response (nats)", "objective/kl"), ("β", "objective/kl_coef"),
         ("response length", "env/response_length"), ("ended with EOS", "env/ended_with_eos"),
         ("clip fraction", "policy/clipfrac"), ("approx KL per update", "policy/approx_kl"),
-        ("samples/s", "time/samples_per_s")])
+        ("samples/s", "time/samples_per_s")] + ([(f"monitor: {cfg.monitor}", "monitor/mean")] if cfg.monitor else []))
     samples = ""
     sp = run.out / "samples.jsonl"
     if sp.exists():
@@ -448,9 +448,9 @@ def _finish(run, cfg, policy, tok, shift) -> Path:
                             for l in pick)
     body = (f"PPO on `{cfg.policy}` against `{cfg.reward}` for {cfg.iterations} iterations of "
             f"{cfg.batch_size * run.accelerator.num_processes} samples. Reward shift (reference mean): "
-            f"{shift if shift is not None else 'none'}.\n\n| metric | first 10% | last 10% |\n|---|---|---|\n{rows}\n\n"
+            f"{f'{shift:.4f}' if shift is not None else 'none'}.\n\n| metric | first 10% | last 10% |\n|---|---|---|\n{rows}\n\n"
             f"Policy: `{out / 'model'}` (save_pretrained; LoRA adapter in `model/adapter` when used).")
     run.finish("PPO report", [("Summary", body), ("Samples (first and last iteration)", samples or "none logged")],
-               ["env/raw_score", "objective/kl", "objective/kl_coef", "policy/clipfrac", "policy/approx_kl",
-                "env/response_length"])
+               ["env/raw_score", *(["monitor/mean"] if cfg.monitor else []), "objective/kl", "objective/kl_coef",
+                "policy/clipfrac", "policy/approx_kl", "env/response_length"])
     return out / "model"

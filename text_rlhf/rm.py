@@ -45,6 +45,8 @@ class RMConfig:
     eval_fraction: float = 0.1
     hf_limit: int = 0
     """Read at most this many rows of an hf: dataset (0 = all)."""
+    allow_duplicates: bool = False
+    """A record repeated in the data file is an error naming both lines; true: drop the repeats (logged)."""
     seed: int = 0
     mixed_precision: str = "no"
     """no | bf16 | fp16 (accelerate autocast); with LoRA the frozen base is kept in that dtype (the adapters
@@ -56,11 +58,11 @@ class RMConfig:
     log_every: int = 10
 
 
-def load_groups(spec: str, limit: int = 0):
+def load_groups(spec: str, limit: int = 0, allow_duplicates: bool = False):
     if spec.startswith("hf:"):
         name, _, split = spec[3:].partition(":")
         return load_hf_preferences(name, split or "train", limit=limit or None)
-    return load_preferences(spec)
+    return load_preferences(spec, allow_duplicates=allow_duplicates)
 
 
 class TextScorer:
@@ -82,12 +84,12 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"rm: --{name} is required")
-    groups = load_groups(cfg.data, cfg.hf_limit)  # bad input fails before the run folder exists
+    groups = load_groups(cfg.data, cfg.hf_limit, cfg.allow_duplicates)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.model, padding_side="right")  # so does a wrong --model
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
     if cfg.eval_data:
-        train, held = groups, load_groups(cfg.eval_data, cfg.hf_limit)
+        train, held = groups, load_groups(cfg.eval_data, cfg.hf_limit, cfg.allow_duplicates)
     else:  # split by prompt, so no held-out prompt was seen in training
         prompts = sorted({g.prompt for g in groups})
         perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()
@@ -180,7 +182,9 @@ def _finish(run, cfg, scorer, tok, train, held, score_fn) -> Path:
     body = (f"Trained a pairwise reward model from `{cfg.model}` on `{cfg.data}`: {len(train)} prompts / "
             f"{count_pairs(train)} pairs for training, {len(held)} prompts / {count_pairs(held)} pairs held out "
             f"(ties get half credit in accuracy).\n\n| held-out metric | value |\n|---|---|\n{rows}\n\n"
-            f"The model is in `{out / 'model'}` (AutoModelForSequenceClassification layout; score read at the last "
-            f"non-pad token). PPO shifts it so the reference policy's mean score is 0.")
+            f"The model is in `{out / 'model'}` (AutoModelForSequenceClassification layout; align reads the score at the "
+            f"last real token, the EOS, by the attention mask: score it with `text_rlhf.models.SequenceScorer` or "
+            f"`align compare --judge`, since transformers' own forward pools at the last non-pad id, the token "
+            f"before EOS where pad == EOS). PPO shifts it so the reference policy's mean score is 0.")
     run.finish("Reward model report", [("Summary", body)], ["rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_loss"])
     return out / "model"

@@ -176,7 +176,7 @@ def load_preferences(path, *, candidates="text", allow_duplicates=False) -> list
         if key in seen:
             if not allow_duplicates:
                 raise rec.error(f"duplicate record: same as line {seen[key]} "
-                                "(pass allow_duplicates=True to drop repeats)")
+                                "(remove it, or set allow_duplicates=true to drop repeats)")
             dropped += 1
             continue
         seen[key] = line
