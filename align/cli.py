@@ -112,8 +112,17 @@ def _compare(args) -> None:
               "text.max_new_tokens": args.max_new_tokens, "text.sample": args.sample, "text.stop": stop,
               "image.num_steps": args.num_steps, "batch_size": args.batch_size, "limit": args.limit,
               "out": args.out,
-              "seeds": [int(s) for s in args.seeds.split(",") if s.strip()] if args.seeds else None}
+              "seeds": _seeds(args.seeds)}
     compare.run_compare(load_config(compare.CompareConfig, args.config, args.overrides, **fields))
+
+
+def _seeds(spec: str | None) -> list[int] | None:
+    if not spec:
+        return None
+    try:
+        return [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise ValueError(f"--seeds {spec!r}: expected integers separated by commas, e.g. 0,1,2") from None
 
 
 def setup_logging(verbose: bool) -> None:
@@ -123,8 +132,12 @@ def setup_logging(verbose: bool) -> None:
         # open_clip logs its loading steps through the root logger at INFO: keep those to warnings
         for handler in logging.getLogger().handlers:
             handler.addFilter(lambda r: r.name != "root" or r.levelno >= logging.WARNING)
-        for noisy in ("transformers", "diffusers", "accelerate", "torch", "peft"):
+        for noisy in ("transformers", "diffusers", "accelerate", "torch", "peft", "huggingface_hub"):
             logging.getLogger(noisy).setLevel(logging.ERROR)
+        import warnings  # the libraries' UserWarnings/FutureWarnings about their own APIs: -v shows them
+        for module in ("peft", "transformers", "diffusers", "accelerate", "huggingface_hub"):
+            warnings.filterwarnings("ignore", category=UserWarning, module=module)
+            warnings.filterwarnings("ignore", category=FutureWarning, module=module)
         # read by transformers/huggingface_hub when they are first imported (after this point: the
         # commands import them lazily), so align itself never imports transformers
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")

@@ -199,6 +199,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
             cfg.noise_group_size and cfg.sample_batch_size % cfg.noise_group_size):
         raise ValueError(f"noise_group_size must be 0 (off) or >= 2 dividing sample_batch_size "
                          f"{cfg.sample_batch_size}, got {cfg.noise_group_size}")
+    if cfg.kl_coef < 0:
+        raise ValueError(f"kl_coef must be >= 0 (a negative weight rewards leaving the reference), got {cfg.kl_coef}")
     if cfg.kl_estimator not in ("gaussian", "k2"):
         raise ValueError(f"kl_estimator must be 'gaussian' or 'k2', got {cfg.kl_estimator!r}")
     if cfg.timestep_fraction <= 0 or cfg.timestep_fraction > 1:

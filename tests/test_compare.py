@@ -348,3 +348,5 @@ def test_cli_flags_and_config_file(tmp_path, monkeypatch):
     assert main(["compare", "--seeds", "1,2", "--judge", "j:f"]) == 0 and seen[-1].seeds == [1, 2]
     assert main(["compare", "--template", "Q: {prompt}\\nA:", "fewshot_k=2"]) == 0  # as a shell passes '\n'
     assert (seen[-1].template, seen[-1].fewshot_k) == ("Q: {prompt}\nA:", 2)
+    with pytest.raises(ValueError, match="--seeds '0,a': expected integers"):
+        main(["-v", "compare", "--seeds", "0,a"])  # -v: the error itself, not its one-line report

@@ -169,6 +169,10 @@ def test_malformed_json_line_3(tmp_path):
     with pytest.raises(DataError, match="malformed JSON") as err:
         load_preferences(path)
     assert_where(err, path, 3)
+    # the object's closing brace is missing at the end of the line: the column is the line's end, not "1"
+    path.write_text('{"prompt": "c", "chosen": "x", "rejected": "y"\n', encoding="utf-8")
+    with pytest.raises(DataError, match=r"malformed JSON: .*\(column 47\)"):
+        load_preferences(path)
 
 
 def test_line_that_is_not_an_object(tmp_path):

@@ -137,6 +137,11 @@ def test_adaptive_kl_controller_update():
     c2 = AdaptiveKLController(1.0, 6.0, 10000)
     c2.load_state_dict(c.state_dict())
     assert c2.value == c.value
+    from align.rl.kl import make_kl_controller
+    for bad in [(-0.1, True), (-0.1, False), (0.1, True, 0.0), (0.1, True, 6.0, 0.0)]:
+        with pytest.raises(ValueError, match="kl_coef must be >= 0"):
+            make_kl_controller(*bad)
+    assert make_kl_controller(0.0, False).value == 0.0  # no leash at all is allowed
 
 
 def test_running_moments_match_concatenation():

@@ -157,6 +157,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     if cfg.temperature != 1.0 or cfg.top_k or cfg.top_p < 1.0:
         log.warning("sampling with temperature=%s top_k=%s top_p=%s: samples no longer come from π, so the KL "
                     "penalty and the PPO ratio refer to a different distribution", cfg.temperature, cfg.top_k, cfg.top_p)
+    make_kl_controller(p.kl.kl_coef, p.kl.adaptive, p.kl.target, p.kl.horizon)  # checks β before any folder is made
     if cfg.missing_eos_penalty and not cfg.stop_at_eos:
         raise ValueError("ppo: missing_eos_penalty needs stop_at_eos=true (without it no response ends with EOS, "
                          "so every one would be penalised)")

@@ -45,7 +45,8 @@ def read_jsonl(path) -> Iterator[tuple[int, dict]]:
             try:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
-                raise DataError(f"malformed JSON: {e.msg} (column {e.colno})",
+                col = e.colno if e.lineno == 1 else len(text.splitlines()[0]) + 1  # a brace missing at the end
+                raise DataError(f"malformed JSON: {e.msg} (column {col})",
                                 path=path, line=lineno) from None
             if not isinstance(obj, dict):
                 raise DataError(f"expected a JSON object, got {type(obj).__name__}",

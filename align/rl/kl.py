@@ -80,4 +80,8 @@ class AdaptiveKLController(FixedKLController):
 
 
 def make_kl_controller(kl_coef: float, adaptive: bool, target: float = 6.0, horizon: float = 10000.0):
+    if kl_coef < 0 or (adaptive and (target <= 0 or horizon <= 0)):
+        raise ValueError(f"ppo.kl: kl_coef must be >= 0 (a negative β rewards leaving the reference), and an "
+                         f"adaptive β needs target > 0 and horizon > 0 (got kl_coef={kl_coef}, target={target}, "
+                         f"horizon={horizon})")
     return AdaptiveKLController(kl_coef, target, horizon) if adaptive else FixedKLController(kl_coef)
