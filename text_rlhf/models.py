@@ -241,18 +241,26 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length
     for p, r in zip(p_ids, r_ids):
         if len(p) + len(r) + len(eos) > max_length:
             cut += 1
-            head = [bos] if bos is not None and p and p[0] == bos and max_length > len(eos) + 1 else []
-            room = max_length - len(head) - len(r) - len(eos)
-            if room >= 0:
-                p = head + (p[len(p) - room:] if room else [])
+            head = 1 if bos is not None and p and p[0] == bos and max_length > len(eos) + 1 else 0
+            room = max_length - len(r) - len(eos)  # for the prompt
+            if room >= head:
+                p = _keep_end(p, room, bos)
             else:
-                p, r = head, r[:max_length - len(head) - len(eos)]
+                p, r = p[:head], r[:max_length - head - len(eos)]
         ids.append(p + r + eos)
         lengths.append(len(p))
     if cut:
         log.warning("%d of %d sequences are longer than max_length %d: their prompts were cut from the start",
                     cut, len(ids), max_length)
     return ids, lengths
+
+
+def _keep_end(ids: list[int], n: int, bos: int | None) -> list[int]:
+    """`ids` cut to its last n tokens, keeping a leading BOS (within the n) where it has one and n > 1."""
+    if len(ids) <= n:
+        return ids
+    head = 1 if bos is not None and ids and ids[0] == bos and n > 1 else 0
+    return ids[:head] + (ids[len(ids) - n + head:] if n > head else [])
 
 
 def max_positions(config) -> int | None:
@@ -268,13 +276,8 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[torc
     tokens (an instruction's end, e.g. "Assistant:", is what the response follows) and its BOS where the
     tokenizer adds one; how many were cut is logged."""
     ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    bos = tokenizer.bos_token_id
-    cut = 0
-    for i, x in enumerate(ids):
-        if len(x) > max_length:
-            keep_bos = bos is not None and x[0] == bos and max_length > 1
-            ids[i] = ([bos] if keep_bos else []) + x[len(x) - max_length + keep_bos:]
-            cut += 1
+    cut = sum(len(x) > max_length for x in ids)
+    ids = [_keep_end(x, max_length, tokenizer.bos_token_id) for x in ids]
     if cut:
         log.warning("%d of %d prompts are longer than %d tokens: kept their last tokens", cut, len(ids), max_length)
     return pad_batch(ids, tokenizer.pad_token_id, side="left")
