@@ -139,3 +139,40 @@ def test_recompute_log_probs_replaces_a_sampler_with_other_numerics(tiny_sd, pro
     assert "policy/logp_recompute_diff" not in exact_row
     gap = lambda lora: max((lora[k] - exact_lora[k]).abs().max().item() for k in exact_lora)  # noqa: E731
     assert gap(rec_lora) < 1e-6 < 1e-4 < gap(off_lora), (gap(rec_lora), gap(off_lora))  # Adam's first step: ±lr
+
+
+def test_cpu_attention_product_runs_in_float32_under_bf16_autocast(tiny_sd):
+    """CpuSdpaProcessor (the CPU's attention processor): under bf16 autocast at head dims < 32, softmax(QKᵀ)V is
+    computed in float32 from autocast's bf16 q/k/v (torch's CPU flash-attention backward is slow in bf16 there),
+    exactly as written out here; at head dim 32, or in float32, it is diffusers' AttnProcessor2_0, bit for bit."""
+    import torch.nn.functional as F
+    from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+    from image_rlhf.pipeline import CpuSdpaProcessor, load_pipeline
+    torch.manual_seed(0)
+    x, enc = torch.randn(3, 64, 16), torch.randn(3, 7, 12)
+    for attn, src in ((Attention(query_dim=16, heads=2, dim_head=8), x),
+                      (Attention(query_dim=16, cross_attention_dim=12, heads=2, dim_head=8), enc)):
+        cross = src is enc or None
+        attn.set_processor(CpuSdpaProcessor())
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got = attn(x, cross and enc)
+            heads = lambda t: t.view(3, -1, 2, 8).transpose(1, 2)  # noqa: E731
+            q, k, v = attn.to_q(x), attn.to_k(src), attn.to_v(src)
+            with torch.autocast("cpu", enabled=False):
+                product = F.scaled_dot_product_attention(heads(q).float(), heads(k).float(), heads(v).float())
+            want = attn.to_out[0](product.to(torch.bfloat16).transpose(1, 2).reshape(3, -1, 16))
+            attn.set_processor(AttnProcessor2_0())
+            bf16_product = attn(x, cross and enc)
+        assert got.dtype == torch.bfloat16 and torch.equal(got, want)
+        assert not torch.equal(got, bf16_product)  # the product in bf16 rounds otherwise
+        fp32 = attn(x, cross and enc)
+        attn.set_processor(CpuSdpaProcessor())
+        assert torch.equal(attn(x, cross and enc), fp32)
+    wide = Attention(query_dim=64, heads=2, dim_head=32)  # head dim 32: bf16's own kernel is as fast
+    x = torch.randn(3, 64, 64)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = wide(x)
+        wide.set_processor(CpuSdpaProcessor())
+        assert torch.equal(wide(x), plain)
+    procs = {type(p) for p in load_pipeline(tiny_sd).unet.attn_processors.values()}
+    assert procs == {CpuSdpaProcessor}
