@@ -275,6 +275,7 @@ def evaluate(models: dict[str, str], items: Sequence[PromptItem], load_generator
     ids = [it.id for it in items]
     P, S = len(items), len(seeds)
     arms: dict[str, Arm] = {}
+    all_deterministic = True
     for model, path in models.items():
         gen = load_generator(path)
         runs = 1 if getattr(gen, "deterministic", False) else S
@@ -311,6 +312,16 @@ def evaluate(models: dict[str, str], items: Sequence[PromptItem], load_generator
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        all_deterministic = all_deterministic and runs == 1
+    if all_deterministic and S > 1:
+        # every generator is deterministic: S copies of one grid would count each comparison S times in W/T/L and
+        # show "seeds S" where one output per prompt exists; keep one seed (means and CIs are the same)
+        log.warning("deterministic decoding: every output is the same under seeds %s, so the tables count each "
+                    "prompt once (seed %d); sample (e.g. --sample) to compare over seeds", list(seeds), seeds[0])
+        for arm in arms.values():
+            arm.scores, arm.seeds = arm.scores[:, :1].clone(), arm.seeds[:1]
+            if arm.outputs is not None:
+                arm.outputs = [row[:1] for row in arm.outputs]
     return arms
 
 
@@ -384,12 +395,15 @@ def run_compare(cfg: CompareConfig, echo: bool = True) -> dict:
                     batch_size, judge_spec=cfg.judge)
     results = compare_arms(arms, default_pairs(list(models)), threshold, cfg.n_boot, cfg.bootstrap_seed,
                            cfg.confidence, cfg.tie_tol)
+    used_seeds = next(iter(arms.values())).seeds
     header = (f"Models: {', '.join(f'{n} = `{p}`' for n, p in models.items())}. Judge: `{cfg.judge}`. "
               f"{len(items)} prompts from `{cfg.prompts}`"
               + (f", engineered by template `{template.name}`" if template else "")
-              + f"; seeds {seeds}; {adapter.describe(cfg)}. The judge scores every output against the plain "
+              + f"; seeds {used_seeds}" + (f" (deterministic decoding: one output per prompt, not one per seed of "
+                                             f"{seeds})" if used_seeds != seeds else "")
+              + f"; {adapter.describe(cfg)}. The judge scores every output against the plain "
               f"prompt. {cfg.confidence:.0%} percentile-bootstrap CIs over prompts"
-              + (" and seeds" if len(seeds) > 1 else "") + f" ({cfg.n_boot} resamples, seed {cfg.bootstrap_seed})"
+              + (" and seeds" if len(used_seeds) > 1 else "") + f" ({cfg.n_boot} resamples, seed {cfg.bootstrap_seed})"
               + (f"; success = score ≥ {threshold:g}" if threshold is not None else "") + ".\n\n")
     table = to_markdown(results)
     if echo:
@@ -403,7 +417,8 @@ def run_compare(cfg: CompareConfig, echo: bool = True) -> dict:
         out = Path(cfg.out)
         out.mkdir(parents=True, exist_ok=True)
         samples = adapter.samples_markdown(arms, items, out)
-        text = "# Plain vs engineered prompts\n\n" + header + table + (f"\n## Samples\n\n{samples}" if samples else "")
+        text = ("# Plain vs engineered prompts\n\n" + header + table
+                + (f"\n## Samples\n\n{samples.rstrip()}\n" if samples else ""))
         atomic_write_text(out / "compare.md", text)
         atomic_write_text(out / "compare.json", json.dumps(results, indent=1) + "\n")
         log.info("compare: wrote %s and %s", out / "compare.md", out / "compare.json")

@@ -140,15 +140,20 @@ def gao_curve(alpha: float, beta: float, d):
 
 
 def plot_overopt(rows: list[dict], fit: dict, path: Path, title: str) -> Path:
-    """Proxy (the RM that RL optimises) and gold reward gains against d = √KL, with the fitted Gao curve."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Proxy (the RM that RL optimises) and gold reward gains against d = √KL, with the fitted Gao curve.
+
+    The legend sits under the axes: inside, loc="best" looks only at the gold axis's artists, so it covered the
+    proxy points (on the twin axis) wherever they were. Figure + Agg canvas, not pyplot: a caller's backend (a
+    notebook's) is left alone."""
     import numpy as np
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
     d = np.sqrt(np.clip([r["kl"] for r in rows], 0, None))
     gold = np.array([r["gold"] for r in rows], dtype=np.float64)
     proxy = np.array([r["proxy"] for r in rows], dtype=np.float64)
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
+    fig = Figure(figsize=(6, 4.6), dpi=110, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax = fig.subplots()
     ax.plot(d, gold - gold[0], "o", ms=3, color="tab:orange", label="gold (judge) − initial")
     ax2 = ax.twinx()
     ax2.plot(d, proxy - proxy[0], "s", ms=3, color="tab:blue", alpha=0.6, label="proxy RM − initial")
@@ -156,17 +161,17 @@ def plot_overopt(rows: list[dict], fit: dict, path: Path, title: str) -> Path:
     if math.isfinite(fit.get("alpha", float("nan"))):
         grid = np.linspace(0, max(d.max(), 1e-3) * 1.05, 200)
         ax.plot(grid, gao_curve(fit["alpha"], fit["beta"], grid), "-", color="tab:red",
-                label=f"fit d(α − β log d): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, R²={fit['r2']:.2f}")
+                label=f"gold fit d(α − β log d): α={fit['alpha']:.3g}, β={fit['beta']:.3g}, R²={fit['r2']:.2f}")
     ax.set_xlabel("d = √KL(π ‖ π_ref)  (nats½)")
     ax.set_ylabel("gold gain", color="tab:orange")
-    ax.set_title(title)
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    labels = ax.get_legend_handles_labels()[1] + ax2.get_legend_handles_labels()[1]
-    ax.legend(lines, labels, fontsize=7, loc="best")
-    fig.tight_layout()
+    ax.set_title(title, fontsize=10)
+    handles, labels = [], []
+    for a in (ax, ax2):
+        h, lab = a.get_legend_handles_labels()
+        handles, labels = handles + h, labels + lab
+    fig.legend(handles, labels, fontsize=7, loc="outside lower center", ncol=2, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
-    plt.close(fig)
     return path
 
 
@@ -240,11 +245,21 @@ def world_markdown(r: WorldResult, out: Path) -> str:
         fit = fit_gao([x["kl"] for x in r.overopt], [x["gold"] for x in r.overopt])
         png = plot_overopt(r.overopt, fit, out / f"overopt_{r.world}.png",
                            f"{r.world}: proxy RM vs gold during RL (Gao et al. 2022 fit)")
-        peak = f"; fitted gold peaks at d = {fit['d_peak']:.2f} (KL {fit['d_peak'] ** 2:.1f} nats)" if fit["d_peak"] else ""
+        if not math.isfinite(fit["r2"]) or fit["r2"] < 0.5:  # a peak read off a fit that explains little is noise
+            peak = ("; the fit explains little of the gold's variation, so no peak is read from it" if fit["n"] >= 2
+                    else "")
+        else:
+            peak = (f"; fitted gold peaks at d = {fit['d_peak']:.3g} (KL {fit['d_peak'] ** 2:.3g} nats)"
+                    if fit["d_peak"] else "")
+        at_zero = len(r.overopt) - fit["n"]
+        if at_zero > 1:  # the first point is the policy before RL; later ones at KL ≤ 0 are batch noise of k1
+            peak += (f". {at_zero - 1} later step(s) had a batch KL estimate ≤ 0 (the k1 estimate of a policy still "
+                     "at the reference) and are left out of the fit")
         last = r.overopt[-1]
         parts += ["### Over-optimisation: proxy RM vs gold as KL grows", "",
                   f"![over-optimisation]({png.name})", "",
-                  f"R(d) = d(α − β log d), d = √KL, R = gold gain over the initial policy, fitted on {fit['n']} RL steps: "
+                  f"R(d) = d(α − β log d), d = √KL, R = gold gain over the initial policy (its first batch), "
+                  f"fitted on {fit['n']} RL steps: "
                   f"α = {fit['alpha']:.4f}, β = {fit['beta']:.4f}, R² = {fit['r2']:.3f}{peak}. "
                   f"Over the run: KL {r.overopt[0]['kl']:.2f} → {last['kl']:.2f} nats, proxy "
                   f"{r.overopt[0]['proxy']:.3f} → {last['proxy']:.3f}, gold {r.overopt[0]['gold']:.3f} → {last['gold']:.3f} "

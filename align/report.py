@@ -89,7 +89,7 @@ def write_report(out_dir, title: str, sections: Sequence[tuple[str, str]],
     return atomic_write_text(out / "report.md", "\n".join(parts))
 
 
-def plot_curves(history, keys, path, title=None) -> Path | None:
+def plot_curves(history, keys, path, title=None, xlabel: str = "step") -> Path | None:
     """One subplot per key (steps on x), saved as PNG atomically; keys without data are skipped.
 
     Uses matplotlib's object API with the Agg canvas rather than pyplot, so it needs no display
@@ -103,18 +103,22 @@ def plot_curves(history, keys, path, title=None) -> Path | None:
     if not present:
         logger.warning("plot_curves: none of %s in history; %s not written", keys, path)
         return None
-    fig = Figure(figsize=(5, 2.4 * len(present)), dpi=100)
+    from matplotlib.ticker import MaxNLocator
+
+    # constrained layout leaves room for the suptitle and each panel's offset text ("1e−9"), which tight_layout
+    # let touch the first panel and the panel above
+    fig = Figure(figsize=(5, 2.4 * len(present) + (0.3 if title else 0)), dpi=100, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(present), 1, squeeze=False)[:, 0]
     for ax, key in zip(axes, present):
         steps, values = zip(*history[key])
         ax.plot(steps, values, marker="." if len(steps) < 30 else None)
         ax.set_ylabel(key)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # steps, iterations, epochs: no 1.5 ticks
         ax.grid(alpha=0.3)
-    axes[-1].set_xlabel("step")
+    axes[-1].set_xlabel(xlabel)
     if title:
         fig.suptitle(title)
-    fig.tight_layout()
     buf = BytesIO()
     fig.savefig(buf, format="png")
     return atomic_write_bytes(path, buf.getvalue())

@@ -129,3 +129,39 @@ def normalizer_from_scores(scores: torch.Tensor) -> tuple[float, float]:
         raise ValueError("reward normalisation needs at least one finite score")
     std = scores.std(unbiased=False).item() if scores.numel() > 1 else 1.0
     return scores.mean().item(), std if std > 0 and math.isfinite(std) else 1.0
+
+
+HELD_OUT_LABELS = {"loss": "loss (Bradley-Terry, nats per pair)", "accuracy": "pairwise accuracy (ties half)",
+                   "ece": "ECE of σ(r_w − r_l) (10 bins)",
+                   "mean_abs_margin": "mean absolute margin r_w − r_l (reward units)", "n_pairs": "pairs"}
+
+
+def split_summary(train, held) -> str:
+    """"11 prompts (88 ranked groups, 528 pairs) for training, 1 prompt (8 groups, 48 pairs) held out": a record
+    (a pair or a ranking) is a group, and several groups may share a prompt, so both counts are given."""
+    def part(groups) -> str:
+        n_prompts = len({g.prompt for g in groups})
+        return (f"{n_prompts} prompt{'s' * (n_prompts != 1)} ({len(groups)} ranked group{'s' * (len(groups) != 1)}, "
+                f"{sum(len(g.pairs) for g in groups)} pairs)")
+    return f"{part(train)} for training, {part(held)} held out"
+
+
+def held_out_table(final: dict, history: dict | None = None, eval_fraction: float | None = None) -> str:
+    """The RM report's table of held-out metrics (`evaluate_pairs`), labelled; without a held-out set (eval_fraction
+    0, or too few prompts to split one off), a sentence saying so and the last logged training batch's loss and
+    accuracy instead of an empty table."""
+    if final:
+        rows = "\n".join(f"| {HELD_OUT_LABELS.get(k, k)} | {int(v) if k == 'n_pairs' else f'{v:.4f}'} |"
+                         for k, v in final.items())
+        return f"| held-out metric | value |\n|---|---:|\n{rows}"
+    why = f"eval_fraction={eval_fraction:g}" if eval_fraction is not None else "no held-out data"
+    text = f"No held-out pairs ({why}): the reward model was not evaluated on unseen prompts."
+    history = history or {}
+    rows = [(name, history[key][-1][1]) for name, key in (("loss (Bradley-Terry, nats per pair)", "rm/loss"),
+                                                           ("pairwise accuracy (ties half)", "rm/accuracy"))
+            if history.get(key)]
+    if rows:
+        text += (" The last logged training batch, which says little about generalisation:\n\n"
+                 "| training metric (last batch) | value |\n|---|---:|\n"
+                 + "\n".join(f"| {name} | {v:.4f} |" for name, v in rows))
+    return text

@@ -300,11 +300,11 @@ class RunLogger:
         self.close()
 
 
-def plot_curves(history, keys, path, title=None):
+def plot_curves(history, keys, path, title=None, xlabel: str = "step"):
     """See align.report.plot_curves (kept there with the other report writers)."""
     from align.report import plot_curves as _plot
 
-    return _plot(history, keys, path, title)
+    return _plot(history, keys, path, title, xlabel)
 
 
 # ---------------------------------------------------------------------------- misc

@@ -47,22 +47,25 @@ class Run:
         self.ckpt.save(step, write_fn, state)
         self.accelerator.wait_for_everyone()
 
-    def finish(self, title: str, sections: list[tuple[str, str]], plot_keys: list[str] = ()) -> Path | None:
-        """Curves PNG + report.md (main process). Adds wall time and peak RSS."""
+    def finish(self, title: str, sections: list[tuple[str, str]], plot_keys: list[str] = (),
+               xlabel: str = "step") -> Path | None:
+        """Curves PNG + report.md (main process). Adds wall time and peak RSS; says where the report is."""
         self.accelerator.wait_for_everyone()
         if not self.is_main:
             return None
         images = []
         if plot_keys:
-            png = plot_curves(self.logger.history, list(plot_keys), self.out / "curves.png", title=title)
+            png = plot_curves(self.logger.history, list(plot_keys), self.out / "curves.png", title=title, xlabel=xlabel)
             if png:
                 images.append(png)
         wall = time.perf_counter() - self.started
-        sections = list(sections) + [("Run", f"- wall time: {wall:.1f} s\n- peak RSS (rank 0): {peak_rss_mb():.0f} MB\n"
+        sections = list(sections) + [("Run", f"- wall time: {wall:.1f} s\n- peak RSS (rank 0): {peak_rss_mb():.0f} MiB\n"
                                              f"- processes: {self.accelerator.num_processes}\n"
                                              f"- config: `config.yaml`; metrics: `metrics.jsonl`, TensorBoard: `tb/`")]
         self.logger.close()
-        return write_report(self.out, title, sections, images)
+        report = write_report(self.out, title, sections, images)
+        log.info("%s: %s (%.1f s)", title, report, wall)  # the last line a run prints: where to look
+        return report
 
 
 def start_run(cfg, out, resume: bool, mixed_precision: str = "no", seed: int = 0, keep_checkpoints: int = 2) -> Run:

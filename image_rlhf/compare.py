@@ -109,6 +109,6 @@ def samples_markdown(arms, items, out_dir, n: int = 8) -> str:
         path = save_png(image_grid(torch.stack(imgs), nrow=len(imgs)), Path(out_dir) / "samples" / fname)
         lines.append(f"**{name}**\n\n![{name}](samples/{path.name})")
     if lines:
-        ids = ", ".join(it.id for it in items[:n])
-        lines.insert(0, f"First seed; columns are prompts {ids}.")
+        cols = "; ".join(f"{it.id}. `{it.plain}`" for it in items[:n])
+        lines.insert(0, f"First seed; columns, left to right (id and plain prompt): {cols}.")
     return "\n\n".join(lines)

@@ -374,7 +374,7 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
             run.checkpoint(epoch, write, {"tracker": tracker.state_dict()})
     bar.close()
-    return DDPOResult(_finish(run, cfg, parts, unet), unet)
+    return DDPOResult(_finish(run, cfg, parts, unet, grid_prompts), unet)
 
 
 def trainable_steps(scheduler, num_steps: int, eta: float, min_std_dev: float) -> torch.Tensor:
@@ -434,7 +434,7 @@ def _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run
     return torch.cat(scores).nanmean().item()
 
 
-def _finish(run, cfg, parts, unet) -> Path:
+def _finish(run, cfg, parts, unet, grid_prompts=()) -> Path:
     out = Path(run.out)
     if cfg.lora.r > 0:
         result = out / "lora"
@@ -465,6 +465,9 @@ def _finish(run, cfg, parts, unet) -> Path:
     grids = sorted((out / "grids").glob("epoch-*.png"))
     shown = [grids[0], grids[-1]] if len(grids) > 1 else grids
     grid_md = "\n\n".join(f"**{g.stem}**\n\n![{g.stem}](grids/{g.name})" for g in shown)
+    if grid_md and grid_prompts:  # the PNG carries no text: say which prompt each column is
+        grid_md = (f"Rows: seeds {list(cfg.grid_seeds)}; columns, left to right: "
+                   + "; ".join(f"{i + 1}. `{p}`" for i, p in enumerate(grid_prompts)) + ".\n\n" + grid_md)
     world = run.accelerator.num_processes
     body = (f"DDPO on `{cfg.pipeline}` against `{cfg.reward}`: {cfg.epochs} epochs of "
             f"{cfg.sample_batch_size * cfg.num_batches_per_epoch * world} images, {cfg.num_steps} DDIM steps "
@@ -478,5 +481,5 @@ def _finish(run, cfg, parts, unet) -> Path:
             f"Result: `{result}`" + (" (`StableDiffusionPipeline.load_lora_weights`)." if cfg.lora.r > 0 else "."))
     run.finish("DDPO report", [("Summary", body), ("Samples (rows: seeds, columns: prompts)", grid_md or "none")],
                ["reward/mean", "grid/reward", "monitor/mean", "kl/ref", "policy/approx_kl", "policy/clipfrac",
-                "policy/kl_ref"])
+                "policy/kl_ref"], xlabel="epoch")
     return result

@@ -18,8 +18,8 @@ from typing import Optional
 
 import torch
 
-from align.data import DataError, batch_groups, count_pairs, load_preferences, read_jsonl
-from align.reward import PairBatch, batch_loss, evaluate_pairs
+from align.data import DataError, batch_groups, load_preferences, read_jsonl
+from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, split_summary
 from align.runner import progress
 from align.session import rng_state, set_rng_state, start_run
 from image_rlhf.clip_reward import ClipReward
@@ -70,13 +70,19 @@ class ImageRMConfig:
 
 def decode_image(path, size: tuple[int, int]) -> torch.Tensor:
     """(3, H, W) uint8: PIL -> RGB -> shortest side to size (bicubic) -> centre crop, as open_clip.
-    16-bit greyscale (PIL modes I;16*, I) is scaled to 8 bits first: PIL's convert clips it to white."""
+    16-bit greyscale (PIL modes I;16*, I) is scaled to 8 bits first: PIL's convert clips it to white.
+    Transparency (RGBA, LA, PA, a palette or RGB with a transparent colour) is composited onto white, as
+    transformers' CLIPImageProcessor (PickScore's) does and as a viewer shows it: PIL's convert("RGB") would drop
+    alpha and keep whatever colour the transparent pixels store (often black)."""
     import numpy as np
     from PIL import Image
 
     with Image.open(path) as im:
         if im.mode.startswith("I"):
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        if "A" in im.getbands() or "transparency" in im.info:
+            rgba = im.convert("RGBA")
+            im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
         im = im.convert("RGB")
     (th, tw), (w, h) = size, im.size
     scale = max(th / h, tw / w)
@@ -203,8 +209,7 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
     if run.resume_dir:
         optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
-    log.info("image rm (%s, %s): %d train prompts (%d pairs), %d held-out prompts (%d pairs), %d images; "
-             "%d steps", cfg.mode, cfg.clip, len(train), count_pairs(train), len(held), count_pairs(held),
+    log.info("image rm (%s, %s): %s, %d images; %d steps", cfg.mode, cfg.clip, split_summary(train, held),
              len(store.where), total_steps)
     score_fn = ImageScorer(model, store, acc.device, acc.autocast)
     eval_score_fn = ImageScorer(reward, store, acc.device, acc.autocast)
@@ -261,14 +266,12 @@ def _finish(run, cfg, reward: ClipReward, train, held, score_fn) -> Path:
         log.warning("image rm: no held-out pairs (eval_fraction=%s); nothing to report", cfg.eval_fraction)
     if run.is_main:
         reward.save(out / "model", extra={"held_out": final})
-    rows = "\n".join(f"| {k} | {int(v) if k == 'n_pairs' else f'{v:.4f}'} |" for k, v in final.items())
+    table = held_out_table(final, run.logger.history, None if cfg.eval_data else cfg.eval_fraction)
     scale = f" Learned logit scale s = {reward.logit_scale:.2f}." if cfg.mode == "pickscore" else ""
-    body = (f"Trained a CLIP reward ({cfg.mode}) from `{cfg.clip}` on `{cfg.data}`: {len(train)} prompts / "
-            f"{count_pairs(train)} pairs for training, {len(held)} prompts / {count_pairs(held)} pairs held out "
-            f"(ties get half credit in accuracy).{scale}\n\n"
-            f"| held-out metric | value |\n|---|---|\n{rows}\n\n"
+    body = (f"Trained a CLIP reward ({cfg.mode}) from `{cfg.clip}` on `{cfg.data}`: {split_summary(train, held)} "
+            f"(ties get half credit in accuracy).{scale}\n\n{table}\n\n"
             f"The model is in `{out / 'model'}` (open_clip local-dir layout + align_reward.json); load it with "
             f"`ClipReward.load(path)` or as a DDPO reward with `load_reward(path)`.")
     run.finish("Image reward model report", [("Summary", body)],
-               ["rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_loss", "rm/logit_scale"])
+               ["rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_loss", "rm/logit_scale"], xlabel="optimiser step")
     return out / "model"

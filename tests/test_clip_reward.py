@@ -150,13 +150,30 @@ def test_decode_image_modes_and_sizes(tmp_path):
     grey16 = np.full((20, 30), 32896, dtype=np.uint16)  # 128 · 257
     Image.fromarray(grey16).save(tmp_path / "g16.png")
     Image.new("L", (30, 20), 128).save(tmp_path / "l.png")
-    Image.new("RGBA", (20, 40), (128, 128, 128, 0)).save(tmp_path / "rgba.png")
+    Image.new("RGBA", (20, 40), (128, 128, 128, 255)).save(tmp_path / "rgba.png")
     Image.new("RGB", (16, 16), (128, 128, 128)).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "p.png")
     Image.new("RGB", (64, 48), (128, 128, 128)).save(tmp_path / "c.jpg", quality=95)
     for name in ("g16.png", "l.png", "rgba.png", "p.png", "c.jpg"):
         x = decode_image(tmp_path / name, (8, 8))
         assert x.shape == (3, 8, 8) and x.dtype == torch.uint8, name
         assert (x.int() - 128).abs().max() <= 1, (name, x.float().mean())
+
+
+def test_decode_image_composites_transparency_onto_white(tmp_path):
+    """Alpha is not dropped: a transparent pixel is white whatever colour it stores (as transformers'
+    CLIPImageProcessor and an image viewer have it), a half-transparent one is blended with white."""
+    from image_rlhf.rm import decode_image
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(tmp_path / "clear.png")            # transparent "black"
+    Image.new("RGBA", (8, 8), (255, 0, 0, 128)).save(tmp_path / "half.png")         # half-transparent red
+    Image.new("LA", (8, 8), (0, 0)).save(tmp_path / "la.png")
+    p = Image.new("P", (8, 8), 0)
+    p.putpalette([0, 0, 0] * 256)
+    p.info["transparency"] = 0
+    p.save(tmp_path / "p.png", transparency=0)                                       # palette, transparent index
+    for name in ("clear.png", "la.png", "p.png"):
+        assert (decode_image(tmp_path / name, (8, 8)) == 255).all(), name
+    half = decode_image(tmp_path / "half.png", (8, 8)).int()
+    assert (half[0] == 255).all() and ((half[1:] - 127).abs() <= 1).all(), half[:, 0, 0]
 
 
 # make_colour_prefs writes a ranking on line 1 (img/0-2.png) and a chosen/rejected pair on line 2.

@@ -96,3 +96,65 @@ def test_headline_and_report(tmp_path):
     assert "FAIL" in text and "![g](text/grid.png)" in text and "overopt_text.png" in text
     assert (tmp_path / "overopt_text.png").stat().st_size > 1000
     assert "75.0%" in summary([good], 1.0)
+
+
+def _drawn_figures(monkeypatch):
+    """The matplotlib Figures saved while the test runs (the plot writers return only a path)."""
+    from matplotlib.figure import Figure
+    seen, save = [], Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda self, *a, **k: (seen.append(self), save(self, *a, **k))[1])
+    return seen
+
+
+def test_overopt_legend_and_title_leave_the_data_alone(tmp_path, monkeypatch):
+    """The legend covered the proxy points (loc="best" sees only the gold axis); now it is under the axes."""
+    from align.demo import plot_overopt
+    figs = _drawn_figures(monkeypatch)
+    kl = np.concatenate([[0.0], np.linspace(0.02, 9, 40)])
+    d = np.sqrt(kl)
+    rows = [{"kl": float(k), "gold": float(0.5 + x * (0.08 - 0.05 * np.log(max(x, 1e-9)))), "proxy": float(0.1 + 0.3 * x)}
+            for k, x in zip(kl, d)]
+    fit = fit_gao(kl, [r["gold"] for r in rows])
+    assert plot_overopt(rows, fit, tmp_path / "o.png", "text: proxy RM vs gold").read_bytes()[:4] == b"\x89PNG"
+    fig = figs[-1]
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    legend = (fig.legends or [a.get_legend() for a in fig.axes if a.get_legend()])[0].get_window_extent(r)
+    for ax in fig.axes:
+        assert not legend.overlaps(ax.get_window_extent(r))
+
+
+def test_curves_title_clears_the_first_panel(tmp_path, monkeypatch):
+    from align.report import plot_curves
+    figs = _drawn_figures(monkeypatch)
+    history = {"a": [(1, 1e-9), (2, -5e-9), (3, 2e-9)], "b": [(0, 1.0), (2, 2.0), (4, 3.0)]}
+    plot_curves(history, ["a", "b"], tmp_path / "c.png", title="PPO report", xlabel="iteration")
+    fig = figs[-1]
+    fig.canvas.draw()
+    r = fig.canvas.get_renderer()
+    top = fig.axes[0].get_tightbbox(r)  # the panel with its tick labels and its offset text (1e−9)
+    assert fig._suptitle.get_window_extent(r).y0 >= top.y1
+    assert fig.axes[0].get_window_extent(r).y0 > fig.axes[1].get_tightbbox(r).y1  # panels do not overlap
+    assert all(float(t).is_integer() for t in fig.axes[1].get_xticks())
+    assert fig.axes[-1].get_xlabel() == "iteration"
+
+
+def test_report_reads_no_peak_off_a_poor_gao_fit(tmp_path):
+    """A fit with R² ≈ 0 (per-batch gold noise) named a peak "at KL 0.0 nats"; now it says the fit explains little,
+    and steps whose batch KL estimate is ≤ 0 are counted as left out."""
+    n = 8
+    r = _result({"base-plain": [0.0] * n, "base-engineered": [0.5] * n, "aligned-plain": [1.0] * n,
+                 "aligned-engineered": [1.0] * n}, tmp_path)
+    gold = [0.15, 0.24, 0.17, 0.19, 0.30, 0.16, 0.23, 0.18, 0.29, 0.17]
+    r.overopt = [{"step": i, "kl": [0, -0.01, 0.02, 0.0, 0.03, 0.05, 0.04, 0.06, 0.08, 0.09][i], "proxy": 0.0,
+                  "gold": g} for i, g in enumerate(gold)]
+    text = write_demo_report([r], tmp_path, 1.0).read_text()
+    assert "explains little" in text and "peaks at" not in text
+    assert "2 later step(s) had a batch KL estimate ≤ 0" in text
+    good = _result({"base-plain": [0.0] * n, "base-engineered": [0.5] * n, "aligned-plain": [1.0] * n,
+                    "aligned-engineered": [1.0] * n}, tmp_path)
+    d = np.linspace(0, 3, 12)
+    good.overopt = [{"step": i, "kl": float(x * x), "proxy": 0.0, "gold": float(x * (0.3 - 0.2 * math.log(max(x, 1e-9))))}
+                    for i, x in enumerate(d)]
+    text = write_demo_report([good], tmp_path, 1.0).read_text()
+    assert f"peaks at d = {math.exp(0.3 / 0.2 - 1):.3g}" in text

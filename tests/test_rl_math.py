@@ -88,6 +88,19 @@ def test_clipped_surrogate_by_hand():
     assert loss_m.item() == pytest.approx((-1.2 + 1.5) / 2)
 
 
+def test_approx_kl_is_nonnegative_and_exact_for_tiny_ratios():
+    """k3 = (r − 1) − log r ≥ 0: at DDPO's clip ranges (|log r| ~ 1e-4) float32 must not round it to noise or below 0."""
+    torch.manual_seed(0)
+    old = torch.randn(4096) * 3
+    for scale in (1e-6, 1e-4, 1e-2, 0.3):
+        new = old + torch.randn(4096) * scale                                      # float32, as DDPO's log-probs
+        _, stats = clipped_surrogate(new, old, torch.ones(4096), 1e-4)
+        lr = (new - old).double()
+        exact = (torch.expm1(lr) - lr).mean().item()
+        assert stats["approx_kl"].item() >= 0
+        assert stats["approx_kl"].item() == pytest.approx(exact, rel=1e-4), scale
+
+
 def test_clipped_value_loss_by_hand():
     old = torch.tensor([0.0, 0.0])
     values = torch.tensor([1.0, 0.1])

@@ -241,3 +241,44 @@ def test_lora_with_bf16_keeps_the_frozen_base_in_bf16_and_trains_float32(tiny_gp
     frozen = {p.dtype for p in result.policy.parameters() if not p.requires_grad}
     assert trained == {torch.float32} and frozen == {torch.bfloat16}
     assert all(torch.isfinite(torch.tensor(r["env/raw_score"])) for r in metrics(tmp_path / "ppo"))
+
+
+def test_ppo_resume_keeps_one_copy_of_each_iterations_samples(tiny_gpt2, data, tmp_path):
+    """A run stopped after its checkpoint at 2 but past iteration 2 redoes iteration 3 on --resume: samples.jsonl
+    (and the report's samples) hold iteration 3 once, as metrics.jsonl does."""
+    import shutil
+    args = ["iterations=3", "batch_size=8", "ppo.mini_batch_size=8", "max_new_tokens=6", "save_every=2", "log_samples=2"]
+    cfg = load_config(PPOConfig, None, args, policy=tiny_gpt2, reward="rewards:vowels", prompts=data["prompts"],
+                      out=str(tmp_path / "ppo"))
+    run_ppo(cfg)
+    ckpts = tmp_path / "ppo" / "checkpoints"
+    shutil.rmtree(ckpts / "step-00000003")  # as if it had crashed while writing the last checkpoint
+    (ckpts / "latest").unlink()
+    run_ppo(cfg, resume=True)
+    iterations = [json.loads(l)["iteration"] for l in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert iterations == [1, 1, 2, 2, 3, 3]
+    assert [r["step"] for r in metrics(tmp_path / "ppo")] == [1, 2, 3]
+    report = (tmp_path / "ppo" / "report.md").read_text()
+    assert report.count("- it 3,") == 2
+
+
+def test_rm_report_counts_prompts_and_says_when_nothing_is_held_out(tiny_gpt2, data, tmp_path):
+    """eval_fraction=0: no empty held-out table; the split counts prompts and ranked groups apart."""
+    prefs = write_jsonl(tmp_path / "prefs.jsonl", [{"prompt": "same prompt", "chosen": f"{w} good", "rejected": f"{w} bad"}
+                                                   for w in WORDS])
+    cfg = load_config(RMConfig, None, ["epochs=1", "eval_fraction=0"], model=tiny_gpt2, data=prefs,
+                      out=str(tmp_path / "rm"))
+    run_rm(cfg)
+    report = (tmp_path / "rm" / "report.md").read_text()
+    assert "1 prompt (12 ranked groups, 12 pairs) for training, 0 prompts (0 ranked groups, 0 pairs) held out" in report
+    assert "No held-out pairs (eval_fraction=0)" in report and "| held-out metric |" not in report
+    assert "| pairwise accuracy (ties half) |" in report  # the last training batch's, labelled as such
+
+
+def test_sft_without_held_out_set(tiny_gpt2, data, tmp_path):
+    """eval_fraction=0 trained nothing: encoding the empty held-out list raised IndexError (a traceback)."""
+    cfg = load_config(SFTConfig, None, ["epochs=1", "batch_size=8", "eval_fraction=0"], model=tiny_gpt2,
+                      data=data["demos"], out=str(tmp_path / "sft"))
+    run_sft(cfg)
+    report = (tmp_path / "sft" / "report.md").read_text()
+    assert "no held-out demonstrations (eval_fraction=0)" in report and "| train loss" in report

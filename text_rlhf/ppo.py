@@ -27,7 +27,7 @@ from align.reward import normalizer_from_scores
 from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_loss, gae, kl_estimate,
                       make_kl_controller, masked_whiten)
 from align.rl.config import LoraParams, PPOParams
-from align.runner import progress
+from align.runner import atomic_write_text, progress
 from align.session import adamw, gather_strings, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_prompts, fuse_activations,
                               load_causal_lm, load_seq_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
@@ -230,6 +230,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
 
     samples_path = run.out / "samples.jsonl"
     it = run.start_step
+    if run.is_main:  # as metrics.jsonl: keep what the checkpoint covers (a resumed run redoes the rest), else start afresh
+        _truncate_samples(samples_path, it)
     bar = progress(total=cfg.iterations, desc="ppo", is_main=run.is_main)
     bar.update(it)
     while it < cfg.iterations:
@@ -409,6 +411,30 @@ def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, ad
     return out
 
 
+def _code(text: str) -> str:
+    """Markdown inline code of any text: control characters escaped (a newline or tab would break the list item), and a
+    code span of two backticks when the text holds one (a single one would end the span there)."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    return f"`` {text} ``" if "`" in text else f"`{text}`"
+
+
+def _truncate_samples(path: Path, last_iteration: int) -> None:
+    """Drop the samples of iterations after `last_iteration` (0: all of them): on --resume the iterations after the
+    checkpoint are run again and append their samples anew."""
+    import json
+    if not path.exists():
+        return
+    keep = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:  # a line cut short by a crash
+            continue
+        if isinstance(row, dict) and row.get("iteration", last_iteration + 1) <= last_iteration:
+            keep.append(line + "\n")
+    atomic_write_text(path, "".join(keep))
+
+
 def _append_samples(path: Path, it: int, prompts, texts, scores, n: int) -> None:
     import json
     with open(path, "a") as f:
@@ -431,12 +457,15 @@ def _finish(run, cfg, policy, tok, shift) -> Path:
             return "n/a", "n/a"
         k = max(1, len(h[key]) // 10)  # mean of the first and last tenth of the run
         a, b = [v for _, v in h[key][:k]], [v for _, v in h[key][-k:]]
-        return f"{sum(a) / len(a):.4f}", f"{sum(b) / len(b):.4f}"
+        return f"{sum(a) / len(a):.4g}", f"{sum(b) / len(b):.4g}"
 
+    n_logged = len(h.get("env/raw_score", []))
+    k = max(1, n_logged // 10)
+    span = "iteration" if k == 1 else f"{k} iterations"
     rows = "\n".join(f"| {name} | {first_last(key)[0]} | {first_last(key)[1]} |" for name, key in [
         ("RM score (raw)", "env/raw_score"), ("KL[π‖π_ref] per response (nats)", "objective/kl"), ("β", "objective/kl_coef"),
-        ("response length", "env/response_length"), ("ended with EOS", "env/ended_with_eos"),
-        ("clip fraction", "policy/clipfrac"), ("approx KL per update", "policy/approx_kl"),
+        ("response length (tokens)", "env/response_length"), ("share ended with EOS", "env/ended_with_eos"),
+        ("clip fraction", "policy/clipfrac"), ("approx KL[π_old‖π] per token, per update (nats)", "policy/approx_kl"),
         ("samples/s", "time/samples_per_s")] + ([(f"monitor: {cfg.monitor}", "monitor/mean")] if cfg.monitor else []))
     samples = ""
     sp = run.out / "samples.jsonl"
@@ -445,13 +474,14 @@ def _finish(run, cfg, policy, tok, shift) -> Path:
         lines = [json.loads(l) for l in sp.read_text().splitlines() if l.strip()]
         first_it, last_it = lines[0]["iteration"], lines[-1]["iteration"]
         pick = [l for l in lines if l["iteration"] in (first_it, last_it)]
-        samples = "\n".join(f"- it {l['iteration']}, score {l['score']:.3f}: `{l['prompt'][:60]}` → `{l['response'][:80]}`"
-                            for l in pick)
+        samples = "\n".join(f"- it {l['iteration']}, score {l['score']:.3f}: {_code(l['prompt'][:60])} → "
+                            f"{_code(l['response'][:80])}" for l in pick)
     body = (f"PPO on `{cfg.policy}` against `{cfg.reward}` for {cfg.iterations} iterations of "
             f"{cfg.batch_size * run.accelerator.num_processes} samples. Reward shift (reference mean): "
-            f"{f'{shift:.4f}' if shift is not None else 'none'}.\n\n| metric | first 10% | last 10% |\n|---|---|---|\n{rows}\n\n"
+            f"{f'{shift:.4f}' if shift is not None else 'none'}. Means over the first and the last {span} of {n_logged} "
+            f"(a tenth of the run, at least one).\n\n| metric | first {span} | last {span} |\n|---|---:|---:|\n{rows}\n\n"
             f"Policy: `{out / 'model'}` (save_pretrained; LoRA adapter in `model/adapter` when used).")
     run.finish("PPO report", [("Summary", body), ("Samples (first and last iteration)", samples or "none logged")],
                ["env/raw_score", *(["monitor/mean"] if cfg.monitor else []), "objective/kl", "objective/kl_coef",
-                "policy/clipfrac", "policy/approx_kl", "env/response_length"])
+                "policy/clipfrac", "policy/approx_kl", "env/response_length"], xlabel="iteration")
     return out / "model"

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from align.data import batch_groups, count_pairs, load_hf_preferences, load_preferences
-from align.reward import PairBatch, batch_loss, evaluate_pairs
+from align.data import batch_groups, load_hf_preferences, load_preferences
+from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, split_summary
 from align.rl.config import LoraParams
 from align.runner import progress
 from align.session import adamw, rng_state, set_rng_state, start_run
@@ -114,8 +114,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
             from safetensors.torch import load_file
             set_peft_model_state_dict(acc.unwrap_model(scorer).model,
                                       load_file(str(run.resume_dir / "model" / "adapter" / "adapter_model.safetensors")))
-    log.info("rm: %d train prompts (%d pairs), %d held-out prompts (%d pairs); %d steps",
-             len(train), count_pairs(train), len(held), count_pairs(held), total_steps)
+    log.info("rm: %s; %d steps", split_summary(train, held), total_steps)
     score_fn = TextScorer(scorer, tok, cfg.max_length, acc.device, acc.autocast)
     eval_score_fn = TextScorer(acc.unwrap_model(scorer), tok, cfg.max_length, acc.device, acc.autocast)
 
@@ -178,13 +177,13 @@ def _finish(run, cfg, scorer, tok, train, held, score_fn) -> Path:
     if run.is_main:
         save_hf(scorer.model, tok, out / "model")
         (out / "model" / "align.json").write_text(json.dumps({"kind": "text_reward_model", "held_out": final}, indent=1))
-    rows = "\n".join(f"| {k} | {v:.4f} |" for k, v in final.items())
-    body = (f"Trained a pairwise reward model from `{cfg.model}` on `{cfg.data}`: {len(train)} prompts / "
-            f"{count_pairs(train)} pairs for training, {len(held)} prompts / {count_pairs(held)} pairs held out "
-            f"(ties get half credit in accuracy).\n\n| held-out metric | value |\n|---|---|\n{rows}\n\n"
+    table = held_out_table(final, run.logger.history, None if cfg.eval_data else cfg.eval_fraction)
+    body = (f"Trained a pairwise reward model from `{cfg.model}` on `{cfg.data}`: {split_summary(train, held)} "
+            f"(ties get half credit in accuracy).\n\n{table}\n\n"
             f"The model is in `{out / 'model'}` (AutoModelForSequenceClassification layout; align reads the score at the "
             f"last real token, the EOS, by the attention mask: score it with `text_rlhf.models.SequenceScorer` or "
             f"`align compare --judge`, since transformers' own forward pools at the last non-pad id, the token "
             f"before EOS where pad == EOS). PPO shifts it so the reference policy's mean score is 0.")
-    run.finish("Reward model report", [("Summary", body)], ["rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_loss"])
+    run.finish("Reward model report", [("Summary", body)], ["rm/loss", "rm/accuracy", "rm/eval_accuracy", "rm/eval_loss"],
+               xlabel="optimiser step")
     return out / "model"

@@ -59,6 +59,8 @@ class SFTConfig:
 def encode_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per record; labels −100 on the prompt. Records whose response is cut
     away entirely by max_length are an error (naming the record), not silently dropped."""
+    if not records:  # eval_fraction=0: fast tokenizers raise IndexError on an empty batch
+        return []
     p_ids = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
     r_ids = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
     out = []
@@ -200,12 +202,14 @@ def _finish(run, cfg, model, tok, eval_set, n_train, total_steps) -> Path:
     rows = []
     if "sft/eval_loss" in hist:
         first, last = hist["sft/eval_loss"][0][1], hist["sft/eval_loss"][-1][1]
-        rows.append(f"| held-out loss (before → after) | {first:.4f} → {last:.4f} |")
+        rows.append(f"| held-out loss, nats per response token (before → after) | {first:.4f} → {last:.4f} |")
         rows.append(f"| held-out perplexity (last) | {math.exp(min(last, 50)):.2f} |")
+    else:
+        rows.append(f"| held-out loss | none: no held-out demonstrations (eval_fraction={cfg.eval_fraction:g}) |")
     if "sft/loss" in hist:
-        rows.append(f"| train loss (last logged) | {hist['sft/loss'][-1][1]:.4f} |")
+        rows.append(f"| train loss (last logged step, nats per response token) | {hist['sft/loss'][-1][1]:.4f} |")
     body = (f"Fine-tuned `{cfg.model}` on `{cfg.data}`: {n_train} train / {len(eval_set)} held-out demonstrations, "
             f"{total_steps} optimiser steps, LoRA r={cfg.lora.r}.\n\n| metric | value |\n|---|---|\n" + "\n".join(rows) +
             f"\n\nThe model is in `{out / 'model'}` (save_pretrained layout; `align text ppo --policy {out / 'model'}`).")
-    run.finish("SFT report", [("Summary", body)], ["sft/loss", "sft/eval_loss", "sft/lr"])
+    run.finish("SFT report", [("Summary", body)], ["sft/loss", "sft/eval_loss", "sft/lr"], xlabel="optimiser step")
     return out / "model"
