@@ -148,8 +148,8 @@ def split_summary(train, held) -> str:
 
 def held_out_table(final: dict, history: dict | None = None, eval_fraction: float | None = None) -> str:
     """The RM report's table of held-out metrics (`evaluate_pairs`), labelled; without a held-out set (eval_fraction
-    0, or too few prompts to split one off), a sentence saying so and the last logged training batch's loss and
-    accuracy instead of an empty table."""
+    0, or too few prompts to split one off), a sentence saying so and the training loss and accuracy of the last
+    logging window instead of an empty table."""
     if final:
         rows = "\n".join(f"| {HELD_OUT_LABELS.get(k, k)} | {int(v) if k == 'n_pairs' else f'{v:.4f}'} |"
                          for k, v in final.items())
@@ -161,7 +161,7 @@ def held_out_table(final: dict, history: dict | None = None, eval_fraction: floa
                                                            ("pairwise accuracy (ties half)", "rm/accuracy"))
             if history.get(key)]
     if rows:
-        text += (" The last logged training batch, which says little about generalisation:\n\n"
-                 "| training metric (last batch) | value |\n|---|---:|\n"
+        text += (" Training batches of the last logging window, which say little about generalisation:\n\n"
+                 "| training metric (last log_every steps) | value |\n|---|---:|\n"
                  + "\n".join(f"| {name} | {v:.4f} |" for name, v in rows))
     return text

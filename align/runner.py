@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "seed_everything", "atomic_write_text", "atomic_write_bytes", "atomic_write_json",
-    "CheckpointManager", "RunDirError", "prepare_out_dir", "RunLogger", "plot_curves",
+    "CheckpointManager", "RunDirError", "prepare_out_dir", "RunLogger", "WindowMean", "plot_curves",
     "progress", "make_accelerator", "peak_rss_mb",
 ]
 
@@ -220,6 +220,25 @@ def _to_float(key: str, value: Any) -> float:
         return float(value.item() if hasattr(value, "item") else value)
     except (TypeError, ValueError) as err:
         raise TypeError(f"metric '{key}' must be a number, got {type(value).__name__}") from err
+
+
+class WindowMean:
+    """Means of per-step metrics over the logging window (the steps since the last `pop`), as transformers'
+    Trainer logs `loss`: a curve of the last batch alone shows the batch's noise, not the training."""
+
+    def __init__(self):
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, metrics: dict) -> None:
+        for k, v in metrics.items():
+            self.sums[k] = self.sums.get(k, 0.0) + _to_float(k, v)
+        self.n += 1
+
+    def pop(self) -> dict[str, float]:
+        out = {k: v / self.n for k, v in self.sums.items()}
+        self.sums, self.n = {}, 0
+        return out
 
 
 class RunLogger:

@@ -20,7 +20,7 @@ import torch
 
 from align.data import DataError, batch_groups, load_preferences, read_jsonl
 from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, split_summary
-from align.runner import progress
+from align.runner import WindowMean, progress
 from align.session import rng_state, set_rng_state, start_run
 from image_rlhf.clip_reward import ClipReward
 
@@ -226,6 +226,7 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
         return {f"rm/eval_{k}": v for k, v in m.items() if k != "n_pairs"}
 
     step = run.start_step
+    window = WindowMean()
     bar = progress(total=total_steps, desc="image rm", is_main=run.is_main)
     bar.update(step)
     model.train()
@@ -243,9 +244,9 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
             reward.clamp_logit_scale()  # 0 ≤ logit_scale ≤ ln 100, as open_clip's training loop
             step += 1
             bar.update(1)
+            window.add({"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
             if step % cfg.log_every == 0 or step == total_steps:
-                run.log(step, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"],
-                               "rm/logit_scale": reward.logit_scale})
+                run.log(step, {**window.pop(), "rm/logit_scale": reward.logit_scale})
             if (cfg.save_every and step % cfg.save_every == 0) or step % batches_per_epoch == 0 or step == total_steps:
                 if held:
                     run.log(step, held_out())

@@ -1,7 +1,6 @@
 """Run infrastructure: config merging and errors, atomic checkpoints, run folders, metrics, reports."""
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -10,7 +9,7 @@ import pytest
 
 from align.config import ConfigError, config_dict, import_function, load_config, save_config
 from align.report import markdown_table, write_report
-from align.runner import (CheckpointManager, RunDirError, RunLogger, atomic_write_json,
+from align.runner import (CheckpointManager, RunDirError, RunLogger, WindowMean, atomic_write_json,
                           atomic_write_text, peak_rss_mb, plot_curves, prepare_out_dir,
                           progress, seed_everything)
 
@@ -247,6 +246,18 @@ def test_run_logger_non_main_is_noop(tmp_path):
     log.log(1, {"x": 1.0})
     log.close()
     assert log.history == {} and not (tmp_path / "r").exists()
+
+
+def test_window_mean_is_the_mean_since_the_last_pop():
+    import torch
+    w = WindowMean()
+    for loss, acc in ((0.9, 0.25), (0.5, 1.0), (torch.tensor(0.1), 0.5)):
+        w.add({"loss": loss, "acc": acc})
+    assert w.pop() == pytest.approx({"loss": 0.5, "acc": 1.75 / 3})
+    w.add({"loss": 2.0})
+    assert w.pop() == {"loss": 2.0}  # a fresh window
+    with pytest.raises(TypeError, match="metric 'loss' must be a number"):
+        w.add({"loss": "high"})
 
 
 def test_plot_curves_png(tmp_path):

@@ -18,7 +18,7 @@ import torch
 from align.data import batch_groups, load_hf_preferences, load_preferences
 from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, split_summary
 from align.rl.config import LoraParams
-from align.runner import progress
+from align.runner import WindowMean, progress
 from align.session import adamw, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, load_seq_scorer,
                               load_tokenizer, pad_batch, save_hf)
@@ -130,6 +130,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         return {f"rm/eval_{k}": v for k, v in m.items() if k != "n_pairs"}
 
     step = run.start_step
+    window = WindowMean()
     bar = progress(total=total_steps, desc="rm", is_main=run.is_main)
     bar.update(step)
     scorer.train()
@@ -142,8 +143,9 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         optimizer.step(), optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         done = step + 1
+        window.add({"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
         if done % cfg.log_every == 0 or done == total_steps:
-            run.log(done, {"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
+            run.log(done, window.pop())
         epoch_end = done == total_steps or schedule[done][0] != epoch
         if (cfg.save_every and done % cfg.save_every == 0) or epoch_end:
             if held:

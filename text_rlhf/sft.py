@@ -15,7 +15,7 @@ import torch
 
 from align.data import load_sft
 from align.rl.config import LoraParams
-from align.runner import progress
+from align.runner import WindowMean, progress
 from align.session import adamw, rng_state, set_rng_state, start_run
 from text_rlhf.models import (apply_lora, enable_checkpointing, load_causal_lm, load_tokenizer, pad_batch,
                               position_ids_from_mask, save_hf)
@@ -129,6 +129,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     if step == 0 and eval_set:  # the starting point, so the report shows what SFT changed
         run.log(0, {"sft/eval_loss": evaluate(model, eval_set, tok, micro, acc)})
     model.train()
+    window = WindowMean()
     bar = progress(total=total_steps, desc="sft", is_main=run.is_main)
     bar.update(step)
     while step < total_steps:
@@ -153,9 +154,9 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
             bar.update(1)
             if not math.isfinite(sum(losses)):
                 raise FloatingPointError(f"sft: loss is not finite at step {step}; lower lr (now {cfg.lr})")
+            window.add({"sft/loss": sum(losses) / max(1, len(losses)), "sft/grad_norm": float(grad_norm)})
             if step % cfg.log_every == 0 or step == total_steps:
-                run.log(step, {"sft/loss": sum(losses) / max(1, len(losses)), "sft/lr": scheduler.get_last_lr()[0],
-                               "sft/grad_norm": float(grad_norm)})
+                run.log(step, {**window.pop(), "sft/lr": scheduler.get_last_lr()[0]})
             if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0 or step == total_steps:
                 if eval_set:
                     run.log(step, {"sft/eval_loss": evaluate(model, eval_set, tok, micro, acc)})
@@ -207,7 +208,7 @@ def _finish(run, cfg, model, tok, eval_set, n_train, total_steps) -> Path:
     else:
         rows.append(f"| held-out loss | none: no held-out demonstrations (eval_fraction={cfg.eval_fraction:g}) |")
     if "sft/loss" in hist:
-        rows.append(f"| train loss (last logged step, nats per response token) | {hist['sft/loss'][-1][1]:.4f} |")
+        rows.append(f"| train loss (mean over the last log_every steps, nats per response token) | {hist['sft/loss'][-1][1]:.4f} |")
     body = (f"Fine-tuned `{cfg.model}` on `{cfg.data}`: {n_train} train / {len(eval_set)} held-out demonstrations, "
             f"{total_steps} optimiser steps, LoRA r={cfg.lora.r}.\n\n| metric | value |\n|---|---|\n" + "\n".join(rows) +
             f"\n\nThe model is in `{out / 'model'}` (save_pretrained layout; `align text ppo --policy {out / 'model'}`).")
