@@ -156,12 +156,15 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unexpected overrides: {' '.join(extra)}")
     args.overrides = list(getattr(args, "overrides", [])) + extra
     setup_logging(args.verbose)
+    if getattr(args, "threads", None) is not None and args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     if getattr(args, "threads", None):
         import torch
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:  # user errors: one clear line, no traceback
+    except (ValueError, OSError, FloatingPointError) as e:  # user errors (a folder given as a file, a full disk, ...):
+        # one clear line, no traceback
         if args.verbose:
             raise
         logging.getLogger("align").error("%s", e)

@@ -150,6 +150,10 @@ def load_config(cls, config_path=None, overrides: Iterable[str] = (), section: s
             if section is None or section not in loaded.stages:
                 raise ConfigError(f"{source}: no 'stages.{section}' block (has: {', '.join(loaded.stages.keys())})")
             loaded, source = loaded.stages[section], f"{source} (stages.{section})"
+            if loaded is None:  # a block whose keys are all commented out
+                loaded = OmegaConf.create({})
+            if not isinstance(loaded, DictConfig):
+                raise ConfigError(f"{source}: expected a mapping of keys, got {type(loaded).__name__}")
         _check_string_bools(cfg, loaded, source)
         cfg = _merge(cfg, loaded, source)
 

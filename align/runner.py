@@ -197,6 +197,8 @@ def prepare_out_dir(out_dir, resume: bool, is_main: bool = True) -> Path:
     started writing metrics there.
     """
     out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise RunDirError(f"--out {out} is a file, not a folder: choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     if not is_main:
         return out

@@ -68,7 +68,38 @@ class Run:
         return report
 
 
+def check_resume_config(cfg, out) -> None:
+    """--resume into `out`: its config.yaml must be of the same command (the same keys) — a folder of another
+    command would have its config.yaml overwritten and its checkpoint misread. Changed values are logged."""
+    from omegaconf import OmegaConf
+
+    from align.config import config_dict
+    from align.runner import RunDirError
+    path = Path(out) / "config.yaml"
+    if not path.is_file():
+        return
+    try:
+        old = OmegaConf.to_container(OmegaConf.load(path))
+    except Exception:  # unreadable: nothing to compare with
+        return
+    new = config_dict(cfg)
+    if not isinstance(old, dict):
+        return
+    extra, missing = sorted(set(old) - set(new)), sorted(set(new) - set(old))
+    if extra and missing:  # (only one of them: a field added or removed by an upgrade of align; compared below)
+        raise RunDirError(f"{out} holds a run of another command: its config.yaml has {', '.join(extra[:4])} and "
+                          f"lacks {', '.join(missing[:4])} of {type(cfg).__name__}; --resume continues a run of the "
+                          "same command: choose another --out")
+    changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+               if old.get(k) != new.get(k) and k != "out"}
+    if changed:
+        log.warning("--resume: the config differs from the run's: %s",
+                    "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
 def start_run(cfg, out, resume: bool, mixed_precision: str = "no", seed: int = 0, keep_checkpoints: int = 2) -> Run:
+    if resume:
+        check_resume_config(cfg, out)  # every rank: all raise, none waits for rank 0
     accelerator = make_accelerator(mixed_precision=mixed_precision)
     out = prepare_out_dir(out, resume, is_main=accelerator.is_main_process)
     accelerator.wait_for_everyone()

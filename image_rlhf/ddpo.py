@@ -162,7 +162,7 @@ class DDPOConfig:
     """Image size in pixels (0 = the UNet's native sample_size × the VAE factor)."""
     seed: int = 0
     save_every: int = 10
-    """Checkpoint every N epochs (and at the end)."""
+    """Checkpoint every N epochs (and at the end; 0 = at the end only)."""
     grid_prompts: list[str] = field(default_factory=list)
     """Prompts of the sample grid (default: the first 4 distinct prompts)."""
     grid_seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -190,6 +190,12 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         raise ValueError(f"mixed_precision must be one of {sorted(_DTYPES)}, got {cfg.mixed_precision!r}")
     if cfg.eta <= 0:
         raise ValueError(f"eta must be > 0 (η = 0 is deterministic DDIM: no log-prob to train), got {cfg.eta}")
+    for name in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps",
+                 "num_steps", "inner_epochs"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"ddpo: {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.save_every < 0:
+        raise ValueError(f"ddpo: save_every must be >= 0 (0 = at the end only), got {cfg.save_every}")
     n_local = cfg.sample_batch_size * cfg.num_batches_per_epoch
     step_samples = cfg.train_batch_size * cfg.gradient_accumulation_steps
     if n_local % step_samples:
@@ -282,11 +288,14 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
     sampling_format = (torch.channels_last if cfg.channels_last and acc.device.type == "cpu"
                        and weight_dtype == torch.float32 else None)
     sampling = lambda: memory_format([unet, ref_unet], sampling_format)  # noqa: E731
-    grid_dir = run.out / "grids"
     epoch = run.start_step
+    if run.is_main:  # grids of epochs after the checkpoint belong to the lost part of a crashed run
+        for png in (run.out / "grids").glob("epoch-*.png"):
+            if png.stem[6:].isdigit() and int(png.stem[6:]) > epoch:
+                png.unlink()
     if not cfg.grid_seeds or cfg.grid_every <= 0:
         grid_prompts = []                                                                     # no grid
-    if run.is_main and grid_prompts and not (grid_dir / "epoch-000.png").exists():  # the base model, before any update
+    if run.is_main and grid_prompts and epoch == 0:  # the base model, before any update (again if no checkpoint)
         with sampling():
             run.log(0, {"grid/reward": _grid(parts, unet, grid_prompts, cfg, latent_shape, neg, reward_fn, acc, run,
                                              0)})
@@ -371,7 +380,7 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
             shown["kl_ref"] = f"{metrics['kl/ref']:.3g}"
         shown["approx_kl"] = f"{stats['policy/approx_kl']:.1e}"  # of this update's ratios (PPO's, ~0)
         bar.set_postfix(shown)
-        if epoch % cfg.save_every == 0 or epoch == cfg.epochs:
+        if (cfg.save_every and epoch % cfg.save_every == 0) or epoch == cfg.epochs:
             run.checkpoint(epoch, write, {"tracker": tracker.state_dict()})
     bar.close()
     return DDPOResult(_finish(run, cfg, parts, unet, grid_prompts), unet)

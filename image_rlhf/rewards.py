@@ -77,7 +77,7 @@ class CheckedReward:
         out = self.fn(list(prompts), images)
         try:
             scores = torch.as_tensor(out.detach() if torch.is_tensor(out) else out, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError) as e:
+        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
             raise ValueError(f"reward {self.spec!r}: expected a tensor or a list of {n} numbers, "
                              f"got {type(out).__name__} ({e})") from None
         scores = scores.flatten()

@@ -80,6 +80,9 @@ def decode_image(path, size: tuple[int, int]) -> torch.Tensor:
     with Image.open(path) as im:
         if im.mode.startswith("I"):
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
+        elif im.mode == "F":  # 32-bit float: [0, 1] (as most tools write it) or [0, 255]; PIL's convert clips to black
+            a = np.asarray(im, dtype=np.float64)
+            im = Image.fromarray((a * (255 if np.nanmax(a) <= 1 else 1)).round().clip(0, 255).astype(np.uint8))
         if "A" in im.getbands() or "transparency" in im.info:
             rgba = im.convert("RGBA")
             im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
@@ -187,6 +190,9 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
     for name in ("clip", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"image rm: --{name} is required")
+    if cfg.log_every < 1 or cfg.save_every < 0:
+        raise ValueError(f"image rm: log_every must be >= 1 and save_every >= 0, got {cfg.log_every} and "
+                         f"{cfg.save_every}")
     if cfg.mode not in ("pickscore", "aesthetic"):
         raise ValueError(f"image rm: mode must be 'pickscore' or 'aesthetic', got {cfg.mode!r}")
     groups = load_preferences(cfg.data, candidates="path", allow_duplicates=cfg.allow_duplicates)  # bad input fails before the run folder exists

@@ -18,3 +18,16 @@ def wrong_count(prompts, responses):
 def vowels(prompts, responses):
     """Share of the response's characters that are vowels: a dense signal every token moves."""
     return [sum(c in "aeiou" for c in r) / max(1, len(r)) for r in responses]
+
+
+def returns_none(prompts, responses):
+    return None
+
+
+def returns_strings(prompts, responses):
+    return ["1.0"] * len(responses)
+
+
+def returns_leaf_with_grad(prompts, responses):
+    import torch
+    return torch.zeros(len(responses), requires_grad=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -84,7 +85,7 @@ class PPOConfig:
     gradient_checkpointing: bool = False
     reward_batch_size: int = 64
     save_every: int = 10
-    """Checkpoint every N iterations (and at the end)."""
+    """Checkpoint every N iterations (and at the end; 0 = at the end only)."""
     log_samples: int = 4
     """Sample texts kept per logged iteration (samples.jsonl)."""
     monitor: str = ""
@@ -114,7 +115,12 @@ class RewardFn:
         """ended (B,) bool: the responses that stopped at EOS. The same-tokenizer path reads their EOS from
         `seq`; re-encoded for an RM with another tokenizer they get that tokenizer's EOS, as the RM was trained."""
         if self.fn is not None:
-            out = torch.as_tensor(self.fn(list(prompts), list(responses_text)), dtype=torch.float32).flatten()
+            raw = self.fn(list(prompts), list(responses_text))
+            try:
+                out = torch.as_tensor(raw.detach() if torch.is_tensor(raw) else raw, dtype=torch.float32).flatten()
+            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+                raise ValueError(f"reward {self.spec}: expected a list of {len(prompts)} numbers (or a tensor), got "
+                                 f"{type(raw).__name__} ({e})") from e
             if out.numel() != len(prompts):
                 raise ValueError(f"reward {self.spec}: returned {out.numel()} scores for {len(prompts)} responses")
             return out.to(self.device)
@@ -149,6 +155,12 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         if not getattr(cfg, name):
             raise ValueError(f"ppo: --{name} is required")
     p = cfg.ppo
+    for name, value in (("batch_size", cfg.batch_size), ("ppo.mini_batch_size", p.mini_batch_size),
+                        ("ppo.ppo_epochs", p.ppo_epochs)):
+        if value < 1:
+            raise ValueError(f"ppo: {name} must be >= 1, got {value}")
+    if min(cfg.iterations, p.micro_batch_size, cfg.save_every) < 0:
+        raise ValueError("ppo: iterations, ppo.micro_batch_size and save_every must be >= 0")
     if cfg.batch_size % p.mini_batch_size:
         raise ValueError(f"batch_size {cfg.batch_size} is not a multiple of ppo.mini_batch_size {p.mini_batch_size}")
     micro = p.micro_batch_size or p.mini_batch_size
@@ -309,13 +321,13 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             with torch.no_grad():
                 monitored = acc.gather(monitor_fn(prompts, texts, seq, mask, ended).float())
             check_finite_rewards(monitored, all_prompts, cfg.monitor,
-                                 f"iteration {it + 1}, after its update: the last checkpoint is intact")
+                                 f"iteration {it}, after its update: the last checkpoint is intact")
             metrics["monitor/mean"] = monitored.mean().item()
         run.log(it, metrics)
         bar.set_postfix(score=f"{metrics['env/raw_score']:.3f}", kl=f"{seq_kl:.2f}")
         if run.is_main and cfg.log_samples:
             _append_samples(samples_path, it, prompts, texts, raw_scores, cfg.log_samples)
-        if it % cfg.save_every == 0 or it == cfg.iterations:
+        if (cfg.save_every and it % cfg.save_every == 0) or it == cfg.iterations:
             run.checkpoint(it, write, {"kl_ctl": kl_ctl.state_dict(), "reward_shift": shift})
     bar.close()
     return PPOResult(_finish(run, cfg, policy, tok, shift), policy)
@@ -391,6 +403,13 @@ def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, ad
                 for name, v in (("policy/pg_loss", pg_loss), ("policy/vf_loss", vf_loss), *(
                         (f"policy/{n}", s) for n, s in {**pg_stats, **vf_stats}.items())):
                     mb_stats[name] = mb_stats.get(name, 0.0) + float(v.detach()) * float(w)
+            finite = math.isfinite(mb_stats["policy/pg_loss"]) and math.isfinite(mb_stats["policy/vf_loss"])
+            if acc.num_processes > 1:  # every rank raises, none hangs at the next collective
+                finite = bool(acc.gather(torch.tensor([float(finite)], device=seq.device)).min() > 0)
+            if not finite:  # stepping would write NaN into the weights, and the next checkpoint would keep them
+                raise FloatingPointError(f"ppo: the loss is not finite (pg_loss {mb_stats['policy/pg_loss']}, vf_loss "
+                                         f"{mb_stats['policy/vf_loss']}); lower lr (now {cfg.lr}); nothing of this "
+                                         "iteration was saved, the last checkpoint is intact")
             if p.max_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), p.max_grad_norm)
             optimizer.step()

@@ -84,12 +84,15 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"rm: --{name} is required")
+    if cfg.log_every < 1 or cfg.save_every < 0:
+        raise ValueError(f"rm: log_every must be >= 1 and save_every >= 0, got {cfg.log_every} and {cfg.save_every}")
     groups = load_groups(cfg.data, cfg.hf_limit, cfg.allow_duplicates)  # bad input fails before the run folder exists
+    eval_groups = load_groups(cfg.eval_data, cfg.hf_limit, cfg.allow_duplicates) if cfg.eval_data else None
     tok = load_tokenizer(cfg.model, padding_side="right")  # so does a wrong --model
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
-    if cfg.eval_data:
-        train, held = groups, load_groups(cfg.eval_data, cfg.hf_limit, cfg.allow_duplicates)
+    if eval_groups is not None:
+        train, held = groups, eval_groups
     else:  # split by prompt, so no held-out prompt was seen in training
         prompts = sorted({g.prompt for g in groups})
         perm = torch.randperm(len(prompts), generator=torch.Generator().manual_seed(cfg.seed)).tolist()

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from align.data import load_sft
+from align.data import load_sft, read_jsonl
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
 from align.session import adamw, rng_state, set_rng_state, start_run
@@ -56,9 +56,11 @@ class SFTConfig:
     log_every: int = 10
 
 
-def encode_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[list[int], list[int]]]:
+def encode_sft(tokenizer, records: list[dict], max_length: int, where: list[str] | None = None
+               ) -> list[tuple[list[int], list[int]]]:
     """(input_ids, labels) per record; labels −100 on the prompt. Records whose response is cut
-    away entirely by max_length are an error (naming the record), not silently dropped."""
+    away entirely by max_length are an error (naming the record: where[i], e.g. "demos.jsonl:7"), not
+    silently dropped."""
     if not records:  # eval_fraction=0: fast tokenizers raise IndexError on an empty batch
         return []
     p_ids = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
@@ -68,8 +70,8 @@ def encode_sft(tokenizer, records: list[dict], max_length: int) -> list[tuple[li
         ids = (p + r + [tokenizer.eos_token_id])[:max_length]
         labels = ([-100] * len(p) + r + [tokenizer.eos_token_id])[:max_length]
         if all(l == -100 for l in labels):
-            raise ValueError(f"record {i + 1}: the prompt alone has {len(p)} tokens >= max_length={max_length}; "
-                             "raise max_length or shorten the prompt")
+            raise ValueError(f"{where[i] if where else f'record {i + 1}'}: field 'prompt': the prompt alone has "
+                             f"{len(p)} tokens >= max_length={max_length}; raise max_length or shorten the prompt")
         out.append((ids, labels))
     return out
 
@@ -84,15 +86,23 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     for name in ("model", "data", "out"):
         if not getattr(cfg, name):
             raise ValueError(f"sft: --{name} is required")
+    for name in ("batch_size", "log_every"):
+        if getattr(cfg, name) < 1:
+            raise ValueError(f"sft: {name} must be >= 1, got {getattr(cfg, name)}")
+    if cfg.micro_batch_size < 0 or cfg.save_every < 0 or not cfg.epochs > 0 or not 0 <= cfg.eval_fraction < 1:
+        raise ValueError("sft: needs micro_batch_size >= 0, save_every >= 0, epochs > 0 and 0 <= eval_fraction < 1 "
+                         f"(got {cfg.micro_batch_size}, {cfg.save_every}, {cfg.epochs}, {cfg.eval_fraction})")
     records = load_sft(cfg.data)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.model, padding_side="right")
+    lines = [f"{cfg.data}:{line}" for line, _ in read_jsonl(cfg.data)]  # load_sft keeps one record per line
+    encoded = encode_sft(tok, records, cfg.max_length, where=lines)  # so does a prompt longer than max_length
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(records), generator=g).tolist()
     n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 1 else 0
-    eval_set = encode_sft(tok, [records[i] for i in order[:n_eval]], cfg.max_length)
-    train_set = encode_sft(tok, [records[i] for i in order[n_eval:]], cfg.max_length)
+    eval_set = [encoded[i] for i in order[:n_eval]]
+    train_set = [encoded[i] for i in order[n_eval:]]
 
     model = load_causal_lm(cfg.model)
     if cfg.gradient_checkpointing:

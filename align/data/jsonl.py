@@ -97,7 +97,7 @@ def _candidate(rec: _Record, field, value, kind, folder):
         return value
     resolved = os.path.normpath(os.path.join(folder, value))  # an absolute value wins
     if not os.path.isfile(resolved):
-        raise rec.error(f"no such file: {resolved}", field)
+        raise rec.error(f"{'a folder, not a file' if os.path.isdir(resolved) else 'no such file'}: {resolved}", field)
     return resolved
 
 
@@ -203,14 +203,23 @@ def load_sft(path) -> list[dict]:
 
 
 def load_prompts(path) -> list[str]:
-    """Load prompts: {"prompt": str} per line for .jsonl/.json, else one per non-blank line."""
+    """Load prompts: {"prompt": non-empty str} per line for .jsonl/.json, else one per non-blank line."""
     prompts = []
     if Path(path).suffix.lower() in (".jsonl", ".json"):
         for line, obj in read_jsonl(path):
-            prompts.append(_Record(path, line, obj).get("prompt", (str,), "a string"))
+            rec = _Record(path, line, obj)
+            prompts.append(rec.text("prompt", rec.require("prompt")))
     else:
-        with open(path, encoding="utf-8-sig") as f:
-            prompts = [ln.rstrip("\r\n") for ln in f if ln.strip()]
+        with open(path, "rb") as f:
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    text = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise DataError(f"not UTF-8 ({e.reason} at byte {e.start})", path=path, line=lineno) from None
+                if lineno == 1:
+                    text = text.removeprefix("\ufeff")  # tolerate a byte-order mark
+                if text.strip():
+                    prompts.append(text.rstrip("\r\n"))
     if not prompts:
         raise DataError("no records", path=path)
     return prompts
