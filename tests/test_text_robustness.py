@@ -105,6 +105,13 @@ def test_the_wrong_kind_of_folder_is_an_error(tmp_path, tiny_llama, tiny_gpt2, m
     (tmp_path / "runs").mkdir()
     with pytest.raises(ModelLoadError, match="no such folder 'runs/sftt'"):
         load_causal_lm("runs/sftt")
+    # an image pipeline or an image RM (run folder) given to a text command: said, not a tokenizer traceback
+    for folder, marker, kind in (("pipe", "model_index.json", "a diffusers pipeline"),
+                                 ("clip/model", "align_reward.json", "an image reward model run")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / marker).write_text("{}")
+        with pytest.raises(ModelLoadError, match=f"is {kind} folder .*not a transformers language model"):
+            load_tokenizer(folder.split("/")[0])
 
 
 def test_long_prompts_keep_their_end_and_bos():

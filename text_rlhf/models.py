@@ -24,6 +24,11 @@ def _check_path(path: str, what: str, need_config: bool = True) -> str:
     """A local-looking path that does not exist is a user error, not a hub lookup."""
     p = Path(str(path)).expanduser()
     if p.exists():
+        for marker, kind in (("model_index.json", "a diffusers pipeline"), ("align_reward.json", "an image reward model"),
+                             ("model/align_reward.json", "an image reward model run")):
+            if p.is_dir() and (p / marker).exists():
+                raise ModelLoadError(f"{what}: {str(path)!r} is {kind} folder ({marker}), not a transformers "
+                                     "language model: the text commands take a causal LM or its run folder")
         if need_config and p.is_dir() and (p / "model" / "config.json").exists():
             p = p / "model"  # an align run folder: its final model
         if need_config and p.is_dir() and not (p / "config.json").exists():
