@@ -282,3 +282,25 @@ def test_sft_without_held_out_set(tiny_gpt2, data, tmp_path):
     run_sft(cfg)
     report = (tmp_path / "sft" / "report.md").read_text()
     assert "no held-out demonstrations (eval_fraction=0)" in report and "| train loss" in report
+
+
+def test_sft_gradient_accumulation_is_token_weighted(tmp_path):
+    """batch_size = micro_batch_size × accumulation: micro-batches with different numbers of response tokens
+    must give the gradient of the whole batch (each token weighted once), not a mean of micro-batch means."""
+    from transformers import AutoModelForCausalLM
+    from text_rlhf.tiny import save_tiny
+    from conftest import CORPUS
+    base = save_tiny(tmp_path / "base", "gpt2", CORPUS, vocab_size=300, dropout=0.0)  # no dropout: same forward
+    rng = random.Random(0)
+    demos = write_jsonl(tmp_path / "demos.jsonl", [{"prompt": f"add {i} and 1:", "response": " " + " ".join(
+        rng.choices(WORDS, k=rng.randint(1, 10)))} for i in range(16)])
+    weights = []
+    for micro in (0, 2):
+        out = tmp_path / f"sft{micro}"
+        run_sft(load_config(SFTConfig, None, ["epochs=1", "batch_size=8", f"micro_batch_size={micro}", "lr=1e-3",
+                                              "eval_fraction=0", "warmup_ratio=0"],
+                            model=str(base), data=demos, out=str(out)))
+        weights.append(AutoModelForCausalLM.from_pretrained(out / "model").state_dict())
+        assert metrics(out)[-1]["sft/grad_norm"] > 0
+    for k in weights[0]:
+        torch.testing.assert_close(weights[0][k], weights[1][k], atol=2e-6, rtol=0)

@@ -188,3 +188,48 @@ def test_long_pairs_lose_the_prompts_start_not_the_response():
     assert c == [bos] + long_r[:4] + [eos]
     (d,), _ = encode_pairs(tok, ["a"], [" red"], 64)  # short: untouched
     assert d == tok("a")["input_ids"] + r_a + [eos]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("ppo.max_grad_norm=-1", "max_grad_norm"),      # torch's clip_grad_norm_ would flip every gradient
+    ("ppo.early_stop_kl=-0.1", "early_stop_kl"),    # would stop after the first mini-batch of every rollout
+    ("ppo.clip_range=-0.2", "clip_range"),
+    ("ppo.kl.estimator=k4", "estimator"),
+    ("value_model=critic", "value_model"),
+    ("temperature=0", "temperature"),
+    ("top_p=1.5", "top_p"),
+    ("reward_batch_size=0", "reward_batch_size"),
+    ("ppo.lam=1.5", "ppo.lam"),
+])
+def test_ppo_refuses_settings_that_cannot_work_before_any_folder(tiny_gpt2, prompts_file, tmp_path, override,
+                                                                 message):
+    with pytest.raises(ValueError, match=message):
+        run_ppo(_ppo(tiny_gpt2, prompts_file, tmp_path / "run", override))
+    assert not (tmp_path / "run").exists()
+
+
+def _rm_with_own_tokenizer(tmp_path, vocab_size: int) -> str:
+    """An RM folder (trained head or not: the critic only takes its trunk) whose tokenizer is not the policy's."""
+    from transformers import AutoModelForSequenceClassification
+    rm_tok = build_bpe_tokenizer(CORPUS[:3] * 2, vocab_size)
+    lm = tiny_causal_lm("gpt2", rm_tok)
+    lm.config.num_labels = 1
+    rm = AutoModelForSequenceClassification.from_config(lm.config)
+    out = tmp_path / f"rm{vocab_size}"
+    rm.save_pretrained(out)
+    rm_tok.save_pretrained(out)
+    return str(out)
+
+
+def test_separate_critic_reads_the_policys_tokens(tmp_path, tiny_llama, prompts_file, caplog):
+    """value_model=separate starts the critic from the RM by default; an RM with its own tokenizer (which PPO
+    supports by re-encoding the text) must not become the critic's trunk: it would read the policy's token ids
+    (an index error mid-run, or with a larger vocabulary a critic silently reading other tokens)."""
+    big = _rm_with_own_tokenizer(tmp_path, 340)  # more embeddings than the policy's 300: no index error would warn
+    with caplog.at_level("WARNING"):
+        res = run_ppo(_ppo(tiny_llama, prompts_file, tmp_path / "default", "value_model=separate", reward=big))
+    assert "critic starts from the policy" in caplog.text
+    assert res.policy.critic.config.vocab_size == res.policy.lm.config.vocab_size
+    with pytest.raises(ValueError, match="value_init .* another tokenizer"):
+        run_ppo(_ppo(tiny_llama, prompts_file, tmp_path / "explicit", "value_model=separate", f"value_init={big}"))
+    assert not (tmp_path / "explicit").exists()

@@ -67,7 +67,8 @@ class PPOConfig:
     value_model: str = "head"
     """head: linear value head on the policy's trunk (one forward for both); separate: its own trunk."""
     value_init: str = ""
-    """Trunk for value_model=separate (default: the reward model if it is a folder, else the policy)."""
+    """Trunk for value_model=separate (default: the reward model if it is a folder with the policy's tokenizer, else
+    the policy). It reads the policy's token ids, so it must share the policy's tokenizer."""
     normalize_reward: bool = True
     """Shift the RM so the initial policy's mean score is 0 (measured on its first rollout; the reference
     policy unless `reference` is set)."""
@@ -166,6 +167,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     micro = p.micro_batch_size or p.mini_batch_size
     if p.mini_batch_size % micro:
         raise ValueError(f"ppo.mini_batch_size {p.mini_batch_size} is not a multiple of ppo.micro_batch_size {micro}")
+    _check_options(cfg)
     if cfg.temperature != 1.0 or cfg.top_k or cfg.top_p < 1.0:
         log.warning("sampling with temperature=%s top_k=%s top_p=%s: samples no longer come from π, so the KL "
                     "penalty and the PPO ratio refer to a different distribution", cfg.temperature, cfg.top_k, cfg.top_p)
@@ -175,6 +177,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
                          "so every one would be penalised)")
     prompts_all = load_prompts(cfg.prompts)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.policy, padding_side="left")
+    critic_init = _critic_init(cfg, tok) if cfg.value_model == "separate" else None
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
 
@@ -190,8 +193,6 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         enable_checkpointing(lm)
     ref_lm = None
     if cfg.reference:
-        if cfg.lora.r > 0:
-            raise ValueError("ppo: --reference cannot be combined with LoRA (π_ref is the policy with adapters off)")
         ref_lm = load_causal_lm(cfg.reference).eval().requires_grad_(False).to(acc.device)
         if ref_lm.config.vocab_size != lm.config.vocab_size:
             raise ValueError(f"ppo: reference {cfg.reference!r} has vocabulary size {ref_lm.config.vocab_size}, "
@@ -203,14 +204,11 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     critic = None
     if cfg.value_model == "separate":
         from transformers import AutoModel
-        init = cfg.value_init or (cfg.reward if Path(cfg.reward).exists() else cfg.policy)
-        critic = AutoModel.from_pretrained(str(Path(init) / "model") if (Path(init) / "model").is_dir() else init)
+        critic = AutoModel.from_pretrained(critic_init)
         fuse_activations(critic)
         disable_dropout(critic)
         if cfg.gradient_checkpointing:
             enable_checkpointing(critic)
-    elif cfg.value_model != "head":
-        raise ValueError(f"value_model must be 'head' or 'separate', not {cfg.value_model!r}")
     model = PolicyWithValue(lm, critic)
     model.train()  # from_pretrained leaves eval mode; transformers checkpoints layers only in train mode
     reward_fn = RewardFn(cfg.reward, tok, acc.device, cfg.reward_batch_size)
@@ -331,6 +329,67 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             run.checkpoint(it, write, {"kl_ctl": kl_ctl.state_dict(), "reward_shift": shift})
     bar.close()
     return PPOResult(_finish(run, cfg, policy, tok, shift), policy)
+
+
+def _check_options(cfg: PPOConfig) -> None:
+    """Settings that cannot work (or would silently do something else: a negative max_grad_norm flips every
+    gradient in torch's clip_grad_norm_, a negative early_stop_kl stops after the first mini-batch, a negative
+    clip range inverts the clip), refused before any folder is made or model loaded."""
+    p = cfg.ppo
+    bad = []
+    if cfg.value_model not in ("head", "separate"):
+        bad.append(f"value_model must be 'head' or 'separate', not {cfg.value_model!r}")
+    if p.kl.estimator not in ("k1", "k2", "k3"):
+        bad.append(f"ppo.kl.estimator must be k1, k2 or k3, not {p.kl.estimator!r}")
+    for name, ok, value in (
+            ("temperature", cfg.temperature > 0, cfg.temperature), ("top_k", cfg.top_k >= 0, cfg.top_k),
+            ("top_p", 0 < cfg.top_p <= 1, cfg.top_p), ("max_new_tokens", cfg.max_new_tokens >= 1, cfg.max_new_tokens),
+            ("max_prompt_length", cfg.max_prompt_length >= 1, cfg.max_prompt_length),
+            ("reward_batch_size", cfg.reward_batch_size >= 1, cfg.reward_batch_size),
+            ("log_samples", cfg.log_samples >= 0, cfg.log_samples), ("lora.r", cfg.lora.r >= 0, cfg.lora.r),
+            ("ppo.clip_range", p.clip_range > 0, p.clip_range), ("ppo.clip_range_value", p.clip_range_value > 0,
+                                                                  p.clip_range_value),
+            ("ppo.vf_coef", p.vf_coef >= 0, p.vf_coef), ("ppo.max_grad_norm (0 = off)", p.max_grad_norm >= 0,
+                                                         p.max_grad_norm),
+            ("ppo.early_stop_kl (0 = off)", p.early_stop_kl >= 0, p.early_stop_kl),
+            ("ppo.gamma", 0 <= p.gamma <= 1, p.gamma), ("ppo.lam", 0 <= p.lam <= 1, p.lam)):
+        if not ok:
+            bad.append(f"{name} = {value} is out of range")
+    if cfg.reference and cfg.lora.r > 0:
+        bad.append("--reference cannot be combined with LoRA (π_ref is the policy with adapters off)")
+    if bad:
+        raise ValueError("ppo: " + "; ".join(bad))
+    if cfg.lora.r > 0 and cfg.lora.dropout:
+        log.warning("ppo: lora.dropout = %s is not used: PPO zeroes every dropout so that log π of the same tokens "
+                    "is deterministic (the first ratios exactly 1)", cfg.lora.dropout)
+
+
+def _critic_init(cfg: PPOConfig, policy_tok) -> str:
+    """The folder (or hub id) the separate critic's trunk loads from. It reads the policy's token ids, so it must
+    share the policy's tokenizer: the default (the RM folder) falls back to the policy when the RM has a tokenizer
+    of its own, and an explicit value_init with another vocabulary is an error (an index error mid-run, or, with
+    a larger vocabulary, a critic silently reading other tokens)."""
+    from text_rlhf.models import _check_path
+    explicit = bool(cfg.value_init)
+    init = cfg.value_init or (cfg.reward if Path(cfg.reward).exists() else cfg.policy)
+    path = _check_path(init, "value_init")
+    try:
+        vocab = load_tokenizer(init).get_vocab()
+    except (OSError, ValueError):  # a trunk saved without a tokenizer: its embedding size is all there is to check
+        from transformers import AutoConfig
+        vocab = None
+        size = getattr(AutoConfig.from_pretrained(path), "vocab_size", None)
+        if size is not None and size < len(policy_tok):
+            raise ValueError(f"ppo: value_init {init!r} has {size} token embeddings, the policy's tokenizer "
+                             f"{len(policy_tok)}: the critic reads the policy's token ids")
+    if vocab is not None and vocab != policy_tok.get_vocab():
+        if explicit:
+            raise ValueError(f"ppo: value_init {init!r} has another tokenizer than the policy; the critic reads the "
+                             "policy's token ids, so its trunk must share the policy's tokenizer")
+        log.warning("ppo: the reward model %s has its own tokenizer, so the critic starts from the policy instead "
+                    "(it reads the policy's token ids); set value_init to choose", init)
+        path = _check_path(cfg.policy, "policy")
+    return path
 
 
 def sampling_config(cfg: PPOConfig, tok):

@@ -103,6 +103,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 1 else 0
     eval_set = [encoded[i] for i in order[:n_eval]]
     train_set = [encoded[i] for i in order[n_eval:]]
+    n_predicted = [sum(label != -100 for label in labels[1:]) for _, labels in train_set]  # tokens in the loss
 
     model = load_causal_lm(cfg.model)
     if cfg.gradient_checkpointing:
@@ -148,16 +149,19 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         shard = perm[acc.process_index::acc.num_processes]
         for s in range(skip, steps_per_epoch):
             losses = []
-            for a in range(accum):
-                idx = shard[(s * accum + a) * micro:(s * accum + a + 1) * micro]
-                if not idx:
-                    continue
+            micros = [shard[(s * accum + a) * micro:(s * accum + a + 1) * micro] for a in range(accum)]
+            micros = [idx for idx in micros if idx]
+            # token-weighted: each micro-batch's mean NLL weighted by its share of the step's response tokens, so
+            # that accumulation gives the gradient of one batch_size batch (an equal 1/accum weight would not)
+            n_tok = [sum(n_predicted[i] for i in idx) for idx in micros]
+            total_tok = max(1, sum(n_tok))
+            for idx, n in zip(micros, n_tok):
                 ids, mask, labels = collate([train_set[i] for i in idx], tok.pad_token_id)
                 with acc.autocast():
                     out = model(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
                                 position_ids=position_ids_from_mask(mask).to(acc.device), labels=labels.to(acc.device))
-                acc.backward(out.loss / accum)
-                losses.append(out.loss.item())
+                acc.backward(out.loss * (n / total_tok))
+                losses.append(out.loss.item() * n * len(micros) / total_tok)
             grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
             step += 1
