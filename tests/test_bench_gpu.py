@@ -28,6 +28,6 @@ def test_bench_gpu_tiny_dry_run(tmp_path):
     assert [(c["q_tokens"], c["kv_tokens"]) for c in cases] == [(64, 64), (64, 77), (16, 16), (16, 77)]
     assert all(c["sdpa_fwd_bwd_ms"] > 0 and c["sdpa_fwd_ms"] > 0 for c in cases)
     (ddpo,), (ppo,) = res["ddpo"], res["ppo"]
-    assert ddpo["processors"] == ["AttnProcessor2_0"] and ddpo["train_ts_per_s"] > 0 and ddpo["sample_tflops"] > 0
+    assert ddpo["processors"] == ["CpuSdpaProcessor"] and ddpo["train_ts_per_s"] > 0 and ddpo["sample_tflops"] > 0
     assert ppo["lora_r"] == 16 and ppo["merge_lora_generate"] and ppo["gen_tokens_per_s"] > 0
-    assert "| sdpa | False | AttnProcessor2_0 |" in p.stdout and "| lora16 | 16 | True |" in p.stdout
+    assert "| sdpa | False | CpuSdpaProcessor |" in p.stdout and "| lora16 | 16 | True |" in p.stdout
