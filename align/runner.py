@@ -349,6 +349,9 @@ def make_accelerator(mixed_precision="no", cpu=None, gradient_accumulation_steps
     import torch
     from accelerate import Accelerator
 
+    if mixed_precision not in ("no", "fp16", "bf16"):  # before accelerate's state is touched: a refused value
+        # left it half-made, and every later Accelerator of the process failed
+        raise ValueError(f"mixed_precision must be no, fp16 or bf16, got {mixed_precision!r}")
     if cpu is None:
         cpu = not torch.cuda.is_available()
     from accelerate.state import AcceleratorState

@@ -303,3 +303,10 @@ def test_misc_helpers():
     assert peak_rss_mb() > 10
     assert list(progress(range(3), disable=True)) == [0, 1, 2]
     assert list(progress(range(2), is_main=False)) == [0, 1]
+
+
+def test_make_accelerator_refuses_an_unknown_precision_and_the_process_goes_on():
+    from align.runner import make_accelerator
+    with pytest.raises(ValueError, match="mixed_precision must be no, fp16 or bf16, got 'fp8'"):
+        make_accelerator("fp8")
+    assert make_accelerator("no").mixed_precision == "no"  # accelerate's process-wide state was not left half-made
