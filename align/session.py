@@ -134,6 +134,17 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
 
 
+def load_optimizer_state(optimizer, path) -> None:
+    """The optimiser's state (moments, step counts) from a checkpoint, keeping this run's hyperparameters (lr,
+    weight decay, betas, ...): torch's load_state_dict would restore the checkpoint's, so a run resumed with
+    another lr in its config (and config.yaml saying so) would silently go on at the old one."""
+    import torch
+    wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    optimizer.load_state_dict(torch.load(path, weights_only=False))
+    for g, hyper in zip(optimizer.param_groups, wanted):
+        g.update(hyper)
+
+
 def float32_trainable(module) -> None:
     """Every parameter that trains (requires_grad) in float32, whatever the frozen rest is in (bf16/fp16 under
     mixed precision with LoRA): the optimiser's updates and state need float32. Text and image LoRA use it."""

@@ -24,19 +24,21 @@ def ddpo_update(model, unet, ref_unet, optimizer, acc, scheduler, latents, times
     trained step: the clipped surrogate; each loss is divided by the n_train_steps × gradient_accumulation_steps
     losses that one optimiser step sums, so it steps on their mean. `timesteps_per_forward` steps share one
     UNet call and one backward (the sum of their losses): the same gradient, fewer, larger calls.
-    cfg.recompute_log_probs: log π_old from the first inner epoch's own UNet calls, run once (no backward) before
-    any step (`policy/logp_recompute_diff`: their mean |difference| from the sampler's record)."""
+    cfg.recompute_log_probs: log π_old from the update's own UNet calls (the first inner epoch's, and any later one's
+    that train other steps), run once (no backward) before any step (`policy/logp_recompute_diff`: their mean
+    |difference| from the sampler's record)."""
     N, S = old_log_probs.shape
     neg = neg if guidance > 1 else None
     n_backward = n_train_steps * cfg.gradient_accumulation_steps
     sums: dict[str, float] = {}
     n, extra = 0, {}
-    for inner in range(cfg.inner_epochs):
-        calls = list(_update_calls(N, trainable, n_train_steps, cfg, epoch_generator(cfg.seed, epoch, rank,
-                                                                                      10_000 + inner), latents.device))
-        if inner == 0 and cfg.recompute_log_probs:
-            old_log_probs, extra["policy/logp_recompute_diff"] = _recompute(
-                model, acc, scheduler, latents, timesteps, old_log_probs, embeds, neg, guidance, cfg.eta, calls)
+    calls_per_inner = [list(_update_calls(N, trainable, n_train_steps, cfg, epoch_generator(cfg.seed, epoch, rank,
+                                                                                         10_000 + inner), latents.device))
+                       for inner in range(cfg.inner_epochs)]
+    if cfg.recompute_log_probs:  # every inner epoch's trained (sample, step)s: with timestep_fraction < 1 they differ
+        old_log_probs, extra["policy/logp_recompute_diff"] = _recompute(
+            model, acc, scheduler, latents, timesteps, old_log_probs, embeds, neg, guidance, cfg.eta, calls_per_inner)
+    for calls in calls_per_inner:
         for k, idx, idx_m, s, m, last in calls:
             b = len(idx)
             step_now = (k + 1) % cfg.gradient_accumulation_steps == 0
@@ -106,21 +108,28 @@ def _update_calls(N, trainable, n_train_steps, cfg, g, device):
             yield k, idx, idx.repeat(m), s, m, j0 + m == n_train_steps
 
 
-def _recompute(model, acc, scheduler, latents, timesteps, old_log_probs, embeds, neg, guidance, eta, calls):
+def _recompute(model, acc, scheduler, latents, timesteps, old_log_probs, embeds, neg, guidance, eta, calls_per_inner):
     """log π_old of the trained (sample, step)s from the training forward itself, call for call as the update will
     run it (same rows, shapes and order): before the first optimiser step its ratios are then exactly 1, whatever
-    the sampler's kernels rounded differently. Grad stays on (no backward; DDP not synced), so that a compiled UNet
-    runs its training graph, whose fusions may round unlike its inference graph (eager kernels give the same
-    result either way: run 8, README). Returns (the (N, S) log-probs, the recomputed entries' mean |difference|
-    from the recorded ones)."""
+    the sampler's kernels rounded differently. The first inner epoch's calls, then those of later inner epochs that
+    train a (sample, step) not yet recomputed (timestep_fraction < 1 draws other steps each inner epoch), all before
+    any step. Grad stays on (no backward; DDP not synced), so that a compiled UNet runs its training graph, whose
+    fusions may round unlike its inference graph (eager kernels give the same result either way: run 8, README).
+    Returns (the (N, S) log-probs, the recomputed entries' mean |difference| from the recorded ones)."""
     olds, diffs = old_log_probs.clone(), []
+    done = torch.zeros(old_log_probs.shape, dtype=torch.bool, device=old_log_probs.device)      # (N, S)
     with acc.no_sync(model):
-        for _, _, idx_m, s, _, _ in calls:
-            with acc.autocast():
-                lp = step_log_prob(model, scheduler, latents[idx_m, s], timesteps[s], latents[idx_m, s + 1],
-                                   embeds[idx_m], neg, guidance, eta).detach().float()       # (m·b,)
-            diffs.append((lp - olds[idx_m, s]).abs())
-            olds[idx_m, s] = lp
+        for calls in calls_per_inner:
+            for _, _, idx_m, s, _, _ in calls:
+                new = ~done[idx_m, s]                                                        # (m·b,)
+                if not new.any():
+                    continue
+                with acc.autocast():
+                    lp = step_log_prob(model, scheduler, latents[idx_m, s], timesteps[s], latents[idx_m, s + 1],
+                                       embeds[idx_m], neg, guidance, eta).detach().float()   # (m·b,)
+                rows, steps = idx_m[new], s[new]
+                diffs.append((lp[new] - old_log_probs[rows, steps].float()).abs())
+                olds[rows, steps], done[rows, steps] = lp[new], True
     return olds, torch.cat(diffs).mean().item()
 
 

@@ -21,7 +21,7 @@ import torch
 from align.data import DataError, batch_groups, load_preferences, read_jsonl
 from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, split_summary
 from align.runner import WindowMean, progress
-from align.session import rng_state, set_rng_state, start_run
+from align.session import load_optimizer_state, rng_state, set_rng_state, start_run
 from image_rlhf.clip_reward import ClipReward
 
 log = logging.getLogger(__name__)
@@ -195,11 +195,19 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
                          f"{cfg.save_every}")
     if cfg.mode not in ("pickscore", "aesthetic"):
         raise ValueError(f"image rm: mode must be 'pickscore' or 'aesthetic', got {cfg.mode!r}")
+    if not cfg.eval_data and not 0 <= cfg.eval_fraction < 1:
+        raise ValueError(f"image rm: eval_fraction must be in [0, 1) (the share of prompts held out), "
+                         f"got {cfg.eval_fraction}")
+    if cfg.max_pairs_per_batch < 1:
+        raise ValueError(f"image rm: max_pairs_per_batch must be >= 1, got {cfg.max_pairs_per_batch}")
     groups = load_preferences(cfg.data, candidates="path", allow_duplicates=cfg.allow_duplicates)  # bad input fails before the run folder exists
     if cfg.eval_data:
         train, held = groups, load_preferences(cfg.eval_data, candidates="path", allow_duplicates=cfg.allow_duplicates)
     else:  # split by prompt, so no held-out prompt was seen in training
         train, held = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
+    if not train:
+        raise ValueError(f"image rm: no training pairs left in {cfg.data} after holding out "
+                         f"{len({g.prompt for g in held})} prompts (eval_fraction={cfg.eval_fraction})")
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
     if run.resume_dir:
@@ -213,7 +221,7 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
     batches_per_epoch = len(list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes)))
     total_steps = max(1, int(batches_per_epoch * cfg.epochs))
     if run.resume_dir:
-        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        load_optimizer_state(optimizer, run.resume_dir / "optimizer.pt")  # this config's lr, the checkpoint's moments
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
     log.info("image rm (%s, %s): %s, %d images; %d steps", cfg.mode, cfg.clip, split_summary(train, held),
              len(store.where), total_steps)

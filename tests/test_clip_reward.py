@@ -287,3 +287,28 @@ def test_clip_spec_takes_a_run_folder_and_names_unknown_tags(tmp_path):
     assert again.mode == "aesthetic" and again.image_size == reward.image_size
     with pytest.raises(ValueError, match=r"pretrained='nosuchtag'.*\(tags of tiny-clip: none; or a checkpoint"):
         ClipReward.create("tiny-clip", "nosuchtag")
+
+
+@pytest.mark.parametrize("kw, match", [(dict(eval_fraction=1.0), "eval_fraction must be in"),    # no training pairs
+                                       (dict(eval_fraction=-0.5), "eval_fraction must be in"),   # held out half
+                                       (dict(log_every=0), "log_every must be >= 1")])           # crashed at step 1
+def test_image_rm_refuses_configs_that_cannot_work(tmp_path, kw, match):
+    from image_rlhf.rm import ImageRMConfig, run_image_rm
+    path = make_colour_prefs(tmp_path / "d", NOUNS[:4], seed=4)
+    with pytest.raises(ValueError, match=match):
+        run_image_rm(ImageRMConfig(data=str(path), out=str(tmp_path / "run"), **kw))
+    assert not (tmp_path / "run").exists()
+
+
+def test_image_rm_resume_uses_the_configs_lr(tmp_path):
+    """Resumed with lr = logit_scale_lr = 0, the model stays the checkpoint's (the checkpoint's lr was used)."""
+    from image_rlhf.clip_reward import ClipReward
+    from image_rlhf.rm import ImageRMConfig, run_image_rm
+    path = make_colour_prefs(tmp_path / "d", NOUNS[:4], seed=4)
+    cfg = ImageRMConfig(data=str(path), out=str(tmp_path / "run"), epochs=1, max_pairs_per_batch=8, lr=1e-3,
+                        eval_fraction=0.25, log_every=1)
+    run_image_rm(cfg)
+    before = ClipReward.load(tmp_path / "run" / "model").state_dict()
+    cfg.epochs, cfg.lr, cfg.logit_scale_lr = 2, 0.0, 0.0
+    after = ClipReward.load(run_image_rm(cfg, resume=True)).state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)

@@ -176,3 +176,24 @@ def test_cpu_attention_product_runs_in_float32_under_bf16_autocast(tiny_sd):
         assert torch.equal(wide(x), plain)
     procs = {type(p) for p in load_pipeline(tiny_sd).unet.attn_processors.values()}
     assert procs == {CpuSdpaProcessor}
+
+
+def test_recompute_covers_every_inner_epochs_steps(tiny_sd, prompts_file, tmp_path, monkeypatch):
+    """timestep_fraction < 1 trains other steps in each inner epoch; the recompute ran over the first inner epoch's
+    calls only, so the second trained half its (sample, step)s against the sampler's record: at lr 0 a sampler off
+    by 1e-3 left ratios e^−1e-3 and clipped ones. Now every trained entry is recomputed before any step."""
+    import image_rlhf.ddpo
+    exact = image_rlhf.ddpo.sample_trajectories
+
+    def off_sampler(*args, **kw):
+        traj = exact(*args, **kw)
+        traj.log_probs = traj.log_probs + 1e-3
+        return traj
+
+    monkeypatch.setattr(image_rlhf.ddpo, "sample_trajectories", off_sampler)
+    out = tmp_path / "run"
+    run_ddpo(_cfg(tiny_sd, prompts_file, out, num_steps=4, lr=0.0, grid_seeds=[], recompute_log_probs=True,
+                  inner_epochs=2, timestep_fraction=0.5))
+    (row,) = [r for r in _metrics(out) if "policy/clipfrac" in r]
+    assert row["policy/ratio"] == 1.0 and row["policy/clipfrac"] == 0.0, row
+    assert row["policy/logp_recompute_diff"] == pytest.approx(1e-3, rel=1e-3)

@@ -304,3 +304,21 @@ def test_sft_gradient_accumulation_is_token_weighted(tmp_path):
         assert metrics(out)[-1]["sft/grad_norm"] > 0
     for k in weights[0]:
         torch.testing.assert_close(weights[0][k], weights[1][k], atol=2e-6, rtol=0)
+
+
+def test_sft_resume_uses_the_configs_lr_not_the_checkpoints(tiny_gpt2, data, tmp_path):
+    """torch's load_state_dict restores the checkpoint's lr (and LambdaLR its base lr): resumed with lr=0, SFT
+    went on at the old one. Now the resumed steps run at this config's lr on the same schedule: weights unchanged."""
+    from safetensors.torch import load_file
+    out = tmp_path / "sft"
+    run_sft(load_config(SFTConfig, None, ["epochs=1", "batch_size=8", "lr=1e-2", "eval_fraction=0", "log_every=1"],
+                        model=tiny_gpt2, data=data["demos"], out=str(out)))
+    (ckpt,) = sorted((out / "checkpoints").glob("step-*"))
+    n_first = len(metrics(out))
+    saved = load_file(str(ckpt / "model" / "model.safetensors"))
+    run_sft(load_config(SFTConfig, None, ["epochs=2", "batch_size=8", "lr=0", "eval_fraction=0", "log_every=1"],
+                        model=tiny_gpt2, data=data["demos"], out=str(out)), resume=True)
+    lrs = [r["sft/lr"] for r in metrics(out) if "sft/lr" in r]  # an epoch at 1e-2's schedule, one resumed at 0
+    assert len(lrs) == 2 * n_first and lrs[0] > 0 and lrs[n_first:] == [0.0] * n_first, lrs
+    final = load_file(str(out / "model" / "model.safetensors"))
+    assert all(torch.equal(final[k], v) for k, v in saved.items())

@@ -29,7 +29,7 @@ from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_los
                       make_kl_controller, masked_whiten)
 from align.rl.config import LoraParams, PPOParams
 from align.runner import atomic_write_text, progress
-from align.session import adamw, gather_strings, rng_state, set_rng_state, start_run
+from align.session import adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_prompts, fuse_activations,
                               load_causal_lm, load_seq_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
@@ -219,7 +219,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     if run.resume_dir:
         state = run.state
         model.load_state_dict(torch.load(run.resume_dir / "policy.pt", weights_only=False), strict=False)
-        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        load_optimizer_state(optimizer, run.resume_dir / "optimizer.pt")  # this config's lr, the checkpoint's moments
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
         kl_ctl.load_state_dict(state["kl_ctl"])
         shift = state["reward_shift"]

@@ -19,7 +19,7 @@ from align.data import batch_groups, load_hf_preferences, load_preferences
 from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, split_summary
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
-from align.session import adamw, rng_state, set_rng_state, start_run
+from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, load_seq_scorer,
                               load_tokenizer, pad_batch, save_hf)
 
@@ -110,7 +110,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     schedule = _schedule(train, cfg.max_pairs_per_batch * acc.num_processes, cfg.epochs, cfg.seed)
     total_steps = len(schedule)
     if run.resume_dir:
-        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        load_optimizer_state(optimizer, run.resume_dir / "optimizer.pt")  # this config's lr, the checkpoint's moments
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
         if cfg.lora.r > 0:
             from peft import set_peft_model_state_dict

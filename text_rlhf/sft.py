@@ -16,7 +16,7 @@ import torch
 from align.data import load_sft, read_jsonl
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
-from align.session import adamw, rng_state, set_rng_state, start_run
+from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run
 from text_rlhf.models import (apply_lora, enable_checkpointing, load_causal_lm, load_tokenizer, pad_batch,
                               position_ids_from_mask, save_hf)
 
@@ -123,8 +123,11 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         optimizer, lambda s: min((s + 1) / max(1, warmup), max(0.0, (total_steps - s) / max(1, total_steps - warmup))))
     model, optimizer = acc.prepare(model, optimizer)
     if run.resume_dir:
-        optimizer.load_state_dict(torch.load(run.resume_dir / "optimizer.pt", weights_only=False))
+        load_optimizer_state(optimizer, run.resume_dir / "optimizer.pt")  # this config's lr, the checkpoint's moments
         scheduler.load_state_dict(torch.load(run.resume_dir / "scheduler.pt", weights_only=False))
+        scheduler.base_lrs = [g["initial_lr"] for g in optimizer.param_groups]  # cfg.lr, not the checkpoint's
+        for g, base, fn in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+            g["lr"] = base * fn(scheduler.last_epoch)  # the schedule at the resumed step
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
     log.info("sft: %d train / %d eval demonstrations; %d steps of %d sequences (%d × %d accumulation × %d processes)",
              len(train_set), len(eval_set), total_steps, cfg.batch_size * acc.num_processes, micro, accum,
