@@ -135,6 +135,9 @@ class ClipReward(nn.Module):
             spec = str(Path(spec) / "model")  # an `align image rm` run folder: the model it finished with
         if (Path(spec) / META_FILE).is_file():
             r = cls.load(spec, device=device)
+            if image_size and (int(image_size),) * 2 != tuple(r.image_size):
+                raise ValueError(f"{spec}: a saved reward keeps its input size {r.image_size[0]}; image_size="
+                                 f"{image_size} applies to an open_clip model or config, not to a saved reward")
             if mode is None or mode == r.mode:
                 return r
             return cls(r.model, r.tokenizer, r.model_cfg, mode, r.name, r.pretrained, head_hidden).to(device)

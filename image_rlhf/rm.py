@@ -198,6 +198,8 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
     if not cfg.eval_data and not 0 <= cfg.eval_fraction < 1:
         raise ValueError(f"image rm: eval_fraction must be in [0, 1) (the share of prompts held out), "
                          f"got {cfg.eval_fraction}")
+    if not cfg.epochs > 0:
+        raise ValueError(f"image rm: epochs must be > 0 (a fraction trains part of an epoch), got {cfg.epochs}")
     if cfg.max_pairs_per_batch < 1:
         raise ValueError(f"image rm: max_pairs_per_batch must be >= 1, got {cfg.max_pairs_per_batch}")
     groups = load_preferences(cfg.data, candidates="path", allow_duplicates=cfg.allow_duplicates)  # bad input fails before the run folder exists
@@ -260,7 +262,8 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
             bar.update(1)
             window.add({"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
             if step % cfg.log_every == 0 or step == total_steps:
-                run.log(step, {**window.pop(), "rm/logit_scale": reward.logit_scale})
+                run.log(step, {**window.pop(), **({"rm/logit_scale": reward.logit_scale} if cfg.mode == "pickscore"
+                                                    else {})})  # the aesthetic head reads no temperature
             if (cfg.save_every and step % cfg.save_every == 0) or step % batches_per_epoch == 0 or step == total_steps:
                 if held:
                     run.log(step, held_out())

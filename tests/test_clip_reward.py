@@ -285,13 +285,17 @@ def test_clip_spec_takes_a_run_folder_and_names_unknown_tags(tmp_path):
     reward.save(tmp_path / "run" / "model")
     again = ClipReward.create(str(tmp_path / "run"))
     assert again.mode == "aesthetic" and again.image_size == reward.image_size
+    assert ClipReward.create(str(tmp_path / "run"), image_size=reward.image_size[0]).image_size == reward.image_size
+    with pytest.raises(ValueError, match="a saved reward keeps its input size 32; image_size=48"):
+        ClipReward.create(str(tmp_path / "run"), image_size=48)  # was silently ignored
     with pytest.raises(ValueError, match=r"pretrained='nosuchtag'.*\(tags of tiny-clip: none; or a checkpoint"):
         ClipReward.create("tiny-clip", "nosuchtag")
 
 
 @pytest.mark.parametrize("kw, match", [(dict(eval_fraction=1.0), "eval_fraction must be in"),    # no training pairs
                                        (dict(eval_fraction=-0.5), "eval_fraction must be in"),   # held out half
-                                       (dict(log_every=0), "log_every must be >= 1")])           # crashed at step 1
+                                       (dict(log_every=0), "log_every must be >= 1"),            # crashed at step 1
+                                       (dict(epochs=0), "epochs must be > 0")])                  # trained 1 step
 def test_image_rm_refuses_configs_that_cannot_work(tmp_path, kw, match):
     from image_rlhf.rm import ImageRMConfig, run_image_rm
     path = make_colour_prefs(tmp_path / "d", NOUNS[:4], seed=4)
