@@ -268,7 +268,7 @@ def world_markdown(r: WorldResult, out: Path) -> str:
         parts += [f"### {title}", "", _relink(body, r.out_dir, out), ""]
     parts += ["### Time per stage", "",
               markdown_table([{"stage": k, "seconds": round(v, 1)} for k, v in r.timings.items()]
-                             + [{"stage": "total", "seconds": round(sum(r.timings.values()), 1)}]), ""]
+                             + [{"stage": "total", "seconds": round(sum(r.timings.values()), 1)}], floatfmt=".1f"), ""]
     return "\n".join(parts)
 
 
@@ -288,7 +288,8 @@ def _relink(markdown: str, world_dir: str, out: Path) -> str:
 
 def write_demo_report(results: list[WorldResult], out: Path, total_s: float) -> Path:
     text = ["# align demo", "",
-            "The InstructGPT recipe on the miniature worlds (DESIGN.md): base models trained here from scratch, "
+            "The InstructGPT recipe on the miniature worlds (README.md, "The miniature worlds: `align demo`"): base models trained here "
+            "from scratch, "
             "then SFT (text), preferences ranked by a noisy gold labeler, a learned reward model, and RL against "
             "that reward model with a KL leash. The gold judge plays the human; RL never sees it.", "",
             "```", summary(results, total_s).strip("\n"), "```", ""]
