@@ -288,8 +288,8 @@ def _relink(markdown: str, world_dir: str, out: Path) -> str:
 
 def write_demo_report(results: list[WorldResult], out: Path, total_s: float) -> Path:
     text = ["# align demo", "",
-            "The InstructGPT recipe on the miniature worlds (README.md, "The miniature worlds: `align demo`"): base models trained here "
-            "from scratch, "
+            "The InstructGPT recipe on the miniature worlds (README.md, section 'The miniature worlds: `align demo`'): "
+            "base models trained here from scratch, "
             "then SFT (text), preferences ranked by a noisy gold labeler, a learned reward model, and RL against "
             "that reward model with a KL leash. The gold judge plays the human; RL never sees it.", "",
             "```", summary(results, total_s).strip("\n"), "```", ""]
