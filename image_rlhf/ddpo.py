@@ -208,7 +208,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
         # ------------------------------------------------------------ 5. log
         metrics = {"reward/mean": all_rewards.mean().item(), "reward/std": all_rewards.std(unbiased=False).item(),
                    "reward/min": all_rewards.min().item(), "reward/max": all_rewards.max().item(),
-                   "reward/prompts_tracked": float(len(tracker.stats)) if cfg.buffer_size > 0 else 0.0,
+                   **({"reward/prompts_tracked": float(len(tracker.stats))}  # only where the tracker is used
+                      if cfg.buffer_size > 0 and not cfg.noise_group_size else {}),
                    **extra, **stats, "time/sample_s": t_sample - t0, "time/update_s": t_update - t_sample,
                    "time/images_per_s": n_local * world / (t_update - t0)}
         if run.is_main and grid_prompts and (epoch % cfg.grid_every == 0 or epoch == cfg.epochs):
