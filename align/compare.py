@@ -38,6 +38,7 @@ import torch
 from align.bootstrap import _as_grid, bootstrap_ci, summarize, win_rate  # noqa: F401 (re-exported)
 from align.compare_prompts import (QA_EXAMPLE, QA_QUERY, SD_TAGS, PromptItem, Template,  # noqa: F401 (re-exported)
                                    load_compare_prompts, make_template)
+from align.reward import as_scores
 
 log = logging.getLogger(__name__)
 
@@ -228,14 +229,7 @@ def compare_table(arms: dict, pairs: Sequence[tuple[str, str]] | None = None, **
 
 def check_scores(out, n: int, spec: str) -> torch.Tensor:
     """A judge's output as (n,) float64 on the CPU; a wrong count or a NaN is a ValueError naming the judge."""
-    try:
-        scores = (out.detach().to("cpu", torch.float64) if torch.is_tensor(out)
-                  else torch.as_tensor(out, dtype=torch.float64)).flatten()  # a list of floats keeps its precision
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ValueError(f"judge {spec!r}: expected a tensor or a list of {n} numbers, got {type(out).__name__} "
-                         f"({e})") from None
-    if scores.numel() != n:
-        raise ValueError(f"judge {spec!r}: returned {scores.numel()} scores for {n} outputs")
+    scores = as_scores(out, n, repr(spec), "outputs", torch.float64, role="judge")
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if len(bad):
         raise ValueError(f"judge {spec!r}: non-finite score {scores[bad[0]].item()} at index {int(bad[0])}")

@@ -120,6 +120,21 @@ def evaluate_pairs(score_fn: Scorer, batches) -> dict[str, float]:
     }
 
 
+def as_scores(out, n: int, spec: str, unit: str = "samples", dtype: torch.dtype = torch.float32,
+              role: str = "reward") -> torch.Tensor:
+    """What a user's `module:function` reward (or judge) returned — a tensor, a list of numbers, a numpy array — as
+    a (n,) tensor of `dtype` on the CPU, detached; anything else, or another count, is a ValueError naming it.
+    (A list of floats converted straight to float64 keeps its precision.)"""
+    try:
+        scores = (out.detach().to("cpu", dtype) if torch.is_tensor(out) else torch.as_tensor(out, dtype=dtype)).flatten()
+    except (TypeError, ValueError, RuntimeError, OverflowError) as e:
+        raise ValueError(f"{role} {spec}: expected a list of {n} numbers (or a tensor), got {type(out).__name__} "
+                         f"({e})") from None
+    if scores.numel() != n:
+        raise ValueError(f"{role} {spec}: returned {scores.numel()} scores for {n} {unit}")
+    return scores
+
+
 def normalizer_from_scores(scores: torch.Tensor) -> tuple[float, float]:
     """(shift, scale) such that (score − shift) has mean 0 on these scores, taken from samples of the
     reference policy (InstructGPT §3.5 and Ziegler et al. 2019 §2.2: normalise the RM so the reference

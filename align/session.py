@@ -145,6 +145,22 @@ def load_optimizer_state(optimizer, path) -> None:
         g.update(hyper)
 
 
+def stop_if_not_finite(acc, losses: dict[str, float], what: str) -> None:
+    """Before an optimiser step: raise FloatingPointError on every process if any process's loss is NaN/inf (all
+    agree, so none hangs at the next collective). Stepping would write NaN into the weights, and the next
+    checkpoint would keep them; raised here, the last checkpoint is intact."""
+    import math
+
+    import torch
+    finite = all(math.isfinite(v) for v in losses.values())
+    if getattr(acc, "num_processes", 1) > 1:
+        finite = bool(acc.gather(torch.tensor([float(finite)], device=acc.device)).min() > 0)
+    if not finite:
+        shown = ", ".join(f"{k} {v}" for k, v in losses.items())
+        raise FloatingPointError(f"{what}: the loss is not finite ({shown}); lower lr; nothing of this step was "
+                                 "saved, the last checkpoint is intact")
+
+
 def float32_trainable(module) -> None:
     """Every parameter that trains (requires_grad) in float32, whatever the frozen rest is in (bf16/fp16 under
     mixed precision with LoRA): the optimiser's updates and state need float32. Text and image LoRA use it."""

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import math
 
 import torch
 
 from align.rl import clipped_surrogate, kl_k1, kl_k2
+from align.session import stop_if_not_finite
 from image_rlhf.ddim import ddim_std_dev, step_kl, step_kl_per_element
 from image_rlhf.sampling import step_log_prob
 
@@ -74,13 +74,7 @@ def ddpo_update(model, unet, ref_unet, optimizer, acc, scheduler, latents, times
                     n += 1
                 acc.backward(total / n_backward)
             if step_now and last:
-                finite = math.isfinite(sums["policy/loss"])
-                if getattr(acc, "num_processes", 1) > 1:  # every rank raises, none hangs at the next collective
-                    finite = bool(acc.gather(torch.tensor([float(finite)], device=acc.device)).min() > 0)
-                if not finite:  # stepping would write NaN into the weights, and the next checkpoint would keep them
-                    raise FloatingPointError(f"ddpo: the loss is not finite at epoch {epoch + 1}; lower lr (now "
-                                             f"{cfg.lr}); nothing of this epoch was saved, the last checkpoint is "
-                                             "intact")
+                stop_if_not_finite(acc, {"loss": sums["policy/loss"]}, f"ddpo, epoch {epoch + 1} (lr {cfg.lr})")
                 if cfg.max_grad_norm:
                     norm = float(acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm))
                     sums["policy/grad_norm"] = sums.get("policy/grad_norm", 0.0) + norm * n_backward

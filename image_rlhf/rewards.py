@@ -15,6 +15,8 @@ from typing import Callable
 
 import torch
 
+from align.reward import as_scores
+
 JPEG_QUALITY = 95  # DDPO paper / ddpo-pytorch
 
 
@@ -74,15 +76,7 @@ class CheckedReward:
 
     def __call__(self, prompts, images) -> torch.Tensor:
         n = len(prompts)
-        out = self.fn(list(prompts), images)
-        try:
-            scores = torch.as_tensor(out.detach() if torch.is_tensor(out) else out, dtype=torch.float32)
-        except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-            raise ValueError(f"reward {self.spec!r}: expected a tensor or a list of {n} numbers, "
-                             f"got {type(out).__name__} ({e})") from None
-        scores = scores.flatten()
-        if scores.numel() != n:
-            raise ValueError(f"reward {self.spec!r}: returned {scores.numel()} scores for {n} images")
+        scores = as_scores(self.fn(list(prompts), images), n, self.spec, "images")
         bad = (~torch.isfinite(scores)).nonzero().flatten()
         if len(bad):
             i = int(bad[0])

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -24,11 +23,12 @@ import torch
 
 from align.config import import_function
 from align.data import load_prompts
-from align.reward import normalizer_from_scores
+from align.reward import as_scores, normalizer_from_scores
 from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_loss, gae, kl_estimate,
                       make_kl_controller, masked_whiten)
 from align.runner import atomic_write_text, progress
-from align.session import adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run
+from align.session import (adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run,
+                           stop_if_not_finite)
 from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_prompts, fuse_activations,
                               load_causal_lm, load_seq_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
@@ -58,14 +58,7 @@ class RewardFn:
         """ended (B,) bool: the responses that stopped at EOS. The same-tokenizer path reads their EOS from
         `seq`; re-encoded for an RM with another tokenizer they get that tokenizer's EOS, as the RM was trained."""
         if self.fn is not None:
-            raw = self.fn(list(prompts), list(responses_text))
-            try:
-                out = torch.as_tensor(raw.detach() if torch.is_tensor(raw) else raw, dtype=torch.float32).flatten()
-            except (TypeError, ValueError, RuntimeError, OverflowError) as e:
-                raise ValueError(f"reward {self.spec}: expected a list of {len(prompts)} numbers (or a tensor), got "
-                                 f"{type(raw).__name__} ({e})") from e
-            if out.numel() != len(prompts):
-                raise ValueError(f"reward {self.spec}: returned {out.numel()} scores for {len(prompts)} responses")
+            out = as_scores(self.fn(list(prompts), list(responses_text)), len(prompts), self.spec, "responses")
             return out.to(self.device)
         scores = []
         for i in range(0, len(prompts), self.batch_size):
@@ -330,13 +323,8 @@ def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, ad
                 for name, v in (("policy/pg_loss", pg_loss), ("policy/vf_loss", vf_loss), *(
                         (f"policy/{n}", s) for n, s in {**pg_stats, **vf_stats}.items())):
                     mb_stats[name] = mb_stats.get(name, 0.0) + float(v.detach()) * float(w)
-            finite = math.isfinite(mb_stats["policy/pg_loss"]) and math.isfinite(mb_stats["policy/vf_loss"])
-            if acc.num_processes > 1:  # every rank raises, none hangs at the next collective
-                finite = bool(acc.gather(torch.tensor([float(finite)], device=seq.device)).min() > 0)
-            if not finite:  # stepping would write NaN into the weights, and the next checkpoint would keep them
-                raise FloatingPointError(f"ppo: the loss is not finite (pg_loss {mb_stats['policy/pg_loss']}, vf_loss "
-                                         f"{mb_stats['policy/vf_loss']}); lower lr (now {cfg.lr}); nothing of this "
-                                         "iteration was saved, the last checkpoint is intact")
+            stop_if_not_finite(acc, {"pg_loss": mb_stats["policy/pg_loss"], "vf_loss": mb_stats["policy/vf_loss"]},
+                               f"ppo (lr {cfg.lr})")
             if p.max_grad_norm:
                 acc.clip_grad_norm_(model.parameters(), p.max_grad_norm)
             optimizer.step()
