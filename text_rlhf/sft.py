@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from align.data import load_sft, read_jsonl
+from align.data import load_sft
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
 from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run
@@ -92,9 +92,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     if cfg.micro_batch_size < 0 or cfg.save_every < 0 or not cfg.epochs > 0 or not 0 <= cfg.eval_fraction < 1:
         raise ValueError("sft: needs micro_batch_size >= 0, save_every >= 0, epochs > 0 and 0 <= eval_fraction < 1 "
                          f"(got {cfg.micro_batch_size}, {cfg.save_every}, {cfg.epochs}, {cfg.eval_fraction})")
-    records = load_sft(cfg.data)  # bad input fails before the run folder exists
+    records, lines = load_sft(cfg.data, with_lines=True)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.model, padding_side="right")
-    lines = [f"{cfg.data}:{line}" for line, _ in read_jsonl(cfg.data)]  # load_sft keeps one record per line
     encoded = encode_sft(tok, records, cfg.max_length, where=lines)  # so does a prompt longer than max_length
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator

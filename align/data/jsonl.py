@@ -189,17 +189,19 @@ def load_preferences(path, *, candidates="text", allow_duplicates=False) -> list
     return groups
 
 
-def load_sft(path) -> list[dict]:
-    """Load {"prompt": str, "response": non-empty str} records as a list of such dicts."""
-    records = []
+def load_sft(path, with_lines: bool = False):
+    """Load {"prompt": str, "response": non-empty str} records as a list of such dicts; with_lines: also each
+    record's "file:line", for errors found later (a prompt too long for the model)."""
+    records, where = [], []
     for line, obj in read_jsonl(path):
         rec = _Record(path, line, obj)
         prompt = rec.get("prompt", (str,), "a string")
         response = rec.text("response", rec.require("response"))
         records.append({"prompt": prompt, "response": response})
+        where.append(f"{path}:{line}")
     if not records:
         raise DataError("no records", path=path)
-    return records
+    return (records, where) if with_lines else records
 
 
 def load_prompts(path) -> list[str]:
