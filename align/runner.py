@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "seed_everything", "atomic_write_text", "atomic_write_bytes", "atomic_write_json",
-    "CheckpointManager", "RunDirError", "prepare_out_dir", "RunLogger", "WindowMean", "plot_curves",
+    "CheckpointManager", "RunDirError", "prepare_out_dir", "RunLogger", "WindowMean", "truncate_jsonl", "plot_curves",
     "progress", "make_accelerator", "peak_rss_mb",
 ]
 
@@ -243,6 +243,27 @@ class WindowMean:
         return out
 
 
+def truncate_jsonl(path: Path, key: str, last) -> list[dict]:
+    """Rewrite a run's JSONL log (metrics.jsonl, samples.jsonl), if there is one, with only the rows whose `key` is <= last, and
+    return them: on --resume the rows after the checkpoint belong to the lost part of the crashed run, which is
+    run again and logs them anew. Lines cut short by a crash are skipped (with a warning)."""
+    if not Path(path).exists():
+        return []
+    rows = []
+    for i, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("%s:%d: skipping unreadable line", path, i)
+            continue
+        if isinstance(row, dict) and key in row and row[key] <= last:
+            rows.append(row)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+    return rows
+
+
 class RunLogger:
     """Metrics sink for the main process: TensorBoard, metrics.jsonl and in-memory history.
 
@@ -263,8 +284,7 @@ class RunLogger:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         self.path = out / "metrics.jsonl"
-        rows = self._read_rows(self.path, resume_step) if resume_step is not None else []
-        atomic_write_text(self.path, "".join(json.dumps(r) + "\n" for r in rows))
+        rows = truncate_jsonl(self.path, "step", resume_step if resume_step is not None else -math.inf)
         for row in rows:
             self._remember(row["step"], {k: v for k, v in row.items() if k != "step"})
         self._file = open(self.path, "a", encoding="utf-8")
@@ -272,23 +292,6 @@ class RunLogger:
 
         purge = None if resume_step is None else int(resume_step) + 1
         self.tb = SummaryWriter(log_dir=str(out / "tb"), purge_step=purge)
-
-    @staticmethod
-    def _read_rows(path: Path, resume_step: int) -> list[dict]:
-        if not path.exists():
-            return []
-        rows = []
-        for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:  # e.g. a line cut short by a crash
-                logger.warning("%s:%d: skipping unreadable line", path, i)
-                continue
-            if isinstance(row, dict) and "step" in row and row["step"] <= resume_step:
-                rows.append(row)
-        return rows
 
     def _remember(self, step: int, metrics: dict) -> None:
         for k, v in metrics.items():

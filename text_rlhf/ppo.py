@@ -26,7 +26,7 @@ from align.data import load_prompts
 from align.reward import as_scores, normalizer_from_scores
 from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_loss, gae, kl_estimate,
                       make_kl_controller, masked_whiten)
-from align.runner import atomic_write_text, progress
+from align.runner import progress, truncate_jsonl
 from align.session import (adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run,
                            stop_if_not_finite)
 from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_prompts, fuse_activations,
@@ -163,7 +163,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     samples_path = run.out / "samples.jsonl"
     it = run.start_step
     if run.is_main:  # as metrics.jsonl: keep what the checkpoint covers (a resumed run redoes the rest), else start afresh
-        _truncate_samples(samples_path, it)
+        truncate_jsonl(samples_path, "iteration", it)
     bar = progress(total=cfg.iterations, desc="ppo", is_main=run.is_main)
     bar.update(it)
     while it < cfg.iterations:
@@ -350,23 +350,6 @@ def _code(text: str) -> str:
     code span of two backticks when the text holds one (a single one would end the span there)."""
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
     return f"`` {text} ``" if "`" in text else f"`{text}`"
-
-
-def _truncate_samples(path: Path, last_iteration: int) -> None:
-    """Drop the samples of iterations after `last_iteration` (0: all of them): on --resume the iterations after the
-    checkpoint are run again and append their samples anew."""
-    import json
-    if not path.exists():
-        return
-    keep = []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a crash
-            continue
-        if isinstance(row, dict) and row.get("iteration", last_iteration + 1) <= last_iteration:
-            keep.append(line + "\n")
-    atomic_write_text(path, "".join(keep))
 
 
 def _append_samples(path: Path, it: int, prompts, texts, scores, n: int) -> None:
