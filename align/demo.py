@@ -109,27 +109,31 @@ def fit_gao(kl: Sequence[float], gold: Sequence[float]) -> dict:
 
         R(d) = d (α − β log d),  d = √KL(π ‖ π_ref),  R = gold(π) − gold(π_init)
 
-    Linear least squares in (α, β) over points with d > 0 (the form has R(0) = 0, so the gold gain is
-    measured from the first point, which must be the policy before RL). Returns α, β, R² of the fit,
-    n points, and the d at which the fitted R peaks (exp(α/β − 1) for β > 0, else None)."""
+    Linear least squares of gold = r0 + d(α − β log d) over every point: r0, the initial policy's gold, is
+    fitted with α and β rather than read off the first point, which is one batch of the policy before RL and
+    as noisy as any other (in the text demo its standard error is about the size of the whole gain). Points
+    whose batch KL estimate is ≤ 0 count at d = 0, where the policy is still the reference. Returns α, β, r0,
+    R² of the fit, n points, n_at_zero (points at d = 0) and the d at which the fitted R peaks (exp(α/β − 1)
+    for β > 0, else None)."""
     import numpy as np
     kl = np.asarray(kl, dtype=np.float64)
     gold = np.asarray(gold, dtype=np.float64)
     if kl.shape != gold.shape or kl.size < 3:
         raise ValueError(f"fit_gao: need ≥ 3 paired (kl, gold) points, got {kl.size} and {gold.size}")
     d = np.sqrt(np.clip(kl, 0.0, None))
-    r = gold - gold[0]
-    keep = d > 1e-8
-    if keep.sum() < 2:
-        return {"alpha": float("nan"), "beta": float("nan"), "r2": float("nan"), "n": int(keep.sum()), "d_peak": None}
-    dk, rk = d[keep], r[keep]
-    A = np.stack([dk, -dk * np.log(dk)], axis=1)
-    (alpha, beta), *_ = np.linalg.lstsq(A, rk, rcond=None)
-    resid = rk - A @ np.array([alpha, beta])
-    ss_tot = float(((rk - rk.mean()) ** 2).sum())
+    pos = d > 1e-8
+    out = {"n": int(kl.size), "n_at_zero": int((~pos).sum())}
+    if np.unique(d[pos]).size < 2:  # α and β need two distinct d > 0
+        return {**out, "alpha": float("nan"), "beta": float("nan"), "r0": float("nan"), "r2": float("nan"),
+                "d_peak": None}
+    d_log_d = np.where(pos, d * np.log(np.where(pos, d, 1.0)), 0.0)
+    A = np.stack([np.ones_like(d), d, -d_log_d], axis=1)
+    (r0, alpha, beta), *_ = np.linalg.lstsq(A, gold, rcond=None)
+    resid = gold - A @ np.array([r0, alpha, beta])
+    ss_tot = float(((gold - gold.mean()) ** 2).sum())
     r2 = 1.0 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
     d_peak = float(math.exp(alpha / beta - 1.0)) if beta > 0 else None
-    return {"alpha": float(alpha), "beta": float(beta), "r2": r2, "n": int(keep.sum()), "d_peak": d_peak}
+    return {**out, "alpha": float(alpha), "beta": float(beta), "r0": float(r0), "r2": r2, "d_peak": d_peak}
 
 
 def gao_curve(alpha: float, beta: float, d):
@@ -154,9 +158,12 @@ def plot_overopt(rows: list[dict], fit: dict, path: Path, title: str) -> Path:
     fig = Figure(figsize=(6, 4.6), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    ax.plot(d, gold - gold[0], "o", ms=3, color="tab:orange", label="gold (judge) − initial")
+    gold0 = fit["r0"] if math.isfinite(fit.get("r0", float("nan"))) else gold[0]
+    proxy0 = fit_gao([r["kl"] for r in rows], proxy)["r0"] if len(rows) >= 3 else float("nan")
+    proxy0 = proxy0 if math.isfinite(proxy0) else proxy[0]  # the same form's intercept: not one noisy batch
+    ax.plot(d, gold - gold0, "o", ms=3, color="tab:orange", label="gold (judge) − fitted initial")
     ax2 = ax.twinx()
-    ax2.plot(d, proxy - proxy[0], "s", ms=3, color="tab:blue", alpha=0.6, label="proxy RM − initial")
+    ax2.plot(d, proxy - proxy0, "s", ms=3, color="tab:blue", alpha=0.6, label="proxy RM − fitted initial")
     ax2.set_ylabel("proxy RM gain", color="tab:blue")
     if math.isfinite(fit.get("alpha", float("nan"))):
         grid = np.linspace(0, max(d.max(), 1e-3) * 1.05, 200)
@@ -246,20 +253,20 @@ def world_markdown(r: WorldResult, out: Path) -> str:
         png = plot_overopt(r.overopt, fit, out / f"overopt_{r.world}.png",
                            f"{r.world}: proxy RM vs gold during RL (Gao et al. 2022 fit)")
         if not math.isfinite(fit["r2"]) or fit["r2"] < 0.5:  # a peak read off a fit that explains little is noise
-            peak = ("; the fit explains little of the gold's variation, so no peak is read from it" if fit["n"] >= 2
-                    else "")
+            peak = ("; the fit explains little of the gold's variation, so no peak is read from it"
+                    if math.isfinite(fit["alpha"]) else "")
         else:
             peak = (f"; fitted gold peaks at d = {fit['d_peak']:.3g} (KL {fit['d_peak'] ** 2:.3g} nats)"
                     if fit["d_peak"] else "")
-        at_zero = len(r.overopt) - fit["n"]
-        if at_zero > 1:  # the first point is the policy before RL; later ones at KL ≤ 0 are batch noise of k1
-            peak += (f". {at_zero - 1} later step(s) had a batch KL estimate ≤ 0 (the k1 estimate of a policy still "
-                     "at the reference) and are left out of the fit")
+        if fit["n_at_zero"] > 1:  # the first point is the policy before RL; later ones at KL ≤ 0 are batch noise of k1
+            peak += (f". {fit['n_at_zero'] - 1} later step(s) had a batch KL estimate ≤ 0 (the k1 estimate of a "
+                     "policy still at the reference) and count at d = 0")
         last = r.overopt[-1]
+        initial = (f"the initial policy's gold, fitted: {fit['r0']:.3f}; its first batch: {r.overopt[0]['gold']:.3f}"
+                   if math.isfinite(fit["r0"]) else "too few distinct KL values to fit")
         parts += ["### Over-optimisation: proxy RM vs gold as KL grows", "",
                   f"![over-optimisation]({png.name})", "",
-                  f"R(d) = d(α − β log d), d = √KL, R = gold gain over the initial policy (its first batch), "
-                  f"fitted on {fit['n']} RL steps: "
+                  f"gold = r0 + R(d), R(d) = d(α − β log d), d = √KL, fitted on {fit['n']} RL steps ({initial}): "
                   f"α = {fit['alpha']:.4f}, β = {fit['beta']:.4f}, R² = {fit['r2']:.3f}{peak}. "
                   f"Over the run: KL {r.overopt[0]['kl']:.2f} → {last['kl']:.2f} nats, proxy "
                   f"{r.overopt[0]['proxy']:.3f} → {last['proxy']:.3f}, gold {r.overopt[0]['gold']:.3f} → {last['gold']:.3f} "

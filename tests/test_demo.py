@@ -17,6 +17,7 @@ def test_fit_gao_recovers_known_coefficients():
     fit = fit_gao(kl, gold)
     assert fit["alpha"] == pytest.approx(alpha, abs=1e-9)
     assert fit["beta"] == pytest.approx(beta, abs=1e-9)
+    assert fit["r0"] == pytest.approx(0.25, abs=1e-9)
     assert fit["r2"] == pytest.approx(1.0, abs=1e-12)
     assert fit["d_peak"] == pytest.approx(math.exp(alpha / beta - 1.0))
     # the peak of R(d) = d(α − β log d): dR/dd = α − β − β log d = 0
@@ -30,6 +31,25 @@ def test_fit_gao_by_hand_two_points():
     fit = fit_gao([0.0, 1.0, e ** 2], [1.0, 1.5, 1.2])
     assert fit["alpha"] == pytest.approx(0.5)
     assert fit["beta"] == pytest.approx(0.5 - 0.2 / e)
+
+
+def test_fit_gao_estimates_the_initial_gold_instead_of_trusting_the_first_batch():
+    """The first point is one noisy batch: before, every gain was measured from it, and a batch 0.15 high bent
+    the whole curve (α 0.80 → 0.68, β 0.30 → 0.24 here). The intercept is now fitted with α and β: 0.76, 0.28, and
+    the first point, the only one at d = 0, still pulls the intercept a third of its error (0.25 → 0.30)."""
+    alpha, beta, g0 = 0.8, 0.3, 0.25
+    d = np.linspace(0.0, 6.0, 41)
+    gold = g0 + np.array([0.0 if x == 0 else x * (alpha - beta * math.log(x)) for x in d])
+    gold[0] += 0.15
+    fit = fit_gao(d ** 2, gold)
+    assert fit["r0"] == pytest.approx(g0, abs=0.06)
+    assert fit["alpha"] == pytest.approx(alpha, abs=0.05) and fit["beta"] == pytest.approx(beta, abs=0.025)
+    r = gold[1:] - gold[0]  # the old estimate, from the first point: farther off
+    old_alpha, old_beta = np.linalg.lstsq(np.stack([d[1:], -d[1:] * np.log(d[1:])], 1), r, rcond=None)[0]
+    assert abs(old_alpha - alpha) > 0.1 and abs(old_beta - beta) > 0.05
+    # KL estimates ≤ 0 (k1 noise of a policy at the reference) count at d = 0
+    fit = fit_gao(np.concatenate([[0.0, -0.01], d[1:] ** 2]), np.concatenate([[g0, g0], gold[1:]]))
+    assert fit["n_at_zero"] == 2 and fit["r0"] == pytest.approx(g0, abs=1e-9)
 
 
 def test_fit_gao_needs_points():
