@@ -120,7 +120,44 @@ def check_pipeline(src: str | Path) -> tuple[str, bool, dict, bool]:
         raise
     except (OSError, ValueError) as e:
         raise PipelineLoadError(f"{src}: cannot read the pipeline's model_index.json: {str(e).splitlines()[0]}") from e
+    _check_text_to_image(src, local, index)
     return src, local, index, has_vae
+
+
+def _check_text_to_image(src: str, local: bool, index: dict) -> None:
+    """Refuse, naming the file, a pipeline whose UNet needs more than (x_t, t, CLIP text states): SDXL (two text
+    encoders, `added_cond_kwargs`), inpainting / instruct-pix2pix / depth / upscaling UNets (in_channels ≠
+    out_channels: mask, image or depth channels), class-conditioned UNets; else they load and fail mid-run on
+    a tensor shape or a missing argument."""
+    what = f"{src} ({index['_class_name']})" if index.get("_class_name") else src
+    extra = [c for c in ("text_encoder_2", "tokenizer_2") if (index.get(c) or [None])[0] is not None]
+    if extra:
+        raise PipelineLoadError(f"{what}: model_index.json lists {', '.join(extra)} (SDXL-style: two text "
+                                f"encoders and added size conditioning); DDPO here takes SD 1.x/2.x pipelines")
+    for name, ok in (("unet", ("UNet2DConditionModel",)),
+                     ("text_encoder", ("CLIPTextModel", "CLIPTextModelWithProjection"))):
+        cls = (index.get(name) or [None, None])[1]
+        if cls is not None and cls not in ok:
+            raise PipelineLoadError(f"{what}: model_index.json says its {name} is a {cls}; DDPO needs a "
+                                    f"{' or '.join(ok)}")
+    try:
+        if local:
+            cfg = json.loads((Path(src) / "unet" / "config.json").read_text())
+        else:
+            from diffusers import UNet2DConditionModel
+            cfg = UNet2DConditionModel.load_config(src, subfolder="unet")
+    except (OSError, ValueError):
+        return  # no readable config: load_pipeline names the component it cannot load
+    if cfg.get("in_channels") != cfg.get("out_channels", cfg.get("in_channels")):
+        raise PipelineLoadError(f"{what}: unet/config.json has in_channels {cfg['in_channels']} but out_channels "
+                                f"{cfg['out_channels']}: a UNet that takes extra input channels (inpainting mask, "
+                                f"instruct-pix2pix image, depth, low-res image); DDPO needs a text-to-image UNet")
+    conditioning = [f"{k}={cfg[k]!r}" for k in ("addition_embed_type", "class_embed_type", "num_class_embeds")
+                    if cfg.get(k)]
+    if conditioning:
+        raise PipelineLoadError(f"{what}: unet/config.json has {', '.join(conditioning)}: a UNet conditioned on "
+                                f"more than the text (SDXL's size/text_time embeddings, class labels, an upscaler's "
+                                f"noise level); DDPO needs a text-to-image UNet")
 
 
 def load_pipeline(src: str | Path, device="cpu", dtype: torch.dtype = torch.float32,
@@ -275,16 +312,37 @@ def save_pixel_pipeline(out: str | Path, unet, text_encoder, tokenizer, schedule
 
 
 def save_parts(parts: DiffusionParts, out: str | Path) -> Path:
-    """A fully fine-tuned pipeline: diffusers' StableDiffusionPipeline layout, or the pixel layout."""
+    """A fully fine-tuned pipeline: diffusers' StableDiffusionPipeline layout (with the base's safety checker and
+    feature extractor where parts.source lists them), or the pixel layout."""
     out = Path(out)
     if parts.vae is None:
         return save_pixel_pipeline(out, parts.unet, parts.text_encoder, parts.tokenizer, parts.scheduler)
     from diffusers import StableDiffusionPipeline
-    pipe = StableDiffusionPipeline(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer,
-                                   unet=parts.unet, scheduler=parts.scheduler, safety_checker=None,
-                                   feature_extractor=None, requires_safety_checker=False)
+    own = dict(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+               scheduler=parts.scheduler)
+    pipe = _with_safety_checker(parts.source, own) if parts.source else None
+    if pipe is None:
+        pipe = StableDiffusionPipeline(**own, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
     pipe.save_pretrained(out)
     return out
+
+
+def _with_safety_checker(src: str, own: dict):
+    """The base's StableDiffusionPipeline with our components and its own safety_checker / feature_extractor (SD 1.x
+    ships them; a fine-tune saved without them would silently lose the NSFW filter), or None if it lists none."""
+    from diffusers import StableDiffusionPipeline
+    index = check_pipeline(src)[2]
+    extras = [c for c in ("safety_checker", "feature_extractor") if (index.get(c) or [None])[0] is not None]
+    if not extras:
+        return None
+    for variant in (None, "fp16"):  # the base's weights may be only the fp16 variant (see load_pipeline)
+        try:
+            return StableDiffusionPipeline.from_pretrained(src, **own, variant=variant)
+        except Exception as e:  # optional parts: never lose the trained pipeline over them
+            error = e
+    log.warning("%s: %s not carried over to the fine-tuned pipeline (%s); it is saved without them", src,
+                " and ".join(extras), str(error).splitlines()[0])
+    return None
 
 
 # ---------------------------------------------------------------------------- prompts

@@ -58,3 +58,68 @@ def test_full_fine_tuning_in_bf16_saves_float32_frozen_parts(tiny_sd_path, promp
     run = lambda p: p("a red circle", num_inference_steps=2, generator=torch.Generator().manual_seed(0),  # noqa: E731
                       output_type="pt").images
     assert torch.equal(run(pipe), run(base))  # lr 0: the saved pipeline is the base one
+
+
+def _edit_json(path, **changes):
+    import json
+    path.write_text(json.dumps({**json.loads(path.read_text()), **changes}))
+
+
+@pytest.mark.parametrize("edit, match", [
+    # StableDiffusionInpaintPipeline (in_channels 9; instruct-pix2pix 8, depth 5, x4 upscaler 7): crashed mid-run
+    # on "The size of tensor a (9) must match the size of tensor b (4)"
+    (lambda d: _edit_json(d / "unet" / "config.json", in_channels=9), r"unet/config.json has in_channels 9 but "),
+    # SDXL: was "the text encoder's hidden_size is 32 but the UNet's cross_attention_dim is ..." after the run
+    # folder was made, or a missing added_cond_kwargs mid-run
+    (lambda d: _edit_json(d / "model_index.json", _class_name="StableDiffusionXLPipeline",
+                          text_encoder_2=["transformers", "CLIPTextModelWithProjection"]),
+     r"\(StableDiffusionXLPipeline\): model_index.json lists text_encoder_2"),
+    (lambda d: _edit_json(d / "unet" / "config.json", addition_embed_type="text_time"),
+     "unet/config.json has addition_embed_type='text_time'"),
+    # DeepFloyd IF-style: a T5 folder was read as a CLIPTextModel with random weights (transformers only warns)
+    (lambda d: _edit_json(d / "model_index.json", text_encoder=["transformers", "T5EncoderModel"]),
+     "model_index.json says its text_encoder is a T5EncoderModel"),
+])
+def test_pipelines_that_are_not_text_to_image_sd_are_refused_naming_the_file(tiny_sd_path, prompts_file, tmp_path,
+                                                                               edit, match):
+    import shutil
+
+    from image_rlhf.pipeline import PipelineLoadError
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_sd_path, folder)
+    edit(folder)
+    with pytest.raises(PipelineLoadError, match=match):
+        run_ddpo(_cfg(folder, prompts_file, tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
+def test_full_fine_tune_of_an_sd15_layout_keeps_its_safety_checker_and_samples_as_align(tiny_sd_path, prompts_file,
+                                                                                      tmp_path):
+    """SD 1.x ships safety_checker/ and feature_extractor/: out/pipeline was saved without them (requires_safety_checker
+    false), silently dropping the NSFW filter. Also: diffusers' pipeline on the saved folder draws the same images
+    as align's sampler with the trained UNet (same DDIM scheduler, η = 1, CFG, generator)."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPConfig, CLIPImageProcessor
+
+    from image_rlhf.pipeline import encode_prompts, load_pipeline, negative_embeds
+    from image_rlhf.sampling import decode_latents, sample_trajectories
+    tiny = dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2)
+    torch.manual_seed(0)
+    checker = StableDiffusionSafetyChecker(CLIPConfig(text_config=tiny, vision_config=dict(
+        tiny, image_size=32, patch_size=4), projection_dim=32))
+    base = StableDiffusionPipeline.from_pretrained(tiny_sd_path, safety_checker=checker,
+                                                   feature_extractor=CLIPImageProcessor(crop_size=32, size=32))
+    base.save_pretrained(tmp_path / "sd15")
+    out = tmp_path / "run"
+    result = run_ddpo(_cfg(tmp_path / "sd15", prompts_file, out, lr=1e-2, grid_seeds=[]))
+    pipe = StableDiffusionPipeline.from_pretrained(result.model_dir)
+    assert isinstance(pipe.safety_checker, StableDiffusionSafetyChecker) and pipe.feature_extractor is not None
+    assert not torch.equal(pipe.unet.conv_out.weight, base.unet.conv_out.weight)
+    pipe.safety_checker = None  # random: it may black out an image
+    pipe.set_progress_bar_config(disable=True)
+    theirs = pipe(PROMPTS[:2], num_inference_steps=3, guidance_scale=5.0, eta=1.0, output_type="pt",
+                  generator=torch.Generator().manual_seed(7)).images
+    parts = load_pipeline(result.model_dir)
+    traj = sample_trajectories(result.unet.eval(), parts.scheduler, encode_prompts(parts, PROMPTS[:2]),
+                               negative_embeds(parts), 3, 5.0, 1.0, generator=torch.Generator().manual_seed(7))
+    torch.testing.assert_close(decode_latents(parts.vae, traj.final_latents), theirs, rtol=0, atol=1e-6)
