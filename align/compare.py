@@ -125,9 +125,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 
 def is_function_spec(spec: str) -> bool:
-    """'module:function' (and not an existing path that happens to contain a colon)."""
-    module, sep, name = str(spec).partition(":")
-    return bool(sep and module and name) and not Path(spec).exists() and "/" not in module
+    """'module:function' or 'path/to/file.py:function' (and not an existing path that happens to contain a colon)."""
+    module, sep, name = str(spec).rpartition(":")
+    return (bool(sep and module and name) and not Path(spec).exists()
+            and ("/" not in module or module.endswith(".py")))
 
 
 # ---------------------------------------------------------------------------- arms and tables
@@ -227,12 +228,16 @@ def compare_table(arms: dict, pairs: Sequence[tuple[str, str]] | None = None, **
 
 # ---------------------------------------------------------------------------- judges and the run
 
-def check_scores(out, n: int, spec: str) -> torch.Tensor:
-    """A judge's output as (n,) float64 on the CPU; a wrong count or a NaN is a ValueError naming the judge."""
+def check_scores(out, n: int, spec: str, ids: Sequence[str] | None = None, where: str = "") -> torch.Tensor:
+    """A judge's output as (n,) float64 on the CPU; a wrong count or a NaN is a ValueError naming the judge
+    and, given the batch's prompt `ids` (and `where`: arm and seed), the prompt that got it."""
     scores = as_scores(out, n, repr(spec), "outputs", torch.float64, role="judge")
     bad = (~torch.isfinite(scores)).nonzero().flatten()
     if len(bad):
-        raise ValueError(f"judge {spec!r}: non-finite score {scores[bad[0]].item()} at index {int(bad[0])}")
+        i = int(bad[0])
+        at = f"prompt id {ids[i]!r}" if ids is not None else f"index {i}"
+        raise ValueError(f"judge {spec!r}: non-finite score {scores[i].item()} for {at}"
+                         + (f" ({where})" if where else "") + f"; {len(bad)} of {n} scores in that batch are NaN/inf")
     return scores
 
 
@@ -246,7 +251,12 @@ class FunctionJudge:
         self.spec = spec
 
     def __call__(self, prompts, outputs):
-        return self.fn(list(prompts), outputs)
+        try:
+            return self.fn(list(prompts), outputs)
+        except Exception as e:  # e.g. a text judge handed images: say whose error it is, and what it was given
+            given = f"a {tuple(outputs.shape)} image tensor" if torch.is_tensor(outputs) else f"{len(outputs)} texts"
+            raise ValueError(f"judge {self.spec!r} raised {type(e).__name__}: {e} (called with {len(prompts)} plain "
+                             f"prompts and {given})") from e
 
 
 def _batch_seed(seed: int, batch: int) -> int:
@@ -261,7 +271,8 @@ def evaluate(models: dict[str, str], items: Sequence[PromptItem], load_generator
 
     load_generator(path) -> gen, gen(prompts, seed) -> outputs (a list, or a tensor batch); a gen with
     `deterministic = True` (greedy decoding) runs once and its scores are repeated over the seeds.
-    Models are loaded one at a time. The judge sees the plain prompts.
+    A gen with `check_prompts(items)` checks them all when loaded. Models are loaded one at a time. The
+    judge sees the plain prompts.
     """
     from align.runner import progress
 
@@ -272,6 +283,8 @@ def evaluate(models: dict[str, str], items: Sequence[PromptItem], load_generator
     all_deterministic = True
     for model, path in models.items():
         gen = load_generator(path)
+        if hasattr(gen, "check_prompts"):  # e.g. a prompt over the context: fail before generating, not mid-arm
+            gen.check_prompts(items)
         runs = 1 if getattr(gen, "deterministic", False) else S
         if runs < S:
             log.info("%s: deterministic decoding, so one run serves all %d seeds", model, S)
@@ -286,7 +299,8 @@ def evaluate(models: dict[str, str], items: Sequence[PromptItem], load_generator
                     for b, start in enumerate(range(0, P, batch_size)):
                         end = min(P, start + batch_size)
                         out = gen(prompts[start:end], _batch_seed(seeds[s], b))
-                        scores[start:end, s] = check_scores(judge(plain[start:end], out), end - start, judge_spec)
+                        scores[start:end, s] = check_scores(judge(plain[start:end], out), end - start, judge_spec,
+                                                            ids[start:end], f"arm {model}-{variant}, seed {seeds[s]}")
                         for i in range(start, end):
                             o = out[i - start]
                             outputs[i][s] = o if isinstance(o, str) else None
@@ -369,19 +383,28 @@ def run_compare(cfg: CompareConfig, echo: bool = True) -> dict:
     seeds = [int(s) for s in cfg.seeds]
     if not seeds or len(set(seeds)) != len(seeds):
         raise ValueError(f"--seeds {seeds}: give one or more distinct seeds")
+    # before any generation: a bad value found at the table would cost the whole run (batch_size < 0 would
+    # generate nothing and report zeros; tie_tol < 0 would count equal scores as neither tie nor loss)
+    for name, ok, want in (("batch_size", cfg.batch_size >= 0, ">= 0 (0 = the default)"),
+                           ("n_boot", cfg.n_boot >= 0, ">= 0"), ("tie_tol", cfg.tie_tol >= 0, ">= 0"),
+                           ("confidence", 0 < cfg.confidence < 1, "in (0, 1), e.g. 0.95")):
+        if not ok:
+            raise ValueError(f"compare: {name} must be {want}, got {getattr(cfg, name)}")
     template = make_template(cfg.template, cfg.fewshot or None, cfg.fewshot_k) if cfg.template else None
     if cfg.fewshot and not cfg.template:
         raise ValueError("--fewshot needs --template fewshot-qa")
     items = load_compare_prompts(cfg.prompts, template)
     if cfg.limit > 0:
         items = items[:cfg.limit]
-    threshold = cfg.success_threshold
-    if threshold is None and is_function_spec(cfg.judge):
-        threshold = 1.0
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     adapter = importlib.import_module(ADAPTERS[kind])
+    for path in models.values():  # a typo or a wrong folder in a later --model fails now, not after the first's arms
+        adapter.check_model(path)
     batch_size = cfg.batch_size or adapter.DEFAULT_BATCH_SIZE
     judge = adapter.load_judge(cfg.judge, cfg, device)
+    threshold = cfg.success_threshold
+    if threshold is None and isinstance(judge, FunctionJudge):  # not pickscore:MODEL, whose scale is its own
+        threshold = 1.0
     log.info("compare: %d models × %d prompts × 2 variants × %d seeds, judge %s, %s", len(models), len(items),
              len(seeds), cfg.judge, adapter.describe(cfg))
     t0 = time.perf_counter()

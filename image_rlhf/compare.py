@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
-from image_rlhf.pipeline import encode_prompts, image_grid, load_pipeline, negative_embeds, save_png
+from image_rlhf.pipeline import check_pipeline, encode_prompts, image_grid, load_pipeline, negative_embeds, save_png
 from image_rlhf.rewards import load_reward
 from image_rlhf.sampling import decode_latents, sample_trajectories
 
@@ -70,6 +70,26 @@ class ImageGenerator:
         self.latent_shape = self.parts.latent_shape(params.resolution)
         self.neg = negative_embeds(self.parts) if params.guidance_scale > 1 else None
 
+    def check_prompts(self, items) -> None:
+        """The text encoder reads the first model_max_length tokens (77 for CLIP), as StableDiffusionPipeline does:
+        warn of prompts cut there, and above all of engineered variants that the cut makes the plain prompt
+        (tags appended to a long prompt are never seen: the pair is a tie by construction, not a finding)."""
+        tok = self.parts.tokenizer
+        limit = tok.model_max_length
+
+        def ids(texts):
+            return tok(texts, truncation=True, max_length=limit)["input_ids"]
+        lengths = [len(x) for x in tok([t for it in items for t in (it.plain, it.engineered)])["input_ids"]]
+        if max(lengths) <= limit:
+            return
+        same = [it.id for it, a, b in zip(items, ids([it.plain for it in items]), ids([it.engineered for it in items]))
+                if a == b]
+        log.warning("%d of %d prompts (plain or engineered) are longer than the text encoder's %d tokens and were "
+                    "cut there", sum(n > limit for n in lengths), len(lengths), limit)
+        if same:
+            log.warning("%d engineered prompts are their plain prompt once cut to %d tokens, so the generator sees no "
+                        "difference (ids %s)", len(same), limit, ", ".join(same[:10]) + (" ..." if len(same) > 10 else ""))
+
     @torch.no_grad()
     def __call__(self, prompts: list[str], seed: int) -> torch.Tensor:
         p = self.params
@@ -78,6 +98,17 @@ class ImageGenerator:
                                    p.guidance_scale, p.eta, generator=torch.Generator().manual_seed(seed),
                                    latent_shape=self.latent_shape)
         return decode_latents(self.parts.vae, traj.final_latents)                        # (B, 3, H, W)
+
+
+def check_model(spec: str) -> None:
+    """Cheap checks of a generator spec (JSON and file names only) before anything runs: its pipeline, its LoRA."""
+    pipeline, lora = resolve_model(spec)
+    check_pipeline(pipeline)
+    folder = Path(lora).expanduser() if lora else None
+    if folder is not None and folder.exists() and not (folder / LORA_FILE).is_file():
+        raise ValueError(f"{spec}: no {LORA_FILE} in {lora!r}")
+    if folder is not None and not folder.exists() and not re.fullmatch(r"[\w.-]+/[\w.-]+", lora):  # nor a hub id
+        raise ValueError(f"{spec}: no such LoRA folder {lora!r}")
 
 
 def load_generator(path: str, cfg: CompareConfig, device) -> ImageGenerator:

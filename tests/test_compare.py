@@ -287,6 +287,103 @@ def two_scores(prompts, outputs):
     return [0.0, 1.0]
 
 
+JUDGED = []
+
+
+def recording_judge(prompts, outputs):
+    """length_judge, noting each call (to tell whether anything was generated before an error)."""
+    JUDGED.append(len(prompts))
+    return length_judge(prompts, outputs)
+
+
+def nan_for_count(prompts, responses):
+    return [float("nan") if p == "count the words" else 0.0 for p in prompts]
+
+
+def words_judge(prompts, responses):
+    return [float(len(r.split())) for r in responses]
+
+
+def test_judge_errors_name_the_prompt_and_the_judge(tmp_path, tiny_gpt2):
+    """A NaN names the prompt's id (not its index in the batch) and the arm; a judge's own exception (here a
+    text judge handed images) names the judge and what it was given."""
+    from align.compare import CompareConfig, run_compare
+    prompts = _write(tmp_path / "p.txt", TEXT_PROMPTS)  # "count the words" is line 4: batch 2, index 1
+    cfg = CompareConfig(models=[f"gpt2={tiny_gpt2}"], prompts=str(prompts), judge="test_compare:nan_for_count",
+                        template="{prompt}:", batch_size=3, n_boot=10)
+    cfg.text.max_new_tokens = 2
+    with pytest.raises(ValueError, match=r"non-finite score nan for prompt id '4' \(arm gpt2-plain, seed 0\)"):
+        run_compare(cfg)
+    with pytest.raises(ValueError, match=r"judge 'test_compare:words_judge' raised TypeError: .* \(called with "
+                                         r"2 plain prompts and a \(2, 3, 8, 8\) image tensor\)"):
+        FunctionJudge("test_compare:words_judge")(["a", "b"], torch.zeros(2, 3, 8, 8))
+
+
+def test_file_py_judge(tmp_path, tiny_gpt2):
+    """--judge path/to/judges.py:function (as README documents for rewards) is a function judge, success ≥ 1."""
+    from align.compare import CompareConfig, is_function_spec, run_compare
+    judge = tmp_path / "sub" / "my_judges.py"
+    judge.parent.mkdir()
+    judge.write_text("def one(prompts, responses):\n    return [1.0] * len(prompts)\n")
+    assert is_function_spec(f"{judge}:one") and is_function_spec("test_compare:one")
+    assert not is_function_spec("runs/rm") and not is_function_spec(str(judge))
+    cfg = CompareConfig(models=[tiny_gpt2], prompts=str(_write(tmp_path / "p.txt", TEXT_PROMPTS[:2])),
+                        judge=f"{judge}:one", template="{prompt}:", n_boot=10)
+    cfg.text.max_new_tokens = 2
+    res = run_compare(cfg)
+    assert res["success_threshold"] == 1.0 and all(a["success"] == 1.0 for a in res["arms"].values())
+
+
+def test_bad_settings_and_models_fail_before_generating(tmp_path, tiny_gpt2, tiny_sd_path):
+    """Bad values and a wrong later --model (a typo, a reward model, an image pipeline) fail before the first model's
+    arms are generated; so does a prompt too long for the context, naming its id and variant."""
+    import shutil
+    from align.compare import CompareConfig, run_compare
+    prompts = _write(tmp_path / "p.txt", TEXT_PROMPTS[:2])
+    rm = tmp_path / "rm"
+    shutil.copytree(tiny_gpt2, rm)
+    (rm / "align.json").write_text('{"kind": "text_reward_model"}')
+
+    def run(match, models=(tiny_gpt2,), prompts=prompts, template="{prompt}:", **kw):
+        JUDGED.clear()
+        cfg = CompareConfig(models=list(models), prompts=str(prompts), judge="test_compare:recording_judge",
+                            template=template, n_boot=10, **kw)
+        cfg.text.max_new_tokens = 4
+        with pytest.raises(ValueError, match=match):
+            run_compare(cfg)
+        assert JUDGED == []
+    run("batch_size must be >= 0", batch_size=-1)  # used to generate nothing and report zeros
+    run(r"confidence must be in \(0, 1\)", confidence=95)
+    run("tie_tol must be >= 0", tie_tol=-0.1)
+    run("no such folder", models=[tiny_gpt2, str(tmp_path / "ppoo")])
+    run("is a reward model", models=[tiny_gpt2, str(rm)])
+    run("diffusers pipeline folder", models=[tiny_gpt2, tiny_sd_path])
+    long = _write(tmp_path / "long.jsonl", ['{"prompt": "a", "engineered": "b", "id": "ok"}',
+                                            json.dumps({"prompt": "a", "engineered": "a b " * 100, "id": "long"})])
+    run(r"prompt id 'long' \(engineered\) is \d+ tokens: with max_new_tokens 4 it exceeds the model's 128 positions",
+        prompts=long, template="")
+
+
+def test_image_prompts_cut_at_77_tokens_warn(tiny_sd_path, caplog):
+    """Tags appended to a prompt past CLIP's 77 tokens never reach the text encoder: the pair is a tie by
+    construction, and the run says so."""
+    from align.compare import ImageGenParams
+    from image_rlhf.compare import ImageGenerator, check_model
+    gen = ImageGenerator(tiny_sd_path, ImageGenParams(num_steps=1))
+    tags = make_template("sd-tags")
+    items = [PromptItem("short", "a red circle", tags("a red circle")),
+             PromptItem("long", "a red circle " + "on a table " * 30, tags("a red circle " + "on a table " * 30))]
+    with caplog.at_level("WARNING"):
+        gen.check_prompts(items)
+    assert "2 of 4 prompts (plain or engineered) are longer than the text encoder's 77 tokens" in caplog.text
+    assert "1 engineered prompts are their plain prompt once cut to 77 tokens" in caplog.text and "(ids long)" in caplog.text
+    caplog.clear()
+    gen.check_prompts(items[:1])
+    assert caplog.text == ""
+    with pytest.raises(ValueError, match="no such LoRA folder"):
+        check_model(f"{tiny_sd_path}+{tiny_sd_path}-nope")
+
+
 # ---------------------------------------------------------------------------- end to end: image
 
 def test_compare_image_end_to_end(tmp_path, tiny_sd_path):

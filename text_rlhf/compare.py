@@ -16,11 +16,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from pathlib import Path
 
 import torch
 
 from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
-from text_rlhf.models import SequenceScorer, load_causal_lm, load_seq_scorer, load_tokenizer, max_positions
+from text_rlhf.models import (ModelLoadError, SequenceScorer, _check_path, load_causal_lm, load_seq_scorer,
+                              load_tokenizer, max_positions, read_align_meta)
 from text_rlhf.policy import raw_sampling, response_mask
 from text_rlhf.rm import TextScorer
 
@@ -52,6 +54,23 @@ class TextGenerator:
         self.gen_cfg = generation_config(self.tok, params)
         self.deterministic = not params.sample
         self.max_positions = max_positions(self.lm.config)
+
+    def check_prompts(self, items) -> None:
+        """Every prompt, plain and engineered, must leave room for max_new_tokens in the model's positions (a
+        few-shot prefix easily fills a small context); the error names the prompt's id and variant."""
+        if not self.max_positions:
+            return
+        room = self.max_positions - self.params.max_new_tokens
+        for variant in ("plain", "engineered"):
+            texts = [getattr(it, variant) for it in items]
+            lengths = [len(x) for x in self.tok(texts)["input_ids"]]
+            too_long = [i for i, n in enumerate(lengths) if n > room]
+            if too_long:
+                i = too_long[0]
+                raise ValueError(f"prompt id {items[i].id!r} ({variant}) is {lengths[i]} tokens: with max_new_tokens "
+                                 f"{self.params.max_new_tokens} it exceeds the model's {self.max_positions} positions "
+                                 f"({len(too_long)} {variant} prompts do; longest {max(lengths)} tokens): shorten "
+                                 f"them (fewer shots: fewshot_k) or lower max_new_tokens")
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seed: int) -> list[str]:
@@ -96,6 +115,16 @@ class RMJudge:
     @torch.no_grad()
     def __call__(self, prompts, responses) -> torch.Tensor:
         return self.score(list(prompts), list(responses))
+
+
+def check_model(path: str) -> None:
+    """Cheap checks of a generator spec (files only) before anything runs: the folder exists, holds a transformers
+    model (not a pipeline or an image reward model) and is not an `align text rm` output."""
+    p = _check_path(path, "model")
+    kind = read_align_meta(p).get("kind", "") if Path(p).is_dir() else ""
+    if kind == "text_reward_model":
+        raise ModelLoadError(f"model: {path!r} is a reward model (align.json kind {kind!r}), not a policy: pass a "
+                             "causal-LM folder (an SFT/PPO run's) as --model, and the reward model as --judge")
 
 
 def load_generator(path: str, cfg: CompareConfig, device) -> TextGenerator:
