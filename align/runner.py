@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "seed_everything", "atomic_write_text", "atomic_write_bytes", "atomic_write_json",
     "CheckpointManager", "RunDirError", "prepare_out_dir", "RunLogger", "WindowMean", "truncate_jsonl", "plot_curves",
-    "progress", "make_accelerator", "peak_rss_mb",
+    "progress", "make_accelerator", "peak_rss_mb", "offline_unless_hub_reachable",
 ]
 
 
@@ -372,3 +372,31 @@ def peak_rss_mb() -> float:
     """Peak resident memory of this process in MiB (ru_maxrss is KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
+
+
+_HUB_OFFLINE: bool | None = None  # the probe's answer, once per process
+
+
+def offline_unless_hub_reachable(timeout: float = 3.0) -> bool:
+    """Call before fetching from the Hugging Face hub. When its host does not answer a TCP connect within `timeout`
+    s, turn huggingface_hub's offline mode on for this process (transformers and open_clip ask it), so that a
+    file missing from the local cache fails at once instead of after huggingface_hub's retries: 5 per request
+    with 1-8 s back-off, ~24 s a file and about a minute for a model that tries .safetensors, then .bin. Cached
+    files still load. Not probed under HF_HUB_OFFLINE or with an HTTP(S) proxy set. Returns: offline."""
+    global _HUB_OFFLINE
+    import socket
+    import urllib.parse
+    import urllib.request
+
+    import huggingface_hub.constants as hub
+    if hub.HF_HUB_OFFLINE or _HUB_OFFLINE is not None:
+        return bool(hub.HF_HUB_OFFLINE)
+    url, proxies = urllib.parse.urlparse(hub.ENDPOINT), urllib.request.getproxies()
+    _HUB_OFFLINE = False
+    if url.hostname and not (proxies.get(url.scheme) or proxies.get("all")):  # a proxy: the direct probe says nothing
+        try:
+            socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout).close()
+        except OSError as e:
+            logger.warning("the hub (%s) is unreachable (%s): only locally cached files can load", hub.ENDPOINT, e)
+            hub.HF_HUB_OFFLINE = _HUB_OFFLINE = True
+    return bool(hub.HF_HUB_OFFLINE)

@@ -147,9 +147,8 @@ class ClipReward(nn.Module):
         elif (Path(spec) / "open_clip_config.json").is_file():
             name = f"local-dir:{spec}"
         elif spec.endswith(".json"):
-            if not Path(spec).is_file():
-                raise FileNotFoundError(f"no such open_clip model config: {spec}")
-            open_clip.add_model_config(spec)
+            _check_model_config(spec)  # open_clip skips a config without these keys, and would build the model of
+            open_clip.add_model_config(spec)  # the same name it ships (ViT-B-32.json -> the real ViT-B-32) or none
             name = Path(spec).stem
         else:
             name = spec
@@ -162,16 +161,19 @@ class ClipReward(nn.Module):
                              f"a built-in ({', '.join(TINY_CONFIGS)}) or an open_clip model name")
         if image_size:
             model_cfg["vision_cfg"]["image_size"] = int(image_size)
+        is_file = bool(pretrained) and Path(pretrained).is_file()
+        if pretrained and not is_file and open_clip.get_pretrained_cfg(name, pretrained):
+            _download_tag(spec, name, pretrained)  # before the towers are built (ViT-H-14: ~1B parameters)
         try:
             model = open_clip.create_model(name, pretrained=pretrained, device=device,
                                            force_image_size=int(image_size) if image_size else None)
-        except RuntimeError as e:  # a tag whose weights cannot be fetched (offline), or no such tag
-            if not pretrained:
+        except Exception as e:  # a file that is no checkpoint of this model; a tag that is none of its tags
+            lines = [x.strip() for x in str(e).strip().splitlines() if x.strip()] or [type(e).__name__]
+            if is_file:
+                raise ValueError(f"CLIP {spec!r} pretrained={pretrained!r}: not a checkpoint of {name} "
+                                 f"({type(e).__name__}: {'; '.join(lines[:2])[:300]})") from e
+            if not pretrained or not isinstance(e, RuntimeError):
                 raise
-            if "download" in str(e).lower():
-                raise ValueError(f"CLIP {spec!r} pretrained={pretrained!r}: {str(e).splitlines()[0]} (a tag's weights "
-                                 f"come from the hub; offline, give pretrained=PATH of a checkpoint file, or a saved "
-                                 f"reward folder as the CLIP)") from e
             tags = open_clip.list_pretrained_tags_by_model(name)
             raise ValueError(f"CLIP {spec!r} pretrained={pretrained!r}: {str(e).splitlines()[0]} (tags of {name}: "
                              f"{', '.join(tags) or 'none'}; or a checkpoint file path)") from e
@@ -280,6 +282,39 @@ class ClipReward(nn.Module):
             raise ValueError("aesthetic_loss needs mode='aesthetic'")
         targets = torch.as_tensor(targets, dtype=torch.float32, device=self.device).flatten()
         return F.mse_loss(self.head(self.image_features(images)), targets)
+
+
+def _check_model_config(path: str) -> None:
+    """A model-config .json as open_clip registers it: a JSON object with embed_dim, vision_cfg and text_cfg."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"no such open_clip model config: {path}")
+    try:
+        cfg = json.loads(Path(path).read_text(encoding="utf-8"))  # open_clip reads it so: no BOM
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"open_clip model config {path}: not JSON ({e})") from None
+    if isinstance(cfg, dict) and "model_cfg" in cfg:
+        raise ValueError(f"open_clip model config {path}: an open_clip local-dir config ({{\"model_cfg\", ...}}); "
+                         f"give its folder ({Path(path).parent}) to load its weights too, or the model_cfg alone")
+    missing = [k for k in ("embed_dim", "vision_cfg", "text_cfg") if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise ValueError(f"open_clip model config {path}: missing {', '.join(missing)} (a model config has embed_dim, "
+                         f"vision_cfg and text_cfg, as open_clip's model_configs/*.json)")
+
+
+def _download_tag(spec: str, name: str, tag: str) -> None:
+    """An open_clip pretrained tag's weights into the hub cache (where create_model then finds them), failing in
+    seconds when they are neither cached nor reachable: not after building the model and a minute of retries."""
+    import open_clip
+
+    from align.runner import offline_unless_hub_reachable
+    offline_unless_hub_reachable()
+    try:
+        open_clip.download_pretrained(open_clip.get_pretrained_cfg(name, tag))
+    except Exception as e:
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ValueError(f"CLIP {spec!r} pretrained={tag!r}: cannot get its weights ({why}) (a tag's weights come from "
+                         f"the hub; offline, give pretrained=PATH of a checkpoint file, or a saved reward folder as the "
+                         f"CLIP)") from e
 
 
 def _cpu_state(module: nn.Module) -> dict:

@@ -171,6 +171,9 @@ def fetch_file(spec: str, source: str, what: str) -> Path:
         raise ValueError(f"reward {spec!r}: {what} {source!r} is neither a file nor REPO_ID/FILENAME")
     try:
         from huggingface_hub import hf_hub_download
+
+        from align.runner import offline_unless_hub_reachable
+        offline_unless_hub_reachable()  # unreachable: the local cache only, at once, not after a minute of retries
         return Path(hf_hub_download(repo, filename))
     except Exception as e:  # offline, missing repo or file: one message that names them
         raise _hub_error(spec, f"{what} {filename!r} from {repo!r}", e) from e
@@ -234,6 +237,9 @@ def load_hf_reward(spec: str, device="cpu", dtype: torch.dtype | None = None) ->
         dtype = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else torch.float32
     if Path(model_src).is_dir() and not is_hf_clip_folder(model_src):
         raise ValueError(f"reward {spec!r}: {model_src}: no transformers CLIP config.json (model_type 'clip') there")
+    if not (Path(model_src).is_dir() and Path(proc_src).is_dir()):
+        from align.runner import offline_unless_hub_reachable
+        offline_unless_hub_reachable()  # hub ids: unreachable, the local cache only, at once
     try:
         model = CLIPModel.from_pretrained(model_src, dtype=dtype)
     except Exception as e:

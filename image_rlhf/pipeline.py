@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 from diffusers.models.attention_processor import AttnProcessor2_0
 
+from align.runner import offline_unless_hub_reachable
+
 log = logging.getLogger(__name__)
 
 PIXEL_CLASS_NAME = "AlignPixelPipeline"
@@ -114,6 +116,8 @@ def check_pipeline(src: str | Path) -> tuple[str, bool, dict, bool]:
             raise PipelineLoadError(f"{src}: not a folder (expected a diffusers pipeline folder)")
     elif not _HUB_ID.match(src):
         raise PipelineLoadError(f"{src}: no such folder (and not a hub id of the form org/name)")
+    else:
+        offline_unless_hub_reachable()  # a hub id on a machine without the hub: fail in seconds, not a minute
     try:
         index, has_vae = _components(src, local)
     except PipelineLoadError:

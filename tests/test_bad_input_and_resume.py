@@ -183,3 +183,28 @@ def test_image_candidates_a_folder_and_a_float_image(tmp_path):
     (tmp_path / "p.jsonl").write_text(json.dumps({"prompt": "p", "chosen": "g.png", "rejected": "imgs"}) + "\n")
     with pytest.raises(DataError, match=r"p.jsonl:1: field 'rejected': a folder, not a file"):
         load_preferences(tmp_path / "p.jsonl", candidates="path")
+
+
+def test_hub_ids_without_the_hub_fail_in_seconds(tmp_path, monkeypatch, caplog, demos):
+    """Offline without HF_HUB_OFFLINE, a hub id (a typo of a folder, or a model not cached) failed after
+    huggingface_hub's retries: 52 s for `align text sft --model gpt2-typo`. The hub is probed once, and the
+    miss fails at once, as the text commands and DDPO's --pipeline see it."""
+    import time
+
+    import huggingface_hub.constants as hub
+
+    import align.runner
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(align.runner, "_HUB_OFFLINE", None)
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    start = time.perf_counter()
+    code, text = run_cli(["text", "sft", "--model", "gpt2-not-cached", "--data", str(demos), "--out",
+                          str(tmp_path / "sft")], caplog)
+    assert code == 2 and "unreachable" in text and "gpt2-not-cached" in text
+    code, text = run_cli(["image", "ddpo", "--pipeline", "org/sd-not-cached", "--reward", "jpeg", "--prompts",
+                          str(tmp_path / "p.txt"), "--out", str(tmp_path / "ddpo")], caplog)
+    assert code == 2 and "org/sd-not-cached" in text
+    assert hub.HF_HUB_OFFLINE and time.perf_counter() - start < 15
+    assert not (tmp_path / "sft").exists() and not (tmp_path / "ddpo").exists()

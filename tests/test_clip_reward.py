@@ -316,3 +316,57 @@ def test_image_rm_resume_uses_the_configs_lr(tmp_path):
     cfg.epochs, cfg.lr, cfg.logit_scale_lr = 2, 0.0, 0.0
     after = ClipReward.load(run_image_rm(cfg, resume=True)).state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_pretrained_file_that_is_not_a_checkpoint_is_a_clear_error(tmp_path):
+    """pretrained=FILE of another architecture or not a checkpoint at all: one line naming the file (before: a
+    traceback of open_clip's UnpicklingError or AssertionError, or "Error(s) in loading state_dict for CLIP: (tags
+    of tiny-clip: none; or a checkpoint file path)" with the mismatch cut off)."""
+    from image_rlhf.clip_reward import ClipReward
+    ClipReward.create("tiny-clip").save(tmp_path / "tiny")
+    (tmp_path / "other.json").write_text(json.dumps({"embed_dim": 8, "vision_cfg": {
+        "image_size": 16, "layers": 1, "width": 16, "head_width": 8, "patch_size": 8},
+        "text_cfg": {"context_length": 8, "vocab_size": 49408, "width": 8, "heads": 1, "layers": 1}}))
+    ClipReward.create(str(tmp_path / "other.json")).save(tmp_path / "other")
+    weights = tmp_path / "tiny" / "open_clip_model.safetensors"
+    assert ClipReward.create("tiny-clip", str(weights)).pretrained == str(weights)
+    with pytest.raises(ValueError, match=r"other.json': not a checkpoint of tiny-clip \(UnpicklingError"):
+        ClipReward.create("tiny-clip", str(tmp_path / "other.json"))
+    with pytest.raises(ValueError, match=r"open_clip_model.safetensors': not a checkpoint of tiny-clip \(\w+Error: \w"):
+        ClipReward.create("tiny-clip", str(tmp_path / "other" / "open_clip_model.safetensors"))
+
+
+def test_unreachable_hub_fails_fast(tmp_path, monkeypatch):
+    """Offline without HF_HUB_OFFLINE set, a pretrained tag or a published reward failed only after huggingface_hub's
+    retries (55 s for `--clip ViT-B-32 pretrained=laion2b_s34b_b79k`, 57 s for `pickscore`); now the hub is probed
+    once, and what is not cached fails at once, before the towers are built."""
+    import time
+
+    import huggingface_hub.constants as hub
+
+    import align.runner
+    from image_rlhf.clip_reward import ClipReward
+    from image_rlhf.rewards import load_reward
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path))      # nothing cached
+    monkeypatch.setattr(align.runner, "_HUB_OFFLINE", None)
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match="pretrained='laion2b_s34b_b79k': cannot get its weights"):
+        ClipReward.create("ViT-B-32", "laion2b_s34b_b79k")
+    with pytest.raises(ValueError, match="cannot load HPSv2 checkpoint"):
+        load_reward("hpsv2")
+    assert hub.HF_HUB_OFFLINE and time.perf_counter() - start < 10
+
+
+@pytest.mark.parametrize("text, match", [
+    ('{"embed_dim": 8, "vison_cfg": {}, "text_cfg": {}}', "ViT-B-32.json: missing vision_cfg"),       # built the real ViT-B-32
+    ('{"model_cfg": {}, "preprocess_cfg": {}}', "an open_clip local-dir config"),                     # "unknown CLIP"
+    ("not json", "ViT-B-32.json: not JSON")])                                                         # a bare JSONDecodeError
+def test_clip_config_json_is_checked_before_open_clip_skips_it(tmp_path, text, match):
+    """open_clip registers a model-config .json only if it has embed_dim, vision_cfg and text_cfg, silently: a typo in
+    ViT-B-32.json built open_clip's own ViT-B-32 (a file of another name: "unknown CLIP ... a model-config .json")."""
+    from image_rlhf.clip_reward import ClipReward
+    (tmp_path / "ViT-B-32.json").write_text(text)
+    with pytest.raises(ValueError, match=match):
+        ClipReward.create(str(tmp_path / "ViT-B-32.json"))

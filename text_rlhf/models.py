@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from align.runner import offline_unless_hub_reachable
+
 log = logging.getLogger(__name__)
 
 
@@ -38,6 +40,7 @@ def _check_path(path: str, what: str, need_config: bool = True) -> str:
     if s.startswith((".", "/", "~")) or s.count("/") > 1 or s.endswith("/") or not s or \
             ("/" in s and Path(s.split("/")[0]).expanduser().is_dir()):  # runs/sftt: a typo, not org/name
         raise ModelLoadError(f"{what}: no such folder {s!r}")
+    offline_unless_hub_reachable()  # without the hub: only its local cache, and a miss fails in seconds
     return s  # a hub id such as "gpt2" or "EleutherAI/pythia-160m"
 
 
