@@ -172,3 +172,30 @@ def test_merged_lora_generation_is_the_same_policy_and_restores_weights_exactly(
     with merged_lora(lm, enabled=False):  # switched off: nothing merged
         assert torch.equal(lm.get_base_model().transformer.h[0].attn.c_attn.base_layer.weight,
                            before["base_model.model.transformer.h.0.attn.c_attn.base_layer.weight"])
+
+
+CASES = [("Q: add 2 and 3\nA:", "5"), ("say", "\n\nhello"), ("add 2 and 3:", " 5"), ("Q: add 2 and 3\nA: ", "5")]
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "bytelevel"])
+def test_responses_are_tokenized_and_decoded_as_they_continue_the_prompt(kind):
+    """Tokenized alone, a response gets the "▁" a SentencePiece tokenizer prepends to a text ("\\n" + "hello" trained
+    as "\\n ▁hello"), and decoded alone it loses a leading space (" 5" -> "5"). The prompt's tokens stay exactly those
+    generation starts from, also where a token would merge across the boundary (a prompt ending in a space)."""
+    from tests.conftest import CORPUS
+    from text_rlhf.models import decode_responses
+    from text_rlhf.tiny import build_bpe_tokenizer, build_sp_tokenizer
+    tok = build_sp_tokenizer(CORPUS + ["hello\n\nhello"], 200) if kind == "sentencepiece" else \
+        build_bpe_tokenizer(CORPUS + ["hello\n\nhello"], 300)
+    tok.pad_token = tok.eos_token
+    encoded = encode_sft(tok, [{"prompt": p, "response": r} for p, r in CASES], 64)
+    pairs, lengths = encode_pairs(tok, [p for p, _ in CASES], [r for _, r in CASES], 64)
+    for (prompt, response), (ids, labels), pair, n in zip(CASES, encoded, pairs, lengths):
+        p_ids = tok(prompt)["input_ids"]
+        assert ids == pair and n == len(p_ids) and ids[:n] == p_ids and labels[:n] == [-100] * n
+        if prompt.endswith(" "):  # "A:▁" + "5" merges: the prompt keeps its own tokens, the response goes alone
+            continue
+        assert tok.decode(ids[:-1], skip_special_tokens=True) == prompt + response, (prompt, response)
+        resp = torch.tensor([ids[n:]])
+        text, = decode_responses(tok, torch.tensor([p_ids]), torch.ones(1, n), resp, torch.ones_like(resp))
+        assert text == response

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
-from text_rlhf.models import (ModelLoadError, SequenceScorer, _check_path, load_causal_lm, load_seq_scorer,
-                              load_tokenizer, max_positions, read_align_meta)
+from text_rlhf.models import (ModelLoadError, SequenceScorer, _check_path, decode_responses, load_causal_lm,
+                              load_seq_scorer, load_tokenizer, max_positions, read_align_meta)
 from text_rlhf.policy import raw_sampling, response_mask
 from text_rlhf.rm import TextScorer
 
@@ -94,8 +94,7 @@ class TextGenerator:
             seq = self.lm.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg)
         responses = seq[:, ids.shape[1]:]                                                   # (B, T)
         keep = response_mask(responses, self.tok.eos_token_id)                              # (B, T) incl. EOS
-        texts = self.tok.batch_decode(responses.masked_fill(keep == 0, self.tok.pad_token_id),
-                                      skip_special_tokens=True)                            # EOS and pads dropped
+        texts = decode_responses(self.tok, ids, mask, responses, keep)                     # EOS and pads dropped
         if self.params.stop:
             texts = [t.split(self.params.stop, 1)[0] for t in texts]
         return texts

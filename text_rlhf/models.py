@@ -235,14 +235,14 @@ class SequenceScorer(nn.Module):
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int, add_eos: bool = True
                  ) -> tuple[list[list[int]], list[int]]:
-    """Token ids of prompt + response (+ EOS), prompt and response tokenized apart exactly as at
-    generation time (the prompt alone, then the tokens the model produced). Returns the ids and the
+    """Token ids of prompt + response (+ EOS): the prompt's tokens exactly as at generation time (the prompt alone),
+    then the response's as they continue it (`encode_responses`). Returns the ids and the
     prompt lengths. A sequence longer than max_length loses the *start of its prompt* (its BOS kept), so
     the response and the EOS the score is read at survive (cutting the end would make two candidates of a
     long prompt the same sequence, scored at a prompt token); a response longer than max_length alone
     keeps its first tokens and the EOS. How many were cut is logged."""
     p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
-    r_ids = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    r_ids = encode_responses(tokenizer, prompts, responses, p_ids)
     eos = [tokenizer.eos_token_id] if add_eos else []
     bos = tokenizer.bos_token_id
     ids, lengths, cut = [], [], 0
@@ -261,6 +261,31 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length
         log.warning("%d of %d sequences are longer than max_length %d: their prompts were cut from the start",
                     cut, len(ids), max_length)
     return ids, lengths
+
+
+def encode_responses(tokenizer, prompts: list[str], responses: list[str], p_ids: list[list[int]]) -> list[list[int]]:
+    """Token ids of each response as it continues its prompt: those of prompt + response after the prompt's own
+    tokens `p_ids`. Tokenized alone, a response would be tokenized as the start of a text, and SentencePiece-style
+    tokenizers (Llama 2, Mistral, Phi-3, ...) prepend "▁" there: "\n" + "Hi" would train "\n ▁Hi", a space the
+    data does not have. Where the prompt's tokens are not a prefix of the joint ones (a token merges across the
+    boundary, e.g. a prompt ending in a space) the response is tokenized alone: generation starts from `p_ids`."""
+    alone = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
+    joint = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=True)["input_ids"]
+    return [j[len(p):] if len(j) > len(p) and j[:len(p)] == p else a for p, j, a in zip(p_ids, joint, alone)]
+
+
+def decode_responses(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
+                     resp_mask: torch.Tensor) -> list[str]:
+    """Texts of generated responses as they continue their prompts (special tokens dropped): decode(prompt +
+    response) minus decode(prompt), the inverse of `encode_responses`. Decoded alone, a SentencePiece response
+    loses its leading space (Llama's decoder strips the "▁" it takes for the text's own prefix): " 5" would come
+    back as "5", and a reward re-encoding prompt + text would see "3:5"."""
+    p = [[t for t, k in zip(row, keep) if k] for row, keep in zip(prompt_ids.tolist(), prompt_mask.tolist())]
+    r = [[t for t, k in zip(row, keep) if k] for row, keep in zip(responses.tolist(), resp_mask.tolist())]
+    heads = tokenizer.batch_decode(p, skip_special_tokens=True)
+    fulls = tokenizer.batch_decode([a + b for a, b in zip(p, r)], skip_special_tokens=True)
+    alone = tokenizer.batch_decode(r, skip_special_tokens=True)
+    return [f[len(h):] if f.startswith(h) else a for h, f, a in zip(heads, fulls, alone)]
 
 
 def _keep_end(ids: list[int], n: int, bos: int | None) -> list[int]:

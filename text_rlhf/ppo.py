@@ -29,8 +29,9 @@ from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_los
 from align.runner import progress, truncate_jsonl
 from align.session import (adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run,
                            stop_if_not_finite)
-from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_prompts, fuse_activations,
-                              load_causal_lm, load_seq_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
+from text_rlhf.models import (SequenceScorer, apply_lora, decode_responses, enable_checkpointing, encode_prompts,
+                              fuse_activations, load_causal_lm, load_seq_scorer, load_tokenizer, max_positions,
+                              pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
                               response_mask)
@@ -191,7 +192,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             if first is None:
                 old_log_prob, old_values = policy(seq, mask, T, cfg.temperature)   # (B, T), (B, T)
             ref_log_prob = reference_log_probs(policy, ref_lm, seq, mask, T, cfg.temperature)
-            texts = tok.batch_decode(responses.masked_fill(resp_mask == 0, tok.pad_token_id), skip_special_tokens=True)
+            texts = decode_responses(tok, prompt_ids, prompt_mask, responses, resp_mask)
             ended = (responses == tok.eos_token_id).logical_and(resp_mask.bool()).any(1) if cfg.stop_at_eos else \
                 torch.zeros(len(prompts), dtype=torch.bool, device=responses.device)
             scores = reward_fn(prompts, texts, seq, mask, ended).float()       # (B,)

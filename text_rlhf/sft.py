@@ -1,8 +1,8 @@
 """Supervised fine-tuning on demonstrations: next-token loss on the response only.
 
-Data: JSONL of {"prompt": ..., "response": ...}. The prompt and the response are tokenized apart
-(prompt with the tokenizer's special tokens, response without, then EOS) — exactly the token
-boundary the model sees at generation time — and the labels of prompt and pad positions are −100.
+Data: JSONL of {"prompt": ..., "response": ...}. The prompt is tokenized alone (with the tokenizer's
+special tokens) — exactly the token boundary the model sees at generation time — and the response as
+it continues it (`models.encode_responses`), then EOS; the labels of prompt and pad positions are −100.
 """
 from __future__ import annotations
 
@@ -17,8 +17,8 @@ from align.data import load_sft
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
 from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run
-from text_rlhf.models import (apply_lora, enable_checkpointing, load_causal_lm, load_tokenizer, pad_batch,
-                              position_ids_from_mask, save_hf)
+from text_rlhf.models import (apply_lora, enable_checkpointing, encode_responses, load_causal_lm, load_tokenizer,
+                              pad_batch, position_ids_from_mask, save_hf)
 
 log = logging.getLogger(__name__)
 
@@ -63,8 +63,9 @@ def encode_sft(tokenizer, records: list[dict], max_length: int, where: list[str]
     silently dropped."""
     if not records:  # eval_fraction=0: fast tokenizers raise IndexError on an empty batch
         return []
-    p_ids = tokenizer([r["prompt"] for r in records], add_special_tokens=True)["input_ids"]
-    r_ids = tokenizer([r["response"] for r in records], add_special_tokens=False)["input_ids"]
+    prompts = [r["prompt"] for r in records]
+    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+    r_ids = encode_responses(tokenizer, prompts, [r["response"] for r in records], p_ids)
     out = []
     for i, (p, r) in enumerate(zip(p_ids, r_ids)):
         ids = (p + r + [tokenizer.eos_token_id])[:max_length]

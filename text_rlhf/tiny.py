@@ -28,6 +28,23 @@ def build_bpe_tokenizer(corpus: list[str], vocab_size: int = 256, pad: bool = Tr
     return PreTrainedTokenizerFast(**kw)
 
 
+def build_sp_tokenizer(corpus: list[str], vocab_size: int = 256):
+    """A Llama-2-style SentencePiece BPE (transformers' LlamaTokenizer: "▁" for spaces and prepended to the text,
+    byte fallback, <s> added in front, no pad token) trained in code on `corpus`."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import LlamaTokenizer
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first")
+    tk.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>"],
+                                                       show_progress=False))
+    bpe = json.loads(tk.to_str())["model"]
+    merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in bpe["merges"]]
+    return LlamaTokenizer(vocab=bpe["vocab"], merges=merges, add_bos_token=True)
+
+
 def build_wordlevel_tokenizer(vocab_size: int = 512):
     """The peer benchmark's tokenizer: <pad>, <eos>, <unk> then words w0, w1, ..."""
     from tokenizers import Tokenizer, models, pre_tokenizers
