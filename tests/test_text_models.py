@@ -139,6 +139,42 @@ def test_no_stop_token_means_no_early_stop(tiny_gpt2):
         assert (resp.shape[1] == 12) if expect_full else (response_mask(resp, tok.eos_token_id) == 0).any()
 
 
+def test_responses_end_on_the_checkpoints_end_of_turn_token_too(tiny_gpt2, tmp_path):
+    """Instruct checkpoints end a turn on a token of their generation_config's EOS list (Llama 3's <|eot_id|>,
+    Phi-3's <|end|>) that is not the tokenizer's EOS; raw_sampling blanks that config, so rollouts and
+    compare ran on to max_new_tokens and the reward scored text past the turn's end."""
+    from text_rlhf.compare import TextGenerator
+    from text_rlhf.policy import raw_sampling, stop_token_ids
+    from text_rlhf.ppo import PPOConfig, sampling_config
+    tok = load_tokenizer(tiny_gpt2)
+    lm = load_causal_lm(tiny_gpt2)
+    end = tok.convert_tokens_to_ids("a") if "a" in tok.get_vocab() else 5
+    assert end != tok.eos_token_id
+    lm.generation_config.eos_token_id = [tok.eos_token_id, end]
+    assert stop_token_ids(tok, lm) == [tok.eos_token_id, end]
+
+    def favour_end(module, inputs, logits):  # the end-of-turn token gets ~half the mass at every step
+        logits = logits.clone()
+        logits[..., end] = logits.logsumexp(-1)
+        return logits
+
+    lm.get_output_embeddings().register_forward_hook(favour_end)
+    enc = tok(["red circle"] * 8, return_tensors="pt")
+    gen = sampling_config(PPOConfig(max_new_tokens=12), tok, stop_token_ids(tok, lm))
+    torch.manual_seed(0)
+    with torch.no_grad(), raw_sampling(lm):
+        resp = lm.generate(**enc, generation_config=gen)[:, enc["input_ids"].shape[1]:]
+    mask = response_mask(resp, stop_token_ids(tok, lm))
+    first_end = (resp == end).long().argmax(1)
+    assert (resp == end).any(1).all() and (mask.sum(1) == first_end + 1).all()  # each row ends at its first `end`
+    assert resp.shape[1] < 12
+    # compare's generator reads the same list from a saved checkpoint
+    lm.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    from text_rlhf.compare import CompareConfig
+    assert TextGenerator(str(tmp_path / "m"), CompareConfig().text).stop_ids == [tok.eos_token_id, end]
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merged_lora_generation_is_the_same_policy_and_restores_weights_exactly(tiny_gpt2, dtype):
     """PPO rolls out with the LoRA deltas merged (fewer kernels per token): inside the context the

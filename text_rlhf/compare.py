@@ -23,7 +23,7 @@ import torch
 from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
 from text_rlhf.models import (ModelLoadError, SequenceScorer, _check_path, decode_responses, load_causal_lm,
                               load_seq_scorer, load_tokenizer, max_positions, read_align_meta)
-from text_rlhf.policy import raw_sampling, response_mask
+from text_rlhf.policy import raw_sampling, response_mask, stop_token_ids
 from text_rlhf.rm import TextScorer
 
 log = logging.getLogger(__name__)
@@ -31,10 +31,13 @@ log = logging.getLogger(__name__)
 DEFAULT_BATCH_SIZE = 16
 
 
-def generation_config(tok, params):
-    """Greedy or raw sampling, every knob explicit (left None, transformers would fill top_k=50)."""
+def generation_config(tok, params, stop_ids: list[int] | None = None):
+    """Greedy or raw sampling, every knob explicit (left None, transformers would fill top_k=50); responses end
+    on any of stop_ids (policy.stop_token_ids; default the tokenizer's EOS)."""
     from transformers import GenerationConfig
-    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+    stop_ids = [tok.eos_token_id] if stop_ids is None else stop_ids
+    ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
+               eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0] if stop_ids else None)
     common = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=0, num_beams=1, repetition_penalty=1.0,
                   no_repeat_ngram_size=0, use_cache=True, **ids)
     if not params.sample:
@@ -51,7 +54,8 @@ class TextGenerator:
         self.lm = load_causal_lm(path, dtype=dtype).to(device).eval()
         self.lm.requires_grad_(False)
         self.params, self.device = params, torch.device(device)
-        self.gen_cfg = generation_config(self.tok, params)
+        self.stop_ids = stop_token_ids(self.tok, self.lm)
+        self.gen_cfg = generation_config(self.tok, params, self.stop_ids)
         self.deterministic = not params.sample
         self.max_positions = max_positions(self.lm.config)
 
@@ -93,7 +97,7 @@ class TextGenerator:
                 torch.manual_seed(seed)
             seq = self.lm.generate(input_ids=ids, attention_mask=mask, generation_config=self.gen_cfg)
         responses = seq[:, ids.shape[1]:]                                                   # (B, T)
-        keep = response_mask(responses, self.tok.eos_token_id)                              # (B, T) incl. EOS
+        keep = response_mask(responses, self.stop_ids)                                      # (B, T) incl. EOS
         texts = decode_responses(self.tok, ids, mask, responses, keep)                     # EOS and pads dropped
         if self.params.stop:
             texts = [t.split(self.params.stop, 1)[0] for t in texts]

@@ -8,11 +8,15 @@ separate critic trunk (TRL's default; costlier, independent of the policy's feat
 from __future__ import annotations
 
 import contextlib
+import logging
+from collections.abc import Sequence
 
 import torch
 import torch.nn as nn
 
 from text_rlhf.models import position_ids_from_mask, token_log_probs, unwrap_hf
+
+log = logging.getLogger(__name__)
 
 
 def disable_dropout(model: nn.Module) -> None:
@@ -142,10 +146,28 @@ def merged_lora(lm, enabled: bool = True):
                 m.get_base_layer().weight.copy_(w)
 
 
-def response_mask(responses: torch.Tensor, eos_id: int | None) -> torch.Tensor:
-    """(B, T) 1 up to and including the first EOS, 0 after (generate pads finished rows; pad may equal EOS)."""
-    if eos_id is None:
+def stop_token_ids(tok, lm) -> list[int]:
+    """The ids a response ends on: the tokenizer's EOS, then those of the checkpoint's generation_config that
+    differ (instruct models end a turn on another token, listed there: Llama 3's <|eot_id|>, Phi-3's <|end|>,
+    Gemma's <end_of_turn>). raw_sampling blanks the generation_config, so they are read here, before; rollouts
+    stop on any of them, and the response mask and the score's position follow the first."""
+    ids = [] if tok.eos_token_id is None else [int(tok.eos_token_id)]
+    extra = getattr(unwrap_hf(lm).generation_config, "eos_token_id", None)
+    for i in ([] if extra is None else [extra] if isinstance(extra, int) else list(extra)):
+        if int(i) not in ids:
+            ids.append(int(i))
+    if len(ids) > 1:
+        log.info("responses end on the tokenizer's EOS or the checkpoint's generation_config EOS: %s",
+                 ", ".join(f"{tok.convert_ids_to_tokens(i)!r} ({i})" for i in ids))
+    return ids
+
+
+def response_mask(responses: torch.Tensor, eos_id: int | Sequence[int] | None) -> torch.Tensor:
+    """(B, T) 1 up to and including the first EOS (any of the ids given), 0 after (generate pads finished
+    rows; pad may equal EOS)."""
+    if eos_id is None or (not isinstance(eos_id, int) and not len(eos_id)):
         return torch.ones_like(responses)
-    is_eos = (responses == eos_id).long()
+    is_eos = torch.isin(responses, torch.as_tensor(eos_id, dtype=responses.dtype, device=responses.device).reshape(-1)
+                        ).long()
     after_first = (is_eos.cumsum(-1) - is_eos) > 0
     return (~after_first).long()

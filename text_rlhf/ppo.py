@@ -34,7 +34,7 @@ from text_rlhf.models import (SequenceScorer, apply_lora, decode_responses, enab
                               pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
-                              response_mask)
+                              response_mask, stop_token_ids)
 
 log = logging.getLogger(__name__)
 
@@ -154,7 +154,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
              "(micro %d); value=%s, LoRA r=%d, reward=%s", len(prompts_all), cfg.iterations, global_batch,
              cfg.batch_size, world, p.ppo_epochs, cfg.batch_size // p.mini_batch_size, p.mini_batch_size, micro,
              cfg.value_model, cfg.lora.r, cfg.reward)
-    gen_cfg = sampling_config(cfg, tok)
+    stop_ids = stop_token_ids(tok, policy.lm) if cfg.stop_at_eos else []
+    gen_cfg = sampling_config(cfg, tok, stop_ids)
 
     def write(ckpt_dir: Path):
         torch.save({k: v for k, v in policy.state_dict().items()}, ckpt_dir / "policy.pt")
@@ -177,7 +178,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             seq = policy.lm.generate(input_ids=prompt_ids, attention_mask=prompt_mask, generation_config=gen_cfg)
         responses = seq[:, P:]                                                   # (B, T)
         T = responses.shape[1]
-        resp_mask = response_mask(responses, gen_cfg.eos_token_id)             # (B, T)
+        resp_mask = response_mask(responses, stop_ids)                          # (B, T)
         mask = torch.cat([prompt_mask, resp_mask], dim=1)                       # (B, P+T)
         t_gen = time.perf_counter()
         # ------------------------------------------------------------ 2. score
@@ -193,8 +194,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
                 old_log_prob, old_values = policy(seq, mask, T, cfg.temperature)   # (B, T), (B, T)
             ref_log_prob = reference_log_probs(policy, ref_lm, seq, mask, T, cfg.temperature)
             texts = decode_responses(tok, prompt_ids, prompt_mask, responses, resp_mask)
-            ended = (responses == tok.eos_token_id).logical_and(resp_mask.bool()).any(1) if cfg.stop_at_eos else \
-                torch.zeros(len(prompts), dtype=torch.bool, device=responses.device)
+            ended = torch.isin(responses, torch.as_tensor(stop_ids, dtype=responses.dtype, device=responses.device)).logical_and(
+                resp_mask.bool()).any(1)                                             # (B,) all False without stops
             scores = reward_fn(prompts, texts, seq, mask, ended).float()       # (B,)
         all_prompts = gather_strings(prompts, acc)  # every rank checks every rank's scores: all raise, none hangs
         check_finite_rewards(acc.gather(scores), all_prompts, cfg.reward,
@@ -254,15 +255,18 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     return PPOResult(_finish(run, cfg, policy, tok, shift), policy)
 
 
-def sampling_config(cfg: PPOConfig, tok):
+def sampling_config(cfg: PPOConfig, tok, stop_ids: list[int] | None = None):
     """Raw sampling from π: every knob explicit (top_k=0 is "off"; left None, transformers would
-    fill it with 50). Use with policy.raw_sampling so nothing comes from the checkpoint either."""
+    fill it with 50). Use with policy.raw_sampling so nothing comes from the checkpoint either.
+    stop_ids: what ends a response (policy.stop_token_ids; default the tokenizer's EOS) if cfg.stop_at_eos."""
+    stop_ids = [tok.eos_token_id] if stop_ids is None else stop_ids
     from transformers import GenerationConfig
     return GenerationConfig(do_sample=True, temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
                             typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, epsilon_cutoff=0.0,
                             eta_cutoff=0.0, max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, use_cache=True,
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=tok.eos_token_id if cfg.stop_at_eos else None)
+                            eos_token_id=(stop_ids if len(stop_ids) > 1 else stop_ids[0] if stop_ids else None)
+                            if cfg.stop_at_eos else None)
 
 
 def token_rewards(kl: torch.Tensor, kl_coef: float, scores: torch.Tensor, resp_mask: torch.Tensor) -> torch.Tensor:
