@@ -85,6 +85,18 @@ class PairBatch:
                    torch.tensor(y, dtype=torch.float32), torch.tensor(m, dtype=torch.float32))
 
 
+def shard_groups(groups: Sequence, rank: int, world: int) -> tuple[list, float]:
+    """This process's share of a global batch of whole groups, and the weight of its mean loss: n_mine / n_all ·
+    world, so that DDP's average of the processes' gradients is the gradient of the mean over *all* the batch's
+    pairs, as one process would take it (groups differ in size, so equal weights per process would not be). A
+    process left without a group runs the first one at weight 0 (DDP needs its backward; it adds nothing)."""
+    mine = list(groups[rank::world])
+    n_all = sum(len(g.pairs) for g in groups)
+    if not mine or not n_all:
+        return list(groups[:1]), 0.0
+    return mine, sum(len(g.pairs) for g in mine) / n_all * world
+
+
 def batch_loss(scores: torch.Tensor, batch: PairBatch) -> tuple[torch.Tensor, dict[str, float]]:
     """Loss and metrics from the (N,) scores of a batch's candidates."""
     if not torch.isfinite(scores).all():

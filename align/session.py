@@ -199,6 +199,18 @@ def warmup_cosine(warmup: int, steps: int, min_ratio: float = 0.1):
     return f
 
 
+def reduce_pair_stats(stats: dict, weight: float, acc) -> dict:
+    """A reward model's batch loss and accuracy over every process's pairs (each process's mean weighted by its
+    pair count; `weight` 0 = a process that only ran a stand-in group), for the log. One process: unchanged."""
+    if getattr(acc, "num_processes", 1) == 1:
+        return {"loss": stats["loss"], "accuracy": stats["accuracy"]}
+    import torch
+    n = stats["n_pairs"] if weight > 0 else 0.0
+    t = acc.reduce(torch.tensor([stats["loss"] * n, stats["accuracy"] * n, n], dtype=torch.float64,
+                                device=acc.device), reduction="sum")
+    return {"loss": float(t[0] / t[2]), "accuracy": float(t[1] / t[2])}
+
+
 def gather_strings(items: list[str], acc) -> list[str]:
     """Every process's strings, in rank order (acc.gather's order for tensors)."""
     if acc.num_processes == 1:

@@ -19,9 +19,9 @@ from typing import Optional
 import torch
 
 from align.data import DataError, batch_groups, load_preferences, read_jsonl
-from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, split_summary
+from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, shard_groups, split_summary
 from align.runner import WindowMean, progress
-from align.session import load_optimizer_state, rng_state, set_rng_state, start_run
+from align.session import load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
 from image_rlhf.clip_reward import ClipReward
 
 log = logging.getLogger(__name__)
@@ -251,16 +251,16 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
         batches = list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes, shuffle=True,
                                     seed=cfg.seed * 1000 + epoch))
         for b in range(skip, len(batches)):
-            mine = batches[b][acc.process_index::acc.num_processes] or batches[b][:1]
+            mine, weight = shard_groups(batches[b], acc.process_index, acc.num_processes)
             pb = PairBatch.from_groups(mine)
             loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
-            acc.backward(loss)
+            acc.backward(loss * weight)
             acc.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step(), optimizer.zero_grad(set_to_none=True)
             reward.clamp_logit_scale()  # 0 ≤ logit_scale ≤ ln 100, as open_clip's training loop
             step += 1
             bar.update(1)
-            window.add({"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
+            window.add({f"rm/{k}": v for k, v in reduce_pair_stats(stats, weight, acc).items()})
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log(step, {**window.pop(), **({"rm/logit_scale": reward.logit_scale} if cfg.mode == "pickscore"
                                                     else {})})  # the aesthetic head reads no temperature

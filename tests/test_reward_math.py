@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from align.reward import (PairBatch, batch_loss, evaluate_pairs, expected_calibration_error,
-                          normalizer_from_scores, pairwise_accuracy, pairwise_loss)
+                          normalizer_from_scores, pairwise_accuracy, pairwise_loss, shard_groups)
 
 
 def test_equal_scores_give_log2():
@@ -75,6 +75,25 @@ def test_pair_batch_scores_each_candidate_once():
     assert stats["n_pairs"] == 4
     with pytest.raises(FloatingPointError, match="non-finite"):
         batch_loss(torch.tensor([float("nan")] * 5), b)
+
+
+def test_sharded_groups_weigh_every_pair_as_one_process_would():
+    """DDP averages the processes' gradients: with each process's mean loss weighted n_mine / n_all · world, the
+    average is the mean over all pairs. Before, each process's mean counted equally (groups of 3 + 1 pairs on one
+    process and 1 on the other weighted that 1 pair like 4), and a process without a group re-ran the first one."""
+    sizes = [3, 1, 1, 2, 6]
+    groups = [_G(f"p{i}", ["a"] * (n + 1), [_P(0, 1)] * n) for i, n in enumerate(sizes)]
+    per_pair = torch.arange(sum(sizes), dtype=torch.float64) ** 1.5     # any per-pair losses
+    start = {id(g): sum(sizes[:i]) for i, g in enumerate(groups)}
+    for world in (1, 2, 3, 4, 7):
+        total = 0.0
+        for rank in range(world):
+            mine, w = shard_groups(groups, rank, world)
+            mean = torch.cat([per_pair[start[id(g)]:start[id(g)] + len(g.pairs)] for g in mine]).mean()
+            total += w * mean / world                                       # DDP: the average over processes
+        assert float(total) == pytest.approx(float(per_pair.mean()), rel=1e-12), world
+    mine, w = shard_groups(groups[:1], 1, 2)                                # no group for rank 1: a stand-in at 0
+    assert mine == groups[:1] and w == 0.0
 
 
 def test_normalizer():

@@ -16,10 +16,10 @@ from pathlib import Path
 import torch
 
 from align.data import batch_groups, load_hf_preferences, load_preferences
-from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, split_summary
+from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, shard_groups, split_summary
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
-from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run
+from align.session import adamw, load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, load_seq_scorer,
                               load_tokenizer, pad_batch, save_hf)
 
@@ -139,14 +139,15 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     scorer.train()
     for step in range(step, total_steps):
         epoch, groups = schedule[step]
-        pb = PairBatch.from_groups(groups[acc.process_index::acc.num_processes] or groups[:1])
+        mine, weight = shard_groups(groups, acc.process_index, acc.num_processes)
+        pb = PairBatch.from_groups(mine)
         loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
-        acc.backward(loss)
+        acc.backward(loss * weight)
         acc.clip_grad_norm_(scorer.parameters(), 1.0)
         optimizer.step(), optimizer.zero_grad(set_to_none=True)
         bar.update(1)
         done = step + 1
-        window.add({"rm/loss": stats["loss"], "rm/accuracy": stats["accuracy"]})
+        window.add({f"rm/{k}": v for k, v in reduce_pair_stats(stats, weight, acc).items()})
         if done % cfg.log_every == 0 or done == total_steps:
             run.log(done, window.pop())
         epoch_end = done == total_steps or schedule[done][0] != epoch
