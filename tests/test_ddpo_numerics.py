@@ -1,5 +1,6 @@
 """DDPO's numerics on the tiny random Stable Diffusion pipeline: a compiled UNet against eager, bf16 sampling
-against the update's recomputation, and `recompute_log_probs` against a sampler with other numerics."""
+against the update's recomputation, `recompute_log_probs` against a sampler with other numerics, and the update's
+gradient against ddpo-pytorch's accumulation."""
 import math
 from pathlib import Path
 
@@ -197,3 +198,43 @@ def test_recompute_covers_every_inner_epochs_steps(tiny_sd, prompts_file, tmp_pa
     (row,) = [r for r in _metrics(out) if "policy/clipfrac" in r]
     assert row["policy/ratio"] == 1.0 and row["policy/clipfrac"] == 0.0, row
     assert row["policy/logp_recompute_diff"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_update_gradient_equals_ddpo_pytorchs_accumulation(tiny_sd):
+    """One optimiser step of `ddpo_update` is ddpo-pytorch's / TRL's: accelerate accumulates num_train_timesteps ×
+    gradient_accumulation_steps per-step losses (each the batch mean of the clipped surrogate on that step's ratio
+    π_θ/π_old, CFG as sampled), i.e. their mean over every trained (sample, step). Here against that mean written
+    out (2 train batches × 2 accumulation steps, 3 DDIM steps in calls of 2, some ratios clipped; audit against
+    TRL 0.23.1 itself, float64: equal to 1e-14). With a timestep_fraction below 1 each sample trains its own
+    random steps, as ddpo-pytorch's per-sample permutation does."""
+    from image_rlhf.ddpo import DDPOConfig
+    from image_rlhf.ddpo_update import _update_calls, ddpo_update
+    from image_rlhf.pipeline import encode_prompts, load_pipeline, negative_embeds
+    from image_rlhf.sampling import sample_trajectories, step_log_prob
+    from test_ddpo import _Acc, _RecordingOptimizer
+    parts = load_pipeline(tiny_sd)
+    unet, sched = parts.unet.double().requires_grad_(True), parts.scheduler          # float64: only the update's
+    embeds, neg = encode_prompts(parts, PROMPTS).double(), negative_embeds(parts).double()  # float32 log π differ
+    traj = sample_trajectories(unet, sched, embeds, neg, 3, 5.0, 1.0, generator=torch.Generator().manual_seed(0))
+    old = traj.log_probs + 1e-4 * torch.randn(traj.log_probs.shape, generator=torch.Generator().manual_seed(1))
+    adv, eps = torch.tensor([1.0, -0.5, 2.0, -1.5]), 1e-4
+    cfg = DDPOConfig(train_batch_size=1, gradient_accumulation_steps=4, timesteps_per_forward=2, clip_range=eps,
+                     max_grad_norm=0.0)
+    opt = _RecordingOptimizer(unet.parameters())
+    stats = ddpo_update(unet, unet, None, opt, _Acc(), sched, traj.latents, traj.timesteps, old, adv, embeds, neg,
+                        5.0, torch.arange(3), 3, cfg, epoch=0, rank=0)
+    assert len(opt.grads) == 1 and 0 < stats["policy/clipfrac"] < 1
+    opt.zero_grad()
+    for s, t in enumerate(traj.timesteps):  # the mean over the 4 × 3 (sample, step) losses, written out
+        ratio = (step_log_prob(unet, sched, traj.latents[:, s], t, traj.latents[:, s + 1], embeds, neg, 5.0).float()
+                 - old[:, s]).exp()                                                          # (4,)
+        (torch.maximum(-adv * ratio, -adv * ratio.clamp(1 - eps, 1 + eps)).mean() / 3).backward()
+    for mine, ref in zip(opt.grads[0], (p.grad for p in unet.parameters()), strict=True):
+        torch.testing.assert_close(mine, ref, rtol=1e-5, atol=1e-12)
+    cfg = DDPOConfig(train_batch_size=8, timesteps_per_forward=1)
+    calls = list(_update_calls(64, torch.arange(5), 2, cfg, torch.Generator().manual_seed(0), "cpu"))
+    trained = [set() for _ in range(64)]
+    for _, _, idx_m, s, _, _ in calls:
+        for i, step in zip(idx_m.tolist(), s.tolist()):
+            trained[i].add(step)
+    assert all(len(steps) == 2 for steps in trained) and len({frozenset(x) for x in trained}) > 1
