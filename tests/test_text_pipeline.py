@@ -398,3 +398,25 @@ def test_ppo_update_gradient_is_the_clipped_objective_and_micro_batch_invariant(
         assert grads.keys() == expected.keys()
         for k in expected:  # log-probs are taken in float32 (token_log_probs): float32-level agreement
             torch.testing.assert_close(grads[k], expected[k], rtol=1e-5, atol=1e-7, msg=f"micro={micro} {k}")
+
+
+@pytest.mark.parametrize("disable", [True, False])
+def test_rm_trains_without_the_trunks_dropout_by_default(tiny_gpt2, data, tmp_path, monkeypatch, disable):
+    """TRL's RewardTrainer default: with dropout the chosen and rejected texts of a pair are scored under different
+    masks (GPT-2: 0.1 everywhere). disable_dropout=false keeps it; LoRA's own dropout is kept either way."""
+    import text_rlhf.rm as rm_mod
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def capture(model, lora, *a, **k):
+        seen["p"] = sorted({m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)})
+        raise Stop
+
+    monkeypatch.setattr(rm_mod, "apply_lora", capture)
+    cfg = load_config(RMConfig, None, [f"disable_dropout={str(disable).lower()}"], model=tiny_gpt2,
+                      data=data["prefs"], out=str(tmp_path / "rm"))
+    with pytest.raises(Stop):
+        run_rm(cfg)
+    assert seen["p"] == ([0.0] if disable else [0.1])

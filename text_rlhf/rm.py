@@ -22,6 +22,7 @@ from align.runner import WindowMean, progress
 from align.session import adamw, load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
 from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, load_seq_scorer,
                               load_tokenizer, pad_batch, save_hf)
+from text_rlhf.policy import disable_dropout
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +53,10 @@ class RMConfig:
     """no | bf16 | fp16 (accelerate autocast); with LoRA the frozen base is kept in that dtype (the adapters
     and the score head train in float32)."""
     gradient_checkpointing: bool = False
+    disable_dropout: bool = True
+    """Zero the trunk's dropout (TRL's RewardTrainer default): with it the chosen and rejected texts of a pair
+    are scored under different masks, which adds noise to the very difference the loss trains. LoRA's own
+    dropout (lora.dropout) is kept."""
     lora: LoraParams = field(default_factory=LoraParams)
     save_every: int = 0
     """Checkpoint every N steps (0 = end of each epoch)."""
@@ -103,6 +108,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
                             pad_token_id=tok.pad_token_id, new_head=True)
     if cfg.gradient_checkpointing:
         enable_checkpointing(model)
+    if cfg.disable_dropout:
+        disable_dropout(model)  # before LoRA: its adapters keep lora.dropout
     model = apply_lora(model, cfg.lora, "SEQ_CLS", cfg.mixed_precision)
     scorer = SequenceScorer(model)
     optimizer = adamw(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
