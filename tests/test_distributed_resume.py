@@ -82,6 +82,34 @@ def test_resume_after_kill_continues_from_last_checkpoint(tiny_gpt2, prompts, tm
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=f"resumed run differs at {k}")
 
 
+def test_two_process_sft_trains_as_one_process_on_the_same_global_batches(tmp_path):
+    """9 demonstrations of different lengths, global batches of 8: the second step has one example, so one process
+    has none. Before, that process skipped the step's backward and the other waited on DDP's all-reduce forever,
+    and each process's loss was its own tokens' mean, counted equally in DDP's average."""
+    from text_rlhf.tiny import save_tiny
+    model = str(save_tiny(tmp_path / "gpt2", "gpt2", [f"repeat {w} {n} times: {(w + ' ') * n}" for w in "abc"
+                                                      for n in range(1, 6)], vocab_size=200, pad=False, dropout=0.0))
+    data = tmp_path / "demos.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"repeat x {n} times:", "response": " x" * n}) + "\n"
+                            for n in range(1, 10)))
+
+    def sft(out, *launch, batch):
+        cmd = [*launch, "text", "sft", "--model", model, "--data", str(data), "--out", str(out), "epochs=2",
+               f"batch_size={batch}", "eval_fraction=0", "lr=3e-3", "log_every=1", "warmup_ratio=0"]
+        r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
+        assert r.returncode == 0, r.stderr[-3000:]
+        return load_file(str(out / "model" / "model.safetensors")), [
+            json.loads(line)["sft/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
+            if "sft/loss" in line]
+
+    one, loss1 = sft(tmp_path / "one", sys.executable, "-m", "align", batch=8)
+    two, loss2 = sft(tmp_path / "two", str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align", batch=4)
+    assert len(loss1) == len(loss2) == 4 and loss1 == pytest.approx(loss2, rel=1e-4)
+    for k in one:  # Adam turns float noise in near-zero gradients into steps of up to lr
+        torch.testing.assert_close(one[k], two[k], atol=4e-3, rtol=0, msg=f"2 processes differ from 1 at {k}")
+
+
 def test_two_process_rm_trains_as_one_process_on_the_same_global_batches(tmp_path):
     """Groups of 1, 3 and 6 pairs, packed whole into global batches of ≤ 10 pairs and dealt out to 2 processes:
     the weights and the logged loss equal one process's on the same batches. Before, each process's mean loss

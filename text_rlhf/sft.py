@@ -149,29 +149,38 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     while step < total_steps:
         epoch, skip = divmod(step, steps_per_epoch)
         perm = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(cfg.seed * 1000 + epoch)).tolist()
-        shard = perm[acc.process_index::acc.num_processes]
+        world = acc.num_processes
+        shards = [perm[r::world] for r in range(world)]
         for s in range(skip, steps_per_epoch):
-            losses = []
-            micros = [shard[(s * accum + a) * micro:(s * accum + a + 1) * micro] for a in range(accum)]
-            micros = [idx for idx in micros if idx]
-            # token-weighted: each micro-batch's mean NLL weighted by its share of the step's response tokens, so
-            # that accumulation gives the gradient of one batch_size batch (an equal 1/accum weight would not)
-            n_tok = [sum(n_predicted[i] for i in idx) for idx in micros]
-            total_tok = max(1, sum(n_tok))
-            for idx, n in zip(micros, n_tok):
+            # token-weighted: each micro-batch's mean NLL weighted by its share of the response tokens of the step's
+            # whole global batch (every process's micro-batches), × world for DDP's average over processes: the
+            # gradient of one batch, as one process would take it (equal weights per micro-batch or per process
+            # would not be). A process whose shard has run out runs a stand-in example at weight 0 (DDP needs
+            # every process's backward, or the others wait for it forever).
+            step_micros = [[sh[(s * accum + a) * micro:(s * accum + a + 1) * micro] for a in range(accum)]
+                           for sh in shards]
+            total_tok = max(1, sum(n_predicted[i] for ms in step_micros for idx in ms for i in idx))
+            micros = [idx for idx in step_micros[acc.process_index] if idx]
+            weights = [sum(n_predicted[i] for i in idx) / total_tok * world for idx in micros]
+            if not micros:
+                micros, weights = [perm[:1]], [0.0]
+            loss_sum = 0.0
+            for idx, w in zip(micros, weights):
                 ids, mask, labels = collate([train_set[i] for i in idx], tok.pad_token_id)
                 with acc.autocast():
                     out = model(input_ids=ids.to(acc.device), attention_mask=mask.to(acc.device),
                                 position_ids=position_ids_from_mask(mask).to(acc.device), labels=labels.to(acc.device))
-                acc.backward(out.loss * (n / total_tok))
-                losses.append(out.loss.item() * n * len(micros) / total_tok)
+                acc.backward(out.loss * w)
+                loss_sum += out.loss.item() * w / world
+            if world > 1:  # the step's loss over every process's tokens, for the log
+                loss_sum = float(acc.reduce(torch.tensor(loss_sum, dtype=torch.float64, device=acc.device), "sum"))
             grad_norm = acc.clip_grad_norm_(model.parameters(), 1.0)
             optimizer.step(), scheduler.step(), optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            if not math.isfinite(sum(losses)):
+            if not math.isfinite(loss_sum):
                 raise FloatingPointError(f"sft: loss is not finite at step {step}; lower lr (now {cfg.lr})")
-            window.add({"sft/loss": sum(losses) / max(1, len(losses)), "sft/grad_norm": float(grad_norm)})
+            window.add({"sft/loss": loss_sum, "sft/grad_norm": float(grad_norm)})
             if step % cfg.log_every == 0 or step == total_steps:
                 run.log(step, {**window.pop(), "sft/lr": scheduler.get_last_lr()[0]})
             if (cfg.save_every and step % cfg.save_every == 0) or step % steps_per_epoch == 0 or step == total_steps:
