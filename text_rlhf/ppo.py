@@ -295,7 +295,7 @@ def _prompts_for(prompts_all, it, batch, world, rank, seed) -> list[str]:
 def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, advantages, returns, cfg, micro,
             first=None) -> dict:
     """`ppo_epochs` passes over the rollout in shuffled mini-batches; losses are token-weighted so that
-    micro-batch accumulation gives the same gradient as one big batch. `first`: the (log_prob, values)
+    micro-batch accumulation (and DDP's average over processes) gives the same gradient as one big batch. `first`: the (log_prob, values)
     of a forward with grad over the whole rollout at θ_old, used as the first mini-batch's forward."""
     p = cfg.ppo
     B = seq.shape[0]
@@ -309,6 +309,10 @@ def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, ad
         for start in range(0, B, p.mini_batch_size):
             mb = perm[start:start + p.mini_batch_size]
             mb_tokens = m[mb].sum().clamp_min(1.0)
+            # the loss's weights: this process's tokens over all processes' (× world: DDP averages the processes'
+            # gradients), so the step follows the token mean of the global mini-batch; the stats stay this process's
+            scale = (acc.num_processes / acc.reduce(m[mb].sum(), "sum").clamp_min(1.0) * mb_tokens
+                     if acc.num_processes > 1 else 1.0)
             mb_stats: dict[str, float] = {}
             for k, ms in enumerate(range(0, len(mb), micro)):
                 idx = mb[ms:ms + micro]
@@ -323,7 +327,7 @@ def _update(model, optimizer, acc, seq, mask, m, T, old_log_prob, old_values, ad
                     w = m[idx].sum() / mb_tokens
                     pg_loss, pg_stats = clipped_surrogate(log_prob, old_log_prob[idx], advantages[idx], p.clip_range, m[idx])
                     vf_loss, vf_stats = clipped_value_loss(values, old_values[idx], returns[idx], p.clip_range_value, m[idx])
-                    loss = (pg_loss + p.vf_coef * vf_loss) * w
+                    loss = (pg_loss + p.vf_coef * vf_loss) * w * scale
                     acc.backward(loss)
                 for name, v in (("policy/pg_loss", pg_loss), ("policy/vf_loss", vf_loss), *(
                         (f"policy/{n}", s) for n, s in {**pg_stats, **vf_stats}.items())):
