@@ -145,6 +145,13 @@ def setup_logging(verbose: bool) -> None:
         os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
 
 
+def _library_io_errors() -> tuple:
+    """I/O errors that libraries raise as something other than OSError, once a command has imported them:
+    safetensors' SafetensorError ("No space left on device" while saving weights, a truncated file)."""
+    st = sys.modules.get("safetensors")
+    return (st.SafetensorError,) if hasattr(st, "SafetensorError") else ()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
@@ -163,8 +170,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     try:
         args.func(args)
-    except (ValueError, OSError, FloatingPointError) as e:  # user errors (a folder given as a file, a full disk, ...):
-        # one clear line, no traceback
+    except (ValueError, OSError, FloatingPointError, *_library_io_errors()) as e:  # user errors (a folder given
+        # as a file, a full disk, ...): one clear line, no traceback
         if args.verbose:
             raise
         logging.getLogger("align").error("%s", e)

@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 
 WORLDS = {"text": "text_rlhf.demo", "image": "image_rlhf.demo"}
 CACHE_MARKER = "align-cache.json"   # not config.json: HF folders have their own
+WORLD_MARKER = "align-demo-world.json"   # in out/<world>: a later run replaces only folders that hold it
+_LEGACY_OUTPUTS = ("data/demos.jsonl", "eval_responses.jsonl", "prefs", "image_world.json")
+"""What the worlds write first, for world folders from before WORLD_MARKER."""
 INSTRUCTGPT_WIN_RATE = 0.71   # 175B InstructGPT preferred to few-shot 175B GPT-3 (Ouyang et al. 2022, Fig. 1/3)
 
 
@@ -79,26 +82,83 @@ def config_key(config: dict) -> str:
     return hashlib.sha256(blob).hexdigest()[:12]
 
 
+def _file_id(path: Path) -> list:
+    return [path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest()]
+
+
+def _manifest(folder: Path) -> dict[str, list]:
+    """{relative path: [size, sha256]} of every file of a cache entry but its marker."""
+    return {f.relative_to(folder).as_posix(): _file_id(f)
+            for f in sorted(folder.rglob("*")) if f.is_file() and f.name != CACHE_MARKER}
+
+
+def _damage(folder: Path) -> str | None:
+    """Why the cache entry `folder` cannot be used (None: complete, and its files are as they were built).
+    Entries written before the marker listed their files are trusted as they were."""
+    try:
+        marker = json.loads((folder / CACHE_MARKER).read_text())
+    except FileNotFoundError:
+        return "it is incomplete"
+    except (OSError, ValueError) as e:
+        return f"its {CACHE_MARKER} is unreadable ({e})"
+    files = marker.get("files") if isinstance(marker, dict) else None
+    if not isinstance(files, dict):
+        return None
+    bad = [rel for rel, want in files.items() if not (folder / rel).is_file() or _file_id(folder / rel) != want]
+    return f"{', '.join(bad)} changed since it was built" if bad else None
+
+
+@contextmanager
+def _build_lock(path: Path):
+    """An exclusive lock on `path` while a cache entry is built, so that two demos sharing a cache build it
+    once (the second waits, then uses it) instead of the second replacing it under the first. Released by the
+    OS if the holder dies. Where there is no fcntl (Windows), no lock."""
+    try:
+        import fcntl
+    except ImportError:
+        yield
+        return
+    with open(path, "a") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            logger.info("cache: another process is building %s; waiting for it", path.name[1:-len(".lock")])
+            fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
 def cached(name: str, config: dict, build: Callable[[Path], None], fresh: bool = False) -> tuple[Path, bool]:
     """The folder of a cached artefact, built by `build(tmp_dir)` on first use (or when `fresh`).
 
     Built into a temporary sibling and renamed into place, so a crash mid-build never leaves a
-    half-written cache entry that a later run would trust. Returns (folder, was_cached)."""
+    half-written cache entry that a later run would trust; the marker lists the files' sizes and hashes, so
+    an entry damaged later (a truncated safetensors) is rebuilt rather than loaded. Returns (folder, was_cached)."""
     root = cache_root()
     final = root / f"{name}-{config_key(config)}"
-    if final.is_dir() and (final / CACHE_MARKER).is_file() and not fresh:
-        return final, True
-    tmp = root / f".{final.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        build(tmp)
-        atomic_write_json(tmp / CACHE_MARKER, config)   # written last: its presence marks the entry complete
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    if not fresh and final.is_dir():
+        damage = _damage(final)
+        if damage is None:
+            return final, True
+        logger.warning("cache: %s cannot be used: %s; rebuilding it", final, damage)
+    root.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root / f".{final.name}.lock"):
+        if not fresh and final.is_dir() and _damage(final) is None:   # built by another process while we waited
+            return final, True
+        for stale in root.glob(f".{final.name}.tmp-*"):   # left by a killed build (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root / f".{final.name}.tmp-{os.getpid()}"
+        tmp.mkdir()
+        old = root / f".{final.name}.old-{os.getpid()}"
+        try:
+            build(tmp)
+            # written last: its presence marks the entry complete
+            atomic_write_json(tmp / CACHE_MARKER, {"config": config, "files": _manifest(tmp)})
+            if final.exists():   # moved aside, not deleted in place: a reader never sees a half-removed entry
+                os.replace(final, old)
+            tmp.rename(final)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(old, ignore_errors=True)
     return final, False
 
 
@@ -327,7 +387,7 @@ def _run_concurrently(worlds, out: Path, preset: str, fresh: bool, progress: boo
     others' results: they are reported, then the first error is raised."""
     import multiprocessing as mp
     from concurrent.futures import ProcessPoolExecutor
-    results, errors = [], []
+    results, errors, t0 = [], [], time.perf_counter()
     with ProcessPoolExecutor(max_workers=len(worlds), mp_context=mp.get_context("spawn")) as pool:
         futures = [(w, pool.submit(_run_world, w, out / w, preset, fresh, progress, threads, i))
                    for i, w in enumerate(worlds)]
@@ -338,10 +398,40 @@ def _run_concurrently(worlds, out: Path, preset: str, fresh: bool, progress: boo
                 logger.error("demo: the %s world failed: %s", w, e)
                 errors.append(e)
     if errors and results:
-        write_demo_report(results, out, 0.0)
+        write_demo_report(results, out, time.perf_counter() - t0)
     if errors:
         raise errors[0]
     return results
+
+
+def _is_world_run(folder: Path) -> bool:
+    return folder.is_dir() and (not any(folder.iterdir())
+                                or any((folder / f).exists() for f in (WORLD_MARKER, *_LEGACY_OUTPUTS)))
+
+
+def _prepare_world_folders(worlds: Sequence[str], out: Path, preset: str) -> None:
+    """Check every world and its preset, then replace out/<world>: nothing is deleted before a typo is caught,
+    and never a folder that no demo wrote (`--out ~` must not remove ~/image)."""
+    for name in worlds:
+        if name not in WORLDS:
+            raise ValueError(f"unknown world {name!r} (choose from {', '.join(WORLDS)})")
+        presets = importlib.import_module(WORLDS[name]).PRESETS
+        if preset not in presets:
+            raise ValueError(f"unknown preset {preset!r} for the {name} world (choose from {', '.join(presets)})")
+    for name in worlds:
+        if (out / name).exists() and not _is_world_run(out / name):
+            raise ValueError(f"{out / name} exists and is not an `align demo` world run (no {WORLD_MARKER}): "
+                             "remove it or choose another --out")
+    if (out / "demo.json").is_file():  # a previous run's report, which would outlive its deleted folders if this
+        for stale in ("report.md", "demo.json", *(f"overopt_{w}.png" for w in worlds)):  # run stopped early
+            (out / stale).unlink(missing_ok=True)
+    for name in worlds:
+        folder = out / name
+        if folder.exists():
+            logger.info("demo: replacing the previous %s world run in %s", name, folder)
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        atomic_write_json(folder / WORLD_MARKER, {"world": name, "preset": preset})
 
 
 def run_demo(worlds: Sequence[str], out: str | Path = "runs/demo", preset: str = "default", fresh: bool = False,
@@ -351,13 +441,7 @@ def run_demo(worlds: Sequence[str], out: str | Path = "runs/demo", preset: str =
     concurrent: one process per world (default when there are several worlds and ≥ 2 torch threads)."""
     import torch
     out = Path(out)
-    for name in worlds:
-        if name not in WORLDS:
-            raise ValueError(f"unknown world {name!r} (choose from {', '.join(WORLDS)})")
-        folder = out / name
-        if folder.exists():
-            logger.info("demo: replacing the previous %s world run in %s", name, folder)
-            shutil.rmtree(folder)
+    _prepare_world_folders(worlds, out, preset)
     cores = torch.get_num_threads()
     if concurrent is None:
         concurrent = len(worlds) > 1 and cores >= len(worlds)

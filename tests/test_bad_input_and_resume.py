@@ -158,6 +158,19 @@ def test_a_folder_given_as_a_data_file_and_bad_threads_are_one_line(tiny_gpt2, t
         cli(["text", "sft", "--model", tiny_gpt2, "--data", str(tmp_path), "--threads", "-1"])
 
 
+
+def test_a_safetensors_error_is_one_line(tiny_gpt2, demos, tmp_path, caplog):
+    """safetensors raises its own SafetensorError, not OSError, for "No space left on device" while saving and for
+    a truncated file: both were tracebacks."""
+    import shutil
+    model = tmp_path / "model"
+    shutil.copytree(tiny_gpt2, model)
+    with open(model / "model.safetensors", "r+b") as f:
+        f.truncate(100)
+    code, text = run_cli(["text", "sft", "--model", str(model), "--data", str(demos), "--out", str(tmp_path / "o")],
+                         caplog)
+    assert code == 2 and "deserializing header" in text
+
 def test_rm_eval_data_is_checked_before_the_run_folder_exists(tiny_gpt2, tmp_path, caplog):
     prefs = tmp_path / "prefs.jsonl"
     prefs.write_text(json.dumps({"prompt": "p", "chosen": "a good", "rejected": "a bad"}) + "\n")

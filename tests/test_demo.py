@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from align.compare import Arm, compare_arms, default_pairs
-from align.demo import WorldResult, cached, fit_gao, gao_curve, headline, summary, write_demo_report
+from align.demo import WorldResult, cached, config_key, fit_gao, gao_curve, headline, summary, write_demo_report
 
 
 def test_fit_gao_recovers_known_coefficients():
@@ -84,9 +84,63 @@ def test_cache_crash_mid_build_leaves_nothing(tmp_path, monkeypatch):
 
     with pytest.raises(KeyboardInterrupt):
         cached("thing", {"k": 1}, crash)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert [p.name for p in (tmp_path / "cache").iterdir() if p.suffix != ".lock"] == []   # the build lock stays
     path, was = cached("thing", {"k": 1}, lambda d: (d / "ok").write_text("y"))
     assert not was and (path / "ok").exists() and not (path / "half.bin").exists()
+
+
+
+def test_cache_rebuilds_a_damaged_entry(tmp_path, monkeypatch, caplog):
+    """A truncated model file in a cached entry crashed the next stage deep inside safetensors
+    ("invalid header length"); the marker now lists the files' sizes and hashes, and a damaged entry is rebuilt."""
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    calls = []
+
+    def build(d):
+        calls.append(d)
+        (d / "model.safetensors").write_bytes(b"w" * 100)
+
+    path, _ = cached("thing", {"k": 1}, build)
+    with open(path / "model.safetensors", "r+b") as f:
+        f.truncate(10)
+    with caplog.at_level("WARNING", logger="align.demo"):
+        again, was = cached("thing", {"k": 1}, build)
+    assert not was and again == path and len(calls) == 2
+    assert (path / "model.safetensors").read_bytes() == b"w" * 100
+    assert "model.safetensors changed since it was built" in caplog.text
+    assert cached("thing", {"k": 1}, build)[1] and len(calls) == 2   # intact again: used as is
+    (path / "align-cache.json").write_text('{"k": 1}')   # an entry from before markers listed files: trusted
+    assert cached("thing", {"k": 1}, build)[1] and len(calls) == 2
+
+
+def test_cache_two_builders_build_once(tmp_path, monkeypatch):
+    """Two demos sharing a cache both trained the base model, and the second to finish deleted the first's
+    entry (rmtree, then rename) while the first was loading it. Now the second waits for the first's build
+    and uses it; a temp folder left by a killed build is cleared."""
+    import threading
+    monkeypatch.setenv("ALIGN_CACHE", str(tmp_path / "cache"))
+    stale = tmp_path / "cache" / f".thing-{config_key({'k': 1})}.tmp-999999"
+    stale.mkdir(parents=True)
+    started, release, calls = threading.Event(), threading.Event(), []
+
+    def slow_build(d):
+        calls.append(d)
+        started.set()
+        release.wait(10)
+        (d / "w").write_text("first")
+
+    got = {}
+    first = threading.Thread(target=lambda: got.update(first=cached("thing", {"k": 1}, slow_build)))
+    second = threading.Thread(target=lambda: got.update(second=cached("thing", {"k": 1}, slow_build)))
+    first.start()
+    assert started.wait(10)
+    second.start()
+    second.join(0.3)
+    assert second.is_alive()   # waiting on the first's lock, not building a copy
+    release.set()
+    first.join(10), second.join(10)
+    assert len(calls) == 1 and got["first"] == (got["second"][0], False) and got["second"][1]
+    assert (got["first"][0] / "w").read_text() == "first" and not stale.exists()
 
 
 def _result(scores: dict, tmp_path) -> WorldResult:
@@ -178,3 +232,40 @@ def test_report_reads_no_peak_off_a_poor_gao_fit(tmp_path):
                     for i, x in enumerate(d)]
     text = write_demo_report([good], tmp_path, 1.0).read_text()
     assert f"peaks at d = {math.exp(0.3 / 0.2 - 1):.3g}" in text
+
+
+def test_run_demo_replaces_only_its_own_world_folders(tmp_path, monkeypatch):
+    """`--preset smal` deleted out/text (the previous run) before the world rejected the preset, and `--out DIR`
+    deleted any DIR/text or DIR/image, demo run or not. Now presets are checked first, and only folders a demo
+    wrote (its marker, or an older run's outputs) are replaced; with them goes the old report, which a run
+    stopped early left behind, describing folders that no longer existed."""
+    import sys
+    import types
+
+    from align import demo
+    world = types.ModuleType("fake_world")
+    world.PRESETS = {"small": None}
+    world.run = lambda out, **kw: _result({"base-plain": [0.0] * 4, "base-engineered": [0.5] * 4,
+                                           "aligned-plain": [1.0] * 4, "aligned-engineered": [1.0] * 4}, out.parent)
+    monkeypatch.setitem(sys.modules, "fake_world", world)
+    monkeypatch.setattr(demo, "WORLDS", {"text": "fake_world"})
+    out = tmp_path / "runs"
+    (out / "text").mkdir(parents=True)
+    (out / "text" / "photo.jpg").write_text("mine")
+    with pytest.raises(ValueError, match="not an `align demo` world run"):
+        demo.run_demo(["text"], out, preset="small", progress=False)
+    assert (out / "text" / "photo.jpg").read_text() == "mine"
+    (out / "text" / "eval_responses.jsonl").write_text("")   # what a run from before the marker wrote
+    with pytest.raises(ValueError, match="unknown preset 'smal' for the text world"):
+        demo.run_demo(["text"], out, preset="smal", progress=False)
+    assert (out / "text" / "photo.jpg").exists()
+    demo.run_demo(["text"], out, preset="small", progress=False)
+    assert not (out / "text" / "photo.jpg").exists() and (out / "text" / demo.WORLD_MARKER).is_file()
+    assert (out / "report.md").is_file() and (out / "overopt_text.png").is_file()
+    def interrupted(out, **kw):
+        raise KeyboardInterrupt
+
+    world.run = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        demo.run_demo(["text"], out, preset="small", progress=False)   # its own folder: replaced ...
+    assert not (out / "report.md").exists() and not (out / "overopt_text.png").exists()   # ... with its old report

@@ -183,7 +183,6 @@ def run(out: Path, *, preset: str = "default", fresh: bool = False, progress: bo
     with timer("base LM (pretraining)"):
         base_dir, was_cached = base_model(cfg.base, fresh=fresh, show_progress=progress)
     if was_cached:
-        timer.seconds["base LM (pretraining)"] = 0.0
         timer.seconds["base LM (cached)"] = timer.seconds.pop("base LM (pretraining)")
     with timer("SFT"):
         demos = _write_jsonl(out / "data" / "demos.jsonl", world.make_demos(cfg.n_demos, seed=s, families=fam))
