@@ -327,6 +327,7 @@ def test_sft_resume_uses_the_configs_lr_not_the_checkpoints(tiny_gpt2, data, tmp
 class _Acc:
     """The slice of accelerate.Accelerator that text PPO's `_update` uses, single process."""
     device = torch.device("cpu")
+    num_processes = 1
     no_sync = autocast = staticmethod(lambda *a: __import__("contextlib").nullcontext())
     backward = staticmethod(lambda loss: loss.backward())
     clip_grad_norm_ = staticmethod(torch.nn.utils.clip_grad_norm_)
