@@ -233,3 +233,105 @@ def test_separate_critic_reads_the_policys_tokens(tmp_path, tiny_llama, prompts_
     with pytest.raises(ValueError, match="value_init .* another tokenizer"):
         run_ppo(_ppo(tiny_llama, prompts_file, tmp_path / "explicit", "value_model=separate", f"value_init={big}"))
     assert not (tmp_path / "explicit").exists()
+
+
+# ---------------------------------------------------------------- reward models align did not train (hub, TRL)
+
+def _hub_rm(tmp_path, name, model_cls, cfg, tok):
+    torch.manual_seed(0)
+    model = model_cls(cfg)
+    for n, p in model.named_parameters():  # a visible head, so a score read at the wrong place shows
+        if n.split(".")[0] in ("score", "classifier", "pooler"):
+            torch.nn.init.normal_(p)
+    model.save_pretrained(tmp_path / name)
+    tok.save_pretrained(tmp_path / name)
+    return str(tmp_path / name)
+
+
+def _hf_scores(path, tok, *texts):
+    from transformers import AutoModelForSequenceClassification
+    hf = AutoModelForSequenceClassification.from_pretrained(path).eval()
+    with torch.no_grad():
+        return torch.stack([hf(**tok(*t, return_tensors="pt")).logits[0, 0] for t in zip(*texts)])
+
+
+PROMPTS, RESPONSES = ["Q: add 2 and 3 A:", "the quick brown fox"], [" 5", " jumps over the lazy dog and the red circle"]
+
+
+@pytest.mark.parametrize("arch", ["deberta", "bert"])
+def test_encoder_rm_is_scored_at_cls_as_transformers_scores_it(tmp_path, tiny_gpt2, arch):
+    """OpenAssistant's DeBERTa RMs (and BERT-style ones) pool at [CLS] through their own pooler and are used as
+    `tokenizer(question, answer)`: the judge and PPO's reward read them there, not at a last token."""
+    from transformers import (BertConfig, BertForSequenceClassification, DebertaV2Config,
+                              DebertaV2ForSequenceClassification)
+    from text_rlhf.compare import RMJudge
+    from text_rlhf.tiny import build_wordpiece_tokenizer
+    tok = build_wordpiece_tokenizer(CORPUS)
+    common = dict(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  max_position_embeddings=64, pad_token_id=tok.pad_token_id, num_labels=1)
+    if arch == "deberta":  # deberta-v3's layout: relative attention, no absolute positions, no token types
+        cfg = DebertaV2Config(**common, type_vocab_size=0, relative_attention=True, position_buckets=16,
+                              norm_rel_ebd="layer_norm", position_biased_input=False, pos_att_type=["p2c", "c2p"])
+        path = _hub_rm(tmp_path, arch, DebertaV2ForSequenceClassification, cfg, tok)
+    else:
+        path = _hub_rm(tmp_path, arch, BertForSequenceClassification, BertConfig(**common), tok)
+    want = _hf_scores(path, tok, PROMPTS, RESPONSES)
+    judge = RMJudge(path)
+    torch.testing.assert_close(judge(PROMPTS, RESPONSES), want, atol=1e-4, rtol=1e-4)  # batched: right-padded
+    torch.testing.assert_close(judge(PROMPTS[:1], RESPONSES[:1]), want[:1], atol=1e-4, rtol=1e-4)
+    reward = RewardFn(path, load_tokenizer(tiny_gpt2), "cpu", 8)
+    torch.testing.assert_close(reward(PROMPTS, RESPONSES, None, None, torch.tensor([True, False])), want,
+                               atol=1e-4, rtol=1e-4)
+    long = " ".join(CORPUS[:4] * 3)  # longer than its 64 positions: cut, not an index error
+    assert torch.isfinite(judge([long], [" a red circle"])).all()
+
+
+def test_trl_rm_with_pad_eos_is_read_where_transformers_read_it_in_training(tmp_path, tiny_gpt2):
+    """A GPT-2 RM trained by TRL's RewardTrainer (pad = EOS in its config, EOS appended to every text): transformers
+    pooled at the last non-pad id, the token before the EOS, so that is where its score means something. An align
+    RM (align.json) is still read at the EOS it was trained on."""
+    from transformers import AutoModelForSequenceClassification
+    from text_rlhf.compare import RMJudge
+    from text_rlhf.models import position_ids_from_mask
+    tok = load_tokenizer(tiny_gpt2, padding_side="left")
+    lm = tiny_causal_lm("gpt2", tok)
+    lm.config.num_labels, lm.config.pad_token_id = 1, tok.eos_token_id
+    path = _hub_rm(tmp_path, "trl", AutoModelForSequenceClassification.from_config, lm.config, tok)
+    want = _hf_scores(path, tok, [p + r + tok.eos_token for p, r in zip(PROMPTS, RESPONSES)])
+    torch.testing.assert_close(RMJudge(path)(PROMPTS, RESPONSES), want, atol=1e-4, rtol=1e-4)
+    reward = RewardFn(path, tok, "cpu", 8)  # the policy's tokenizer: its left-padded ids are scored as they are
+    assert reward.same_tok
+    ids, _ = encode_pairs(tok, PROMPTS, RESPONSES, 64)
+    seq, mask = pad_batch(ids, tok.pad_token_id, side="left")
+    torch.testing.assert_close(reward(PROMPTS, RESPONSES, seq, mask), want, atol=1e-4, rtol=1e-4)
+    (tmp_path / "trl" / "align.json").write_text(json.dumps({"kind": "text_reward_model"}))
+    assert not torch.allclose(RMJudge(path)(PROMPTS, RESPONSES), want)
+
+
+def test_reencoded_reward_fits_the_rms_positions(tmp_path, tiny_llama):
+    """An RM with its own tokenizer and fewer positions than the policy's text: the prompt's start is cut (as
+    `align text rm` cuts), not an index error (a device-side assert on a GPU)."""
+    from transformers import AutoModelForSequenceClassification
+    rm_tok = build_bpe_tokenizer(CORPUS[:3] * 2, 280)
+    lm = tiny_causal_lm("llama", rm_tok, n_positions=32)
+    lm.config.num_labels = 1
+    path = _hub_rm(tmp_path, "rm", AutoModelForSequenceClassification.from_config, lm.config, rm_tok)
+    reward = RewardFn(path, load_tokenizer(tiny_llama), "cpu", 8)
+    assert not reward.same_tok
+    long = " ".join(CORPUS[:5] * 2)
+    got = reward([long, "a red"], [" circle", " blue"], None, None, torch.tensor([True, True]))
+    ids, _ = encode_pairs(rm_tok, [long], [" circle"], 32)
+    want = reward.scorer(*pad_batch(ids, rm_tok.pad_token_id))
+    torch.testing.assert_close(got[:1], want)
+
+
+def test_a_classifier_with_several_labels_is_no_reward_model(tmp_path, tiny_gpt2):
+    """e.g. a positive/negative sentiment classifier: a clear error, not transformers' size-mismatch report."""
+    from transformers import AutoModelForSequenceClassification
+    tok = load_tokenizer(tiny_gpt2)
+    lm = tiny_causal_lm("gpt2", tok)
+    lm.config.num_labels = 2
+    path = _hub_rm(tmp_path, "cls", AutoModelForSequenceClassification.from_config, lm.config, tok)
+    with pytest.raises(ModelLoadError, match="classifier with 2 labels.*module:function"):
+        RewardFn(path, tok, "cpu", 8)
+    load_seq_scorer(path, new_head=True)  # as the start of an RM, its head is replaced as any other

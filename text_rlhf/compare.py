@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
-from text_rlhf.models import (ModelLoadError, SequenceScorer, _check_path, decode_responses, load_causal_lm,
-                              load_seq_scorer, load_tokenizer, max_positions, read_align_meta)
+from text_rlhf.models import (ModelLoadError, _check_path, decode_responses, load_causal_lm, load_reward_scorer,
+                              load_tokenizer, max_positions, read_align_meta)
 from text_rlhf.policy import raw_sampling, response_mask, stop_token_ids
 from text_rlhf.rm import TextScorer
 
@@ -105,14 +105,14 @@ class TextGenerator:
 
 
 class RMJudge:
-    """A reward model folder (`align text rm`): the score of prompt + response + EOS, as it was trained."""
+    """A reward model folder (`align text rm`, or a hub/TRL one): the score of prompt + response + EOS, as it was
+    trained (`load_reward_scorer`: where that model reads it; an encoder's `[CLS] prompt [SEP] response [SEP]`)."""
 
     def __init__(self, path: str, device="cpu", dtype=torch.float32):
         self.tok = load_tokenizer(path, padding_side="right")
-        model = load_seq_scorer(path, dtype=dtype, pad_token_id=self.tok.pad_token_id)
-        scorer = SequenceScorer(model).to(device).eval()
+        scorer = load_reward_scorer(path, self.tok, dtype).to(device).eval()
         scorer.requires_grad_(False)
-        limit = max_positions(model.config) or 10 ** 6
+        limit = max_positions(scorer.model.config) or 10 ** 6
         self.score = TextScorer(scorer, self.tok, min(limit, self.tok.model_max_length), device)
 
     @torch.no_grad()

@@ -114,11 +114,22 @@ def load_seq_scorer(path: str, dtype: torch.dtype = torch.float32, pad_token_id:
     otherwise (a reward, a judge, a critic) a checkpoint without a trained head is an error, not a random score."""
     from transformers import AutoModelForSequenceClassification
     path = _check_path(path, "reward model")
-    try:
+    try:  # mismatched sizes are loaded (and reported below), so a classifier's head is named, not a shape error
         model, info = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=dtype,
+                                                                         ignore_mismatched_sizes=True,
                                                                          output_loading_info=True)
     except OSError as e:
         raise ModelLoadError(f"reward model: cannot load {path!r}: {e}") from e
+    mismatched = {k: tuple(ckpt) for k, ckpt, _ in info.get("mismatched_keys", ())}
+    heads = {k: v for k, v in mismatched.items() if k.split(".")[0] in ("score", "classifier")}
+    if heads and not new_head:  # e.g. a 2-label sentiment classifier: its labels are no scalar reward
+        n = next(iter(heads.values()))[0]
+        raise ModelLoadError(f"reward model: {path!r} is a classifier with {n} labels, not a scalar reward model "
+                             f"(num_labels=1): to reward one label's logit or probability, pass a module:function "
+                             f"that computes it with transformers")
+    if set(mismatched) - set(heads):
+        raise ModelLoadError(f"reward model: {path!r}: checkpoint weights do not fit its config: "
+                             f"{', '.join(sorted(set(mismatched) - set(heads))[:5])}")
     missing = _missing_head(info, ("score", "classifier"))
     if missing and not new_head:
         raise ModelLoadError(f"reward model: {path!r} holds no trained reward head ({', '.join(missing)} would start "
@@ -210,27 +221,62 @@ class SequenceScorer(nn.Module):
     pad == EOS (it would read the token before EOS: plain `AutoModelForSequenceClassification(...)` calls score
     an align RM differently where pad == EOS; score with this class or `align compare --judge`). An optional
     constant shift in `config.reward_shift` (set by hand; PPO normalises with its own) is subtracted.
+
+    skip_id (an RM align did not train, `load_reward_scorer`): read at the last real token that is not this id,
+    the config's pad id, which is where transformers' pooling read it in training (TRL with pad == EOS: the token
+    before the EOS). An encoder (BERT, DeBERTa, RoBERTa: a `classifier`, not a decoder's `score`) pools at [CLS]
+    through its own pooler, so its own forward scores it (`last_token` False; inputs right-padded).
     """
 
-    def __init__(self, model):
+    def __init__(self, model, skip_id: int | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.skip_id = model, skip_id
         hf = unwrap_hf(model)
         self.head = getattr(hf, "score", None) or getattr(hf, "classifier", None)
         if self.head is None:
             raise ModelLoadError(f"{type(hf).__name__} has no `score`/`classifier` head")
+        self.last_token = hasattr(hf, "score")  # transformers' decoder classifiers: a `score` Linear at the last token
 
     @property
     def shift(self) -> float:
         return float(getattr(unwrap_hf(self.model).config, "reward_shift", 0.0) or 0.0)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, token_type_ids: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        if not self.last_token:
+            types = {} if token_type_ids is None else {"token_type_ids": token_type_ids}
+            return self.model(input_ids=input_ids, attention_mask=attention_mask, **types).logits[:, 0].float() - self.shift
         trunk = unwrap_hf(self.model).base_model
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids_from_mask(attention_mask)).last_hidden_state  # (B, L, H)
-        last = last_token_index(attention_mask)                                                  # (B,)
+        keep = attention_mask if self.skip_id is None else attention_mask * (input_ids != self.skip_id)
+        last = last_token_index(torch.where(keep.any(1, keepdim=True), keep, attention_mask))      # (B,)
         h = hidden[torch.arange(hidden.shape[0], device=hidden.device), last]                    # (B, H)
         return self.head(h).squeeze(-1).float() - self.shift
+
+
+def load_reward_scorer(path: str, tokenizer, dtype: torch.dtype = torch.float32) -> SequenceScorer:
+    """A trained reward model to score with (a reward, a judge): an `align text rm` output (align.json) is read at its
+    last real token, the EOS it was trained on; any other (TRL, the hub) where transformers' own pooling reads it."""
+    model = load_seq_scorer(path, dtype=dtype)
+    ours = read_align_meta(_check_path(path, "reward model")).get("kind") == "text_reward_model"
+    skip_id = None if ours else getattr(model.config, "pad_token_id", None)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    return SequenceScorer(model, skip_id)
+
+
+def encode_text_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int) -> dict[str, torch.Tensor]:
+    """Right-padded inputs of an encoder RM (`SequenceScorer.last_token` False): the tokenizer's own pair encoding,
+    `[CLS] prompt [SEP] response [SEP]` with its token types, as sentence-pair rewards (OpenAssistant's DeBERTa RMs:
+    `tokenizer(question, answer)`) are trained. A pair longer than max_length loses the start of its longer text."""
+    side = tokenizer.truncation_side
+    tokenizer.truncation_side = "left"
+    try:
+        enc = tokenizer(list(prompts), list(responses), truncation="longest_first", max_length=max_length,
+                        padding=True, padding_side="right", return_tensors="pt")
+    finally:
+        tokenizer.truncation_side = side
+    return {k: v for k, v in enc.items() if k in ("input_ids", "attention_mask", "token_type_ids")}
 
 
 def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length: int, add_eos: bool = True

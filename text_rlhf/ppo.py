@@ -29,9 +29,9 @@ from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_los
 from align.runner import progress, truncate_jsonl
 from align.session import (adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run,
                            stop_if_not_finite)
-from text_rlhf.models import (SequenceScorer, apply_lora, decode_responses, enable_checkpointing, encode_prompts,
-                              fuse_activations, load_causal_lm, load_seq_scorer, load_tokenizer, max_positions,
-                              pad_batch, save_hf)
+from text_rlhf.models import (apply_lora, decode_responses, enable_checkpointing, encode_pairs, encode_prompts,
+                              encode_text_pairs, fuse_activations, load_causal_lm, load_reward_scorer, load_tokenizer,
+                              max_positions, pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
                               response_mask, stop_token_ids)
@@ -50,30 +50,33 @@ class RewardFn:
             self.fn = import_function(spec, "--reward")
             return
         self.tok = load_tokenizer(spec, padding_side="right")
-        self.scorer = SequenceScorer(load_seq_scorer(spec, pad_token_id=self.tok.pad_token_id)).to(device).eval()
+        self.scorer = load_reward_scorer(spec, self.tok).to(device).eval()
         self.scorer.requires_grad_(False)
-        self.same_tok = self.tok.get_vocab() == policy_tok.get_vocab()
+        self.limit = min(max_positions(self.scorer.model.config) or 10 ** 6, self.tok.model_max_length)
+        self.same_tok = self.scorer.last_token and self.tok.get_vocab() == policy_tok.get_vocab()
 
     @torch.no_grad()
     def __call__(self, prompts, responses_text, seq, mask, ended=None) -> torch.Tensor:
         """ended (B,) bool: the responses that stopped at EOS. The same-tokenizer path reads their EOS from
-        `seq`; re-encoded for an RM with another tokenizer they get that tokenizer's EOS, as the RM was trained."""
+        `seq`; re-encoded for an RM with another tokenizer they get that tokenizer's EOS, as the RM was trained
+        (an encoder's pair encoding always ends in its [SEP]). Re-encoded texts longer than the RM's positions
+        lose the start of their prompt (`encode_pairs`)."""
         if self.fn is not None:
             out = as_scores(self.fn(list(prompts), list(responses_text)), len(prompts), self.spec, "responses")
             return out.to(self.device)
         scores = []
         for i in range(0, len(prompts), self.batch_size):
-            if self.same_tok:  # the policy's own token ids: no decode/re-encode round trip
-                s, m = seq[i:i + self.batch_size], mask[i:i + self.batch_size]
+            p, r = prompts[i:i + self.batch_size], responses_text[i:i + self.batch_size]
+            if self.same_tok and seq.shape[1] <= self.limit:  # the policy's own token ids: no decode/re-encode
+                inputs = {"input_ids": seq[i:i + self.batch_size], "attention_mask": mask[i:i + self.batch_size]}
+            elif not self.scorer.last_token:  # an encoder: its own [CLS] prompt [SEP] response [SEP]
+                inputs = encode_text_pairs(self.tok, p, r, self.limit)
             else:
-                from text_rlhf.models import encode_pairs
-                ids, _ = encode_pairs(self.tok, prompts[i:i + self.batch_size], responses_text[i:i + self.batch_size],
-                                      10 ** 6, add_eos=False)
+                ids, _ = encode_pairs(self.tok, p, r, self.limit - 1, add_eos=False)  # room for the EOS
                 if ended is not None:
-                    ids = [x + [self.tok.eos_token_id] if e else x
-                           for x, e in zip(ids, ended[i:i + self.batch_size].tolist())]
-                s, m = (t.to(self.device) for t in pad_batch(ids, self.tok.pad_token_id))
-            scores.append(self.scorer(s, m))
+                    ids = [x + [self.tok.eos_token_id] if e else x for x, e in zip(ids, ended[i:i + self.batch_size].tolist())]
+                inputs = dict(zip(("input_ids", "attention_mask"), pad_batch(ids, self.tok.pad_token_id)))
+            scores.append(self.scorer(**{k: v.to(self.device) for k, v in inputs.items()}))
         return torch.cat(scores)
 
 
@@ -203,8 +206,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         raw_scores = scores.clone()
         if cfg.normalize_reward:
             if shift is None:  # the first rollout: a sample of the initial policy (π_ref unless `reference`)
-                shift = normalizer_from_scores(acc.gather(scores).cpu())[0]
-                log.info("reward normalisation: shift %.4f (mean score of the initial policy)", shift)
+                shift, spread = normalizer_from_scores(acc.gather(scores).cpu())
+                log.info("reward normalisation: shift %.4f (mean score of the initial policy; their std %.4f is "
+                         "left as it is, so it sets how much the KL penalty weighs)", shift, spread)
             scores = scores - shift
         if cfg.missing_eos_penalty:
             scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)

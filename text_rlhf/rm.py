@@ -20,8 +20,8 @@ from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, 
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
 from align.session import adamw, load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
-from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, load_seq_scorer,
-                              load_tokenizer, pad_batch, save_hf)
+from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, encode_text_pairs,
+                              load_seq_scorer, load_tokenizer, pad_batch, save_hf)
 from text_rlhf.policy import disable_dropout
 
 log = logging.getLogger(__name__)
@@ -78,11 +78,15 @@ class TextScorer:
         self.autocast = autocast
 
     def __call__(self, prompts, responses) -> torch.Tensor:
-        ids, _ = encode_pairs(self.tok, prompts, responses, self.max_length)
-        ids, mask = pad_batch(ids, self.tok.pad_token_id)
+        if getattr(self.scorer, "module", self.scorer).last_token:  # DDP wraps it in .module
+            ids, _ = encode_pairs(self.tok, prompts, responses, self.max_length)
+            ids, mask = pad_batch(ids, self.tok.pad_token_id)
+            inputs = {"input_ids": ids, "attention_mask": mask}
+        else:  # an encoder: its own [CLS] prompt [SEP] response [SEP]
+            inputs = encode_text_pairs(self.tok, prompts, responses, self.max_length)
         ctx = self.autocast() if self.autocast else torch.autocast("cpu", enabled=False)
         with ctx:
-            return self.scorer(ids.to(self.device), mask.to(self.device))
+            return self.scorer(**{k: v.to(self.device) for k, v in inputs.items()})
 
 
 def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
@@ -130,6 +134,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
 
     def write(ckpt_dir: Path):
         save_hf(acc.unwrap_model(scorer).model, tok, ckpt_dir / "model", merge_lora=False)
+        # the marker `load_reward_scorer` reads: a checkpoint used as a reward is read at the EOS it trained on
+        (ckpt_dir / "model" / "align.json").write_text(json.dumps({"kind": "text_reward_model"}))
         torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         torch.save(rng_state(), ckpt_dir / "rng.pt")
 

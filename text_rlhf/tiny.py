@@ -45,6 +45,25 @@ def build_sp_tokenizer(corpus: list[str], vocab_size: int = 256):
     return LlamaTokenizer(vocab=bpe["vocab"], merges=merges, add_bos_token=True)
 
 
+def build_wordpiece_tokenizer(corpus: list[str], vocab_size: int = 200):
+    """A BERT/DeBERTa-style WordPiece tokenizer trained in code on `corpus`: lower-cased, `[CLS] a [SEP]` and
+    `[CLS] a [SEP] b [SEP]` (token type 1 on b), [PAD]; EOS is [SEP], as DeBERTa-v3's tokenizer has it."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tk.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tk.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tk.decoder = decoders.WordPiece()
+    tk.train_from_iterator(corpus, trainers.WordPieceTrainer(vocab_size=vocab_size, show_progress=False,
+                                                             special_tokens=["[PAD]", "[CLS]", "[SEP]", "[UNK]"]))
+    cls, sep = tk.token_to_id("[CLS]"), tk.token_to_id("[SEP]")
+    tk.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+                                                      special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, cls_token="[CLS]", sep_token="[SEP]", pad_token="[PAD]",
+                                   unk_token="[UNK]", bos_token="[CLS]", eos_token="[SEP]")
+
+
 def build_wordlevel_tokenizer(vocab_size: int = 512):
     """The peer benchmark's tokenizer: <pad>, <eos>, <unk> then words w0, w1, ..."""
     from tokenizers import Tokenizer, models, pre_tokenizers
