@@ -292,7 +292,6 @@ def test_trl_rm_with_pad_eos_is_read_where_transformers_read_it_in_training(tmp_
     RM (align.json) is still read at the EOS it was trained on."""
     from transformers import AutoModelForSequenceClassification
     from text_rlhf.compare import RMJudge
-    from text_rlhf.models import position_ids_from_mask
     tok = load_tokenizer(tiny_gpt2, padding_side="left")
     lm = tiny_causal_lm("gpt2", tok)
     lm.config.num_labels, lm.config.pad_token_id = 1, tok.eos_token_id
