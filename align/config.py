@@ -13,10 +13,10 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
-from pathlib import PurePath
+from pathlib import Path, PurePath
 from typing import Any, Iterable
 
-from omegaconf import DictConfig, OmegaConf, StringNode
+from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
 from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
 
 __all__ = ["ConfigError", "load_config", "save_config", "config_dict", "import_function"]
@@ -42,9 +42,28 @@ def _dotted_keys(node: Any, prefix: str = "") -> list[str]:
     return keys
 
 
+# What TRL (PPO/DDPO), ddpo-pytorch and transformers' TrainingArguments call a setting that align names otherwise,
+# by the last part of the key. TRL's DDPO prefixes its settings (train_learning_rate, sample_eta, ...): see _PREFIXES.
+_PEER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs": "epochs", "output_dir": "out",
+               "model_name_or_path": "model", "bf16": "mixed_precision", "fp16": "mixed_precision",
+               "logging_steps": "log_every", "save_steps": "save_every", "rank": "r", "lora_alpha": "alpha",
+               "lora_dropout": "dropout", "init_kl_coef": "kl_coef", "adap_kl_ctrl": "adaptive",
+               "target_kl": "early_stop_kl", "cliprange": "clip_range", "cliprange_value": "clip_range_value",
+               "num_ppo_epochs": "ppo_epochs", "response_length": "max_new_tokens", "adv_clip_max": "adv_clip"}
+_PREFIXES = ("train_", "sample_", "per_prompt_stat_tracking_", "lora_")
+
+
 def _suggest(full_key: str, known: list[str]) -> str | None:
-    """Nearest known key: first among siblings (same parent), then anywhere in the tree."""
+    """Nearest known key. First a key whose last part is the same name (or the name a peer library uses for it:
+    ppo.kl_coef -> ppo.kl.kl_coef, learning_rate -> lr), nearest the unknown key's parent; then a close spelling
+    among the siblings, then anywhere in the tree."""
     parent, _, leaf = full_key.rpartition(".")
+    names = [leaf] + [leaf[len(p):] for p in _PREFIXES if leaf.startswith(p)]
+    names += [_PEER_NAMES[n] for n in names if n in _PEER_NAMES]
+    for name in names:
+        same = [k for k in known if k.rpartition(".")[2] == name]
+        if same:
+            return min(same, key=lambda k: (k.rpartition(".")[0] != parent, len(k)))
     siblings = {k.rpartition(".")[2]: k for k in known if k.rpartition(".")[0] == parent}
     match = difflib.get_close_matches(leaf, list(siblings), n=1, cutoff=0.6)
     if match:
@@ -62,6 +81,8 @@ def _as_config_error(err: OmegaConfBaseException, source: str, schema: DictConfi
         msg = f"unknown key '{full_key}'" + (f" (did you mean '{hint}'?)" if hint else "")
     elif isinstance(err, MissingMandatoryValue) and full_key:
         msg = f"missing required value for '{full_key}'"
+    elif full_key and isinstance(getattr(err, "child_node", None), ListConfig):  # a scalar given for a list
+        msg = f"bad value for '{full_key}': expected a list such as [a, b], got {getattr(err, 'value', None)!r}"
     elif full_key:
         msg = f"bad value for '{full_key}': {first_line}"
     else:
@@ -69,21 +90,42 @@ def _as_config_error(err: OmegaConfBaseException, source: str, schema: DictConfi
     return ConfigError(f"{source}: {msg}")
 
 
+def _scalar_for_group(schema: DictConfig, layer: Any, prefix: str = "") -> str | None:
+    """The dotted key of a sub-config (e.g. lora) that `layer` sets to a plain value (lora: 8): OmegaConf's
+    error for it names no key."""
+    items = OmegaConf.to_container(layer) if isinstance(layer, DictConfig) else layer
+    for k, value in (items.items() if isinstance(items, dict) else ()):
+        node = schema._get_node(k) if isinstance(schema, DictConfig) and k in schema else None
+        if isinstance(node, DictConfig):
+            if not isinstance(value, dict):
+                return f"{prefix}{k}"
+            found = _scalar_for_group(node, value, f"{prefix}{k}.")
+            if found:
+                return found
+    return None
+
+
 def _merge(base: DictConfig, layer: Any, source: str) -> DictConfig:
     try:
         return OmegaConf.merge(base, layer)  # type: ignore[return-value]
     except OmegaConfBaseException as err:
+        group = None if getattr(err, "full_key", None) else _scalar_for_group(base, layer)
+        if group:
+            node = OmegaConf.select(base, group)
+            raise ConfigError(f"{source}: '{group}' is a group of settings ({', '.join(f'{group}.{k}' for k in node)}), "
+                              f"not a value: set them by name, e.g. {group}: {{{next(iter(node))}: ...}} or "
+                              f"{group}.{next(iter(node))}=...") from err
         raise _as_config_error(err, source, base) from err
 
 
-def _string_node(cfg: DictConfig, key: str) -> bool:
-    """Whether the dotted `key` of the schema is a str field."""
+def _string_node(cfg: DictConfig, key: str, optional: bool = False) -> bool:
+    """Whether the dotted `key` of the schema is a str field (with `optional`: an Optional[str] one)."""
     node: Any = cfg
     for part in key.split("."):
         if not isinstance(node, DictConfig) or part not in node:
             return False
         node = node._get_node(part)
-    return isinstance(node, StringNode)
+    return isinstance(node, StringNode) and (not optional or node._is_optional())
 
 
 def _check_string_bools(cfg: DictConfig, layer: Any, source: str, prefix: str = "") -> None:
@@ -98,6 +140,20 @@ def _check_string_bools(cfg: DictConfig, layer: Any, source: str, prefix: str = 
         elif isinstance(value._value(), bool) and _string_node(cfg, key):
             raise ConfigError(f"{source}: '{key}' is a string, but YAML read the bare value as the boolean "
                               f"{value._value()}: quote it (e.g. {k}: 'no')")
+
+
+def _yaml_error(err: Exception, path) -> str:
+    """PyYAML's error in one line: where and what ("line 2, column 1: found duplicate key lr"). Its first line alone
+    ("while constructing a mapping") says neither."""
+    mark, problem = getattr(err, "problem_mark", None), getattr(err, "problem", None)
+    if mark is None or not problem:
+        return str(err).splitlines()[0]
+    try:
+        line = Path(path).read_text(encoding="utf-8", errors="replace").splitlines()[mark.line]
+    except (OSError, IndexError):
+        line = ""
+    tab = " (a tab: YAML indents with spaces)" if line[mark.column:mark.column + 1] == "\t" else ""
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}{tab}"
 
 
 def _nest(flat: dict[str, Any]) -> dict[str, Any]:
@@ -138,8 +194,8 @@ def load_config(cls, config_path=None, overrides: Iterable[str] = (), section: s
             loaded = OmegaConf.load(config_path)
         except FileNotFoundError as err:
             raise ConfigError(f"{source}: no such config file") from err
-        except Exception as err:  # YAML syntax errors carry line/column on their first line
-            raise ConfigError(f"{source}: cannot parse YAML: {str(err).splitlines()[0]}") from err
+        except Exception as err:
+            raise ConfigError(f"{source}: cannot parse YAML: {_yaml_error(err, config_path)}") from err
         if loaded is None:  # an empty file
             loaded = OmegaConf.create({})
         if not isinstance(loaded, DictConfig):
@@ -147,7 +203,12 @@ def load_config(cls, config_path=None, overrides: Iterable[str] = (), section: s
         if "stages" in loaded:
             if set(loaded.keys()) != {"stages"}:
                 raise ConfigError(f"{source}: a file with 'stages:' must hold nothing else at the top level")
-            if section is None or section not in loaded.stages:
+            if not isinstance(loaded.stages, DictConfig):  # every block commented out, or a list
+                raise ConfigError(f"{source}: 'stages:' must map each command to its block (stages: {{sft: ...}})")
+            if section is None:
+                raise ConfigError(f"{source}: a preset with one block per training command (stages: "
+                                  f"{', '.join(loaded.stages.keys())}); this command takes a file of its own keys")
+            if section not in loaded.stages:
                 raise ConfigError(f"{source}: no 'stages.{section}' block (has: {', '.join(loaded.stages.keys())})")
             loaded, source = loaded.stages[section], f"{source} (stages.{section})"
             if loaded is None:  # a block whose keys are all commented out
@@ -168,8 +229,10 @@ def load_config(cls, config_path=None, overrides: Iterable[str] = (), section: s
         if not eq or not key.strip():
             raise ConfigError(f"override '{item}': expected key=value (e.g. ppo.epochs=2)")
         try:
-            # a str field takes the text as written (YAML would turn mixed_precision=no into False)
-            layer = (OmegaConf.create(_nest({key.strip(): raw})) if _string_node(cfg, key.strip())
+            # a str field takes the text as written (YAML would turn mixed_precision=no into False); null unsets an
+            # optional one (pretrained=null), as it does in a YAML file
+            unset = raw.strip() in ("null", "~") and _string_node(cfg, key.strip(), optional=True)
+            layer = (OmegaConf.create(_nest({key.strip(): raw})) if _string_node(cfg, key.strip()) and not unset
                      else OmegaConf.from_dotlist([str(item)]))
         except OmegaConfBaseException as err:
             raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from err

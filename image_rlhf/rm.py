@@ -55,7 +55,7 @@ class ImageRMConfig:
     """Override the CLIP input size (0 = the model's; pretrained position embeddings are resized)."""
     freeze_towers: Optional[bool] = None
     """Freeze the CLIP towers (None = frozen for aesthetic, trained for pickscore)."""
-    head_hidden: list = field(default_factory=lambda: [1024, 128, 64, 16])
+    head_hidden: list[int] = field(default_factory=lambda: [1024, 128, 64, 16])
     """Hidden sizes of the aesthetic MLP head (LAION's predictor)."""
     cache_images: bool = True
     """Keep decoded images (uint8, model size) in memory; all are decoded once up front either way."""

@@ -49,6 +49,13 @@ def test_a_stage_block_that_is_empty_or_not_a_mapping(tmp_path):
     f.write_text("stages:\n  sft: [1]\n")
     with pytest.raises(ConfigError, match=r"c.yaml \(stages.sft\): expected a mapping"):
         load_config(SFTConfig, f, section="sft")
+    for text in ("stages:\n", "stages: [sft]\n"):  # every block commented out; a list
+        f.write_text(text)
+        with pytest.raises(ConfigError, match=r"c.yaml: 'stages:' must map each command to its block"):
+            load_config(SFTConfig, f, section="sft")
+    f.write_text("stages:\n  sft: {epochs: 1}\n")  # a preset given to a command without stages (align compare)
+    with pytest.raises(ConfigError, match=r"c.yaml: a preset with one block per training command \(stages: sft\)"):
+        load_config(SFTConfig, f)
 
 
 def test_out_that_is_a_file(tmp_path):

@@ -298,6 +298,7 @@ def test_cli_presets_parse(monkeypatch):
     import image_rlhf.ddpo
     import image_rlhf.rm
     from align.cli import main
+    from image_rlhf.ddpo_config import check_config
     seen = []
     monkeypatch.setattr(image_rlhf.ddpo, "run_ddpo", lambda cfg, resume=False: seen.append(cfg))
     monkeypatch.setattr(image_rlhf.rm, "run_image_rm", lambda cfg, resume=False: seen.append(cfg))
@@ -305,15 +306,21 @@ def test_cli_presets_parse(monkeypatch):
         assert main(["image", "ddpo", "--config", preset, "--pipeline", "P", "--reward", "jpeg", "--prompts", "x.txt",
                      "--out", "o", "epochs=3"]) == 0
         cfg = seen[-1]
+        check_config(cfg)
         assert cfg.epochs == 3 and cfg.pipeline == "P" and cfg.reward == "jpeg" and cfg.clip_range == 1e-4
         assert cfg.sample_batch_size * cfg.num_batches_per_epoch % (cfg.train_batch_size *
                                                                    cfg.gradient_accumulation_steps) == 0
         assert main(["image", "rm", "--config", preset, "--clip", "tiny-clip", "--data", "p.jsonl", "--out", "o"]) == 0
         assert seen[-1].data == "p.jsonl" and seen[-1].clip == "tiny-clip"
+        # the SD preset's pretrained tag is ViT-H-14's: pretrained=null unsets it for another CLIP (not 'null')
+        assert main(["image", "rm", "--config", preset, "--clip", "tiny-clip", "--data", "p.jsonl", "--out", "o",
+                     "pretrained=null"]) == 0
+        assert seen[-1].pretrained is None
     # the aesthetic preset names its reward itself (DDPO's aesthetic experiment; prompts: the animals it ships)
     assert main(["image", "ddpo", "--config", "configs/image/sd15-aesthetic.yaml", "--pipeline", "P",
                  "--prompts", "configs/image/animals.txt", "--out", "o"]) == 0
     cfg = seen[-1]
+    check_config(cfg)
     assert cfg.reward == "aesthetic" and cfg.resolution == 512
     assert len(Path(cfg.prompts).read_text().split()) == 45
     assert cfg.sample_batch_size * cfg.num_batches_per_epoch // (cfg.train_batch_size * cfg.gradient_accumulation_steps) == 2

@@ -8,6 +8,7 @@ from typing import Optional
 import pytest
 
 from align.config import ConfigError, config_dict, import_function, load_config, save_config
+from align.rl.config import LoraParams, PPOParams
 from align.report import markdown_table, write_report
 from align.runner import (CheckpointManager, RunDirError, RunLogger, WindowMean, atomic_write_json,
                           atomic_write_text, peak_rss_mb, plot_curves, prepare_out_dir,
@@ -82,6 +83,54 @@ def test_config_yaml_bools_in_string_fields(tmp_path):
     with pytest.raises(ConfigError, match=r"x\.yaml: 'model' is a string.*boolean False: quote it"):
         load_config(TrainCfg, path)
     assert load_config(TrainCfg, _yaml(tmp_path, "model: 'no'\n", "y.yaml")).model == "no"
+
+
+def test_config_yaml_syntax_error_names_line_and_problem(tmp_path):
+    """PyYAML's first line ("while constructing a mapping") says neither where nor what: a line pasted twice, a tab."""
+    with pytest.raises(ConfigError, match=r"x\.yaml: cannot parse YAML: line 3, column 1: found duplicate key lr$"):
+        load_config(TrainCfg, _yaml(tmp_path, "lr: 0.1\nmodel: m\nlr: 0.2\n"))
+    with pytest.raises(ConfigError, match=r"line 2, column 1: found character .* \(a tab: YAML indents with spaces\)"):
+        load_config(TrainCfg, _yaml(tmp_path, "ppo:\n\tepochs: 2\n"))
+
+
+@dataclass
+class PeerCfg:
+    """Nested like text PPO's config: ppo.kl.kl_coef beside ppo.vf_coef, a LoRA group with a list field."""
+    lr: float = 1e-5
+    pretrained: str | None = "laion2b"
+    ppo: PPOParams = field(default_factory=PPOParams)
+    lora: LoraParams = field(default_factory=LoraParams)
+
+
+@pytest.mark.parametrize("key,meant", [
+    ("ppo.kl_coef", "ppo.kl.kl_coef"),  # not ppo.vf_coef, the closest spelling among ppo's own keys
+    ("mini_batch_size", "ppo.mini_batch_size"), ("learning_rate", "lr"), ("train_learning_rate", "lr"),
+    ("init_kl_coef", "ppo.kl.kl_coef"), ("lora_r", "lora.r"), ("lora.rank", "lora.r"), ("cliprange", "ppo.clip_range")])
+def test_config_unknown_key_suggests_the_same_name_elsewhere_or_a_peer_librarys(key, meant):
+    with pytest.raises(ConfigError, match=rf"unknown key '{key}' \(did you mean '{meant}'\?\)"):
+        load_config(PeerCfg, overrides=[f"{key}=1"])
+
+
+def test_config_list_field_given_a_scalar_and_a_group_given_a_value(tmp_path):
+    """Each names the key and what it expects, in one line (OmegaConf's own messages name no key for the second)."""
+    for source in ({"config_path": _yaml(tmp_path, "lora: {target_modules: all-linear}\n")},
+                   {"overrides": ["lora.target_modules=all-linear"]}):
+        with pytest.raises(ConfigError, match=r"'lora.target_modules': expected a list such as \[a, b\], got 'all-linear'"):
+            load_config(PeerCfg, **source)
+    for source in ({"config_path": _yaml(tmp_path, "lora: 16\n", "y.yaml")}, {"overrides": ["lora=16"]}):
+        with pytest.raises(ConfigError, match=r"'lora' is a group of settings \(lora.r, .*\), not a value: set them by name") as err:
+            load_config(PeerCfg, **source)
+        assert "\n" not in str(err.value)
+    assert load_config(PeerCfg, overrides=["lora.target_modules=[c_attn]"]).lora.target_modules == ["c_attn"]
+
+
+def test_config_null_override_unsets_an_optional_string():
+    """pretrained=null is None, as `pretrained: null` in a YAML file (an image RM preset's tag, unset for a model
+    without one); a plain str field keeps the text."""
+    assert load_config(PeerCfg, overrides=["pretrained=null"]).pretrained is None
+    assert load_config(PeerCfg, overrides=["pretrained=~"]).pretrained is None
+    assert load_config(PeerCfg, overrides=["pretrained=no"]).pretrained == "no"
+    assert load_config(TrainCfg, overrides=["model=null"]).model == "null"
 
 
 def test_save_config_roundtrip(tmp_path):

@@ -131,10 +131,14 @@ def test_ppo_reference_other_than_the_initial_policy(tiny_gpt2, data, tmp_path):
                             reward="rewards:vowels", prompts=data["prompts"], out=str(tmp_path / "ppo2")))
 
 
-def test_preset_loads_for_each_stage():
+@pytest.mark.parametrize("preset", ["tiny", "gpt2-hh", "pythia-hh"])
+def test_preset_loads_for_each_stage(preset):
+    from text_rlhf.ppo_config import check_config
+    path = f"configs/text/{preset}.yaml"
     for stage, cls in (("sft", SFTConfig), ("rm", RMConfig), ("ppo", PPOConfig)):
-        cfg = load_config(cls, "configs/text/tiny.yaml", section=stage)
+        cfg = load_config(cls, path, section=stage)
         assert cfg is not None
+    check_config(load_config(PPOConfig, path, section="ppo", policy="P", reward="R", prompts="p", out="o"))
     assert load_config(PPOConfig, "configs/text/gpt2-hh.yaml", section="ppo").lora.r == 16
 
 
