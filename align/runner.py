@@ -25,6 +25,7 @@ import resource
 import shutil
 import sys
 import uuid
+import zipfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -96,7 +97,8 @@ class CheckpointManager:
     (`state` + "step") is added, everything is fsynced, and the folder is renamed to
     step-XXXXXXXX. Only then is `latest` rewritten (atomically) and are older checkpoints beyond
     `keep` and stale .tmp-* folders removed. If write_fn raises, the temp folder is removed and
-    the previous checkpoint stays the latest.
+    the previous checkpoint stays the latest. state.json also lists every file's size, so that
+    `resumable` can tell a checkpoint that a file system lost data of (after fsync) from a whole one.
 
     Only the main process writes (is_main=False makes save a no-op that may still be called
     from every rank). Under FSDP/ZeRO gather the full state on all ranks *before* calling save.
@@ -132,13 +134,64 @@ class CheckpointManager:
         complete = self._complete()
         return complete[-1][1] if complete else None
 
+    def resumable(self) -> Path | None:
+        """The newest checkpoint that reads back whole (see `damage`), or None when there is none. A damaged newer
+        one is named in a warning and moved aside to checkpoints/damaged-step-XXXXXXXX (main process), so that the
+        resumed run neither trusts it nor prunes the good ones in its favour; when every checkpoint is damaged,
+        RunDirError (starting from scratch would train over the run)."""
+        pointer = self.dir / "latest"
+        name = pointer.read_text(errors="replace").strip() if pointer.is_file() else ""
+        first = [self.dir / name] if _STEP_RE.match(name) and (self.dir / name).is_dir() else []
+        candidates = first + [p for _, p in reversed(self._complete()) if p not in first]
+        damaged = []
+        for path in candidates:
+            why = self.damage(path)
+            if why is None:
+                for bad, reason in damaged if self.is_main else ():
+                    aside = self.dir / f"damaged-{bad.name}"
+                    if aside.exists():  # damaged at this step before
+                        aside = aside.with_name(f"{aside.name}-{uuid.uuid4().hex[:8]}")
+                    os.replace(bad, aside)
+                    logger.warning("--resume: checkpoint %s is damaged (%s), as after a full disk or a crash of the "
+                                   "file system; moved aside to %s, resuming from %s", bad.name, reason, aside.name,
+                                   path.name)
+                return path
+            damaged.append((path, why))
+        if damaged:
+            raise RunDirError(f"--resume: every checkpoint in {self.dir} is damaged ("
+                              + "; ".join(f"{p.name}: {why}" for p, why in damaged)
+                              + "): nothing to resume from; choose another --out to start over")
+        return None
+
+    @staticmethod
+    def damage(path) -> str | None:
+        """What is wrong with checkpoint folder `path`, or None: state.json unreadable, a file it lists missing or of
+        another size, or a .json, .safetensors or .pt file cut short or zero-filled (read from headers only)."""
+        path = Path(path)
+        try:
+            files = json.loads((path / "state.json").read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError) as e:
+            return f"state.json: {e}"
+        for rel, size in files.items():
+            if not (path / rel).is_file():
+                return f"{rel}: missing"
+            if (path / rel).stat().st_size != size:
+                return f"{rel}: {(path / rel).stat().st_size} bytes, {size} when saved"
+        for file in sorted(path.rglob("*")):
+            why = _file_damage(file) if file.is_file() else None
+            if why:
+                return f"{file.relative_to(path)}: {why}"
+        return None
+
     @staticmethod
     def load_state(path) -> dict:
         """The state dict saved with a checkpoint (accepts the folder or its state.json)."""
         path = Path(path)
         if path.is_dir():
             path = path / "state.json"
-        return json.loads(path.read_text())
+        state = json.loads(path.read_text())
+        state.pop("files", None)  # save's list of file sizes, for `damage`
+        return state
 
     def save(self, step: int, write_fn: Callable[[Path], Any] | None = None,
              state: dict | None = None) -> Path | None:
@@ -155,7 +208,8 @@ class CheckpointManager:
         try:
             if write_fn is not None:
                 write_fn(tmp)
-            atomic_write_json(tmp / "state.json", {**(state or {}), "step": step})
+            sizes = {p.relative_to(tmp).as_posix(): p.stat().st_size for p in sorted(tmp.rglob("*")) if p.is_file()}
+            atomic_write_json(tmp / "state.json", {**(state or {}), "step": step, "files": sizes})
             for root, _, files in os.walk(tmp):  # write_fn's files may still sit in page cache
                 for name in [*files, "."]:
                     _fsync(os.path.join(root, name))
@@ -163,8 +217,13 @@ class CheckpointManager:
                 old = self.dir / f".tmp-old-{final.name}-{os.getpid()}"
                 os.replace(final, old)
             os.replace(tmp, final)
-        except BaseException:
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
+            if _is_write_error(e):
+                last = self.latest()
+                raise OSError(f"writing checkpoint {final.name} failed ({e}): is the disk full? Nothing of it was kept; "
+                              + (f"{last.name} is intact and --resume continues from it" if last else
+                                 "no earlier checkpoint")) from e
             raise
         _fsync(self.dir)
         atomic_write_text(self.dir / "latest", final.name + "\n")
@@ -183,6 +242,37 @@ class CheckpointManager:
         others = [p for _, p in self._complete() if p != keep_path]
         for p in others[: max(0, len(others) - (self.keep - 1))]:
             shutil.rmtree(p, ignore_errors=True)
+
+
+def _file_damage(path: Path) -> str | None:
+    """Why a checkpoint file would not load, from what its header promises: JSON that does not parse, a safetensors
+    file shorter than its header's tensors, a .pt (a zip, as torch.save writes) without its central directory."""
+    try:
+        if path.suffix == ".json":
+            json.loads(path.read_bytes())
+        elif path.suffix == ".safetensors":
+            size = path.stat().st_size
+            with open(path, "rb") as f:
+                n = int.from_bytes(f.read(8), "little")
+                if not 2 <= n <= size - 8:
+                    return f"cut short or zero-filled ({size} bytes)"
+                header = json.loads(f.read(n))
+            end = max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
+            if 8 + n + end != size:
+                return f"{size} bytes, its header says {8 + n + end}"
+        elif path.suffix in (".pt", ".pth"):
+            zipfile.ZipFile(path).close()
+    except (OSError, ValueError, KeyError, TypeError, IndexError, AttributeError, zipfile.BadZipFile) as e:
+        return f"unreadable ({e})"
+    return None
+
+
+def _is_write_error(e: BaseException) -> bool:
+    """An error of the file system while writing, as the libraries raise it: OSError (ENOSPC, EDQUOT, EIO, ...),
+    safetensors' SafetensorError, and torch.save's RuntimeError from its zip writer ("[enforce fail at
+    inline_container.cc] . unexpected pos" or "PytorchStreamWriter failed writing file" on a full disk)."""
+    return (isinstance(e, OSError) or type(e).__name__ == "SafetensorError"
+            or isinstance(e, RuntimeError) and any(s in str(e) for s in ("inline_container", "PytorchStreamWriter")))
 
 
 class RunDirError(ValueError):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from align.config import save_config
 from align.report import write_report
-from align.runner import (CheckpointManager, RunLogger, make_accelerator, peak_rss_mb, plot_curves,
+from align.runner import (CheckpointManager, RunDirError, RunLogger, make_accelerator, peak_rss_mb, plot_curves,
                           prepare_out_dir, seed_everything)
 
 log = logging.getLogger(__name__)
@@ -28,6 +28,7 @@ class Run:
     logger: RunLogger
     state: dict | None
     resume_dir: Path | None
+    global_batch: int | None = None  # what one step consumes over all processes (start_run's step_batch)
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -44,7 +45,7 @@ class Run:
     def checkpoint(self, step: int, write_fn, state: dict) -> None:
         """Collective: all ranks call it; rank 0 writes atomically, then everyone continues."""
         self.accelerator.wait_for_everyone()
-        self.ckpt.save(step, write_fn, state)
+        self.ckpt.save(step, write_fn, {**state, **({"global_batch": self.global_batch} if self.global_batch else {})})
         self.accelerator.wait_for_everyone()
 
     def finish(self, title: str, sections: list[tuple[str, str]], plot_keys: list[str] = (),
@@ -74,7 +75,6 @@ def check_resume_config(cfg, out) -> None:
     from omegaconf import OmegaConf
 
     from align.config import config_dict
-    from align.runner import RunDirError
     path = Path(out) / "config.yaml"
     if not path.is_file():
         return
@@ -97,22 +97,44 @@ def check_resume_config(cfg, out) -> None:
                     "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
 
 
-def start_run(cfg, out, resume: bool, mixed_precision: str = "no", seed: int = 0, keep_checkpoints: int = 2) -> Run:
+def check_resume_batch(state: dict | None, step_batch: tuple[str, int], num_processes: int) -> None:
+    """A run whose steps count global batches (SFT, reward models: step -> epoch, offset in the data, learning-rate
+    schedule) resumes only with the global batch its checkpoint was made with (`step_batch`: the config key and its
+    value per process; × processes). 1 process × batch 8 and 2 × 4 are the same run; 2 × 8 would misread the step."""
+    saved = (state or {}).get("global_batch")
+    key, per_process = step_batch
+    if saved is None or saved == per_process * num_processes:
+        return
+    how = (f"{key}={saved // num_processes} on {num_processes} processes" if saved % num_processes == 0 else
+           "the same processes and batch size as before")
+    raise RunDirError(f"--resume: the checkpoint's steps are global batches of {saved}, this run's would be "
+                      f"{per_process * num_processes} ({key}={per_process} × {num_processes} processes), so step "
+                      f"{state['step']} would mean other data and another point of the schedule: resume with {how}, "
+                      "or choose another --out for a new run")
+
+
+def start_run(cfg, out, resume: bool, mixed_precision: str = "no", seed: int = 0, keep_checkpoints: int = 2,
+              step_batch: tuple[str, int] | None = None) -> Run:
+    """`step_batch`: (config key, value) of what one step consumes per process, for runs counted in global batches:
+    saved with each checkpoint and checked on --resume (check_resume_batch)."""
     if resume:
         check_resume_config(cfg, out)  # every rank: all raise, none waits for rank 0
     accelerator = make_accelerator(mixed_precision=mixed_precision)
     out = prepare_out_dir(out, resume, is_main=accelerator.is_main_process)
     accelerator.wait_for_everyone()
     ckpt = CheckpointManager(out, keep=keep_checkpoints, is_main=accelerator.is_main_process)
-    resume_dir = ckpt.latest() if resume else None
+    resume_dir = ckpt.resumable() if resume else None  # every rank checks: all raise alike
     state = CheckpointManager.load_state(resume_dir) if resume_dir else None
+    if step_batch is not None:
+        check_resume_batch(state, step_batch, accelerator.num_processes)  # every rank: all raise alike
     if resume_dir is not None and accelerator.is_main_process:
         log.info("resuming from %s (step %d)", resume_dir, state["step"])
     if accelerator.is_main_process:
         save_config(cfg, out / "config.yaml")
     seed_everything(seed)
     logger = RunLogger(out, is_main=accelerator.is_main_process, resume_step=state["step"] if state else None)
-    return Run(out, accelerator, ckpt, logger, state, resume_dir)
+    return Run(out, accelerator, ckpt, logger, state, resume_dir,
+               step_batch[1] * accelerator.num_processes if step_batch else None)
 
 
 def rng_state() -> dict:

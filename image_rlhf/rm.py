@@ -210,7 +210,8 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
     if not train:
         raise ValueError(f"image rm: no training pairs left in {cfg.data} after holding out "
                          f"{len({g.prompt for g in held})} prompts (eval_fraction={cfg.eval_fraction})")
-    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed,
+                    step_batch=("max_pairs_per_batch", cfg.max_pairs_per_batch))
     acc = run.accelerator
     if run.resume_dir:
         reward = ClipReward.load(run.resume_dir / "model", device=acc.device)

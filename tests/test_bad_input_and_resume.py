@@ -10,7 +10,7 @@ from align.cli import main as cli
 from align.config import ConfigError, load_config
 from align.data import DataError, load_prompts
 from align.runner import RunDirError, prepare_out_dir
-from align.session import check_resume_config
+from align.session import check_resume_batch, check_resume_config
 from text_rlhf.ppo import RewardFn
 from text_rlhf.rm import RMConfig
 from text_rlhf.sft import SFTConfig
@@ -89,6 +89,27 @@ def test_sft_names_the_line_of_a_too_long_prompt_and_refuses_bad_sizes(tiny_gpt2
     for bad in ("batch_size=-1", "batch_size=0", "log_every=0", "eval_fraction=1.5", "epochs=0"):
         code, text = run_cli(base + ["max_length=512", bad, "--out", str(tmp_path / "b")], caplog)
         assert code == 2 and bad.split("=")[0] in text, (bad, text)  # (batch_size=-1 looped forever)
+
+
+def test_sft_resume_falls_back_from_a_damaged_checkpoint_and_refuses_another_global_batch(tiny_gpt2, demos, tmp_path,
+                                                                                            caplog):
+    """A checkpoint cut short after a crash was loaded (a torch.load traceback); a resume with another global batch
+    (batch_size, or the processes of accelerate launch) read step N as another place in the data and the schedule."""
+    out = tmp_path / "sft"
+    base = ["text", "sft", "--model", tiny_gpt2, "--data", str(demos), "--out", str(out), "batch_size=2",
+            "save_every=1", "log_every=1", "eval_fraction=0", "epochs=1"]
+    assert cli(base) == 0
+    ckpts = out / "checkpoints"
+    assert [p.name for p in sorted(ckpts.glob("step-*"))] == ["step-00000003", "step-00000004"]
+    (ckpts / "step-00000004" / "optimizer.pt").write_bytes(b"")
+    code, text = run_cli(base + ["--resume"], caplog)
+    assert code == 0 and "step-00000004 is damaged (optimizer.pt: 0 bytes" in text and "resuming from step-00000003" in text, text
+    assert [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    code, text = run_cli(base + ["batch_size=4", "--resume"], caplog)
+    assert code == 2 and "global batches of 2, this run's would be 4" in text and "batch_size=2 on 1 processes" in text
+    check_resume_batch({"step": 3, "global_batch": 8}, ("batch_size", 4), 2)  # 1 process × 8 = 2 × 4: the same run
+    with pytest.raises(RunDirError, match="resume with batch_size=4 on 2 processes"):
+        check_resume_batch({"step": 3, "global_batch": 8}, ("batch_size", 8), 2)
 
 
 def test_ppo_reward_function_of_the_wrong_type_is_named(tiny_gpt2):

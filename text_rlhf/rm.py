@@ -98,7 +98,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     groups = load_groups(cfg.data, cfg.hf_limit, cfg.allow_duplicates)  # bad input fails before the run folder exists
     eval_groups = load_groups(cfg.eval_data, cfg.hf_limit, cfg.allow_duplicates) if cfg.eval_data else None
     tok = load_tokenizer(cfg.model, padding_side="right")  # so does a wrong --model
-    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed,
+                    step_batch=("max_pairs_per_batch", cfg.max_pairs_per_batch))
     acc = run.accelerator
     if eval_groups is not None:
         train, held = groups, eval_groups

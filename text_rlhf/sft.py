@@ -96,7 +96,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     records, lines = load_sft(cfg.data, with_lines=True)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.model, padding_side="right")
     encoded = encode_sft(tok, records, cfg.max_length, where=lines)  # so does a prompt longer than max_length
-    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
+    run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed, step_batch=("batch_size", cfg.batch_size))
     acc = run.accelerator
     g = torch.Generator().manual_seed(cfg.seed)
     order = torch.randperm(len(records), generator=g).tolist()
