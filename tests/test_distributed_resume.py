@@ -82,6 +82,25 @@ def test_resume_after_kill_continues_from_last_checkpoint(tiny_gpt2, prompts, tm
         torch.testing.assert_close(a[k], b[k], atol=1e-6, rtol=1e-5, msg=f"resumed run differs at {k}")
 
 
+ONE_PROCESS = [sys.executable, "-m", "align"]
+TWO_PROCESSES = [str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                 "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align"]
+
+
+def one_vs_two_processes(command: list[str], out, one: str, two: str, loss_key: str):
+    """Run `align COMMAND` on 1 process with override `one` and on 2 with `two` (the same global batch): the final
+    weights and the logged loss series of each."""
+    runs = []
+    for launch, override, name in ((ONE_PROCESS, one, "one"), (TWO_PROCESSES, two, "two")):
+        cmd = [*launch, *command, "--out", str(out / name), override]
+        r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr[-3000:]
+        runs.append((load_file(str(out / name / "model" / "model.safetensors")),
+                     [json.loads(line)[loss_key] for line in (out / name / "metrics.jsonl").read_text().splitlines()
+                      if loss_key in line]))
+    return runs
+
+
 def test_two_process_sft_trains_as_one_process_on_the_same_global_batches(tmp_path):
     """9 demonstrations of different lengths, global batches of 8: the second step has one example, so one process
     has none. Before, that process skipped the step's backward and the other waited on DDP's all-reduce forever,
@@ -93,18 +112,9 @@ def test_two_process_sft_trains_as_one_process_on_the_same_global_batches(tmp_pa
     data.write_text("".join(json.dumps({"prompt": f"repeat x {n} times:", "response": " x" * n}) + "\n"
                             for n in range(1, 10)))
 
-    def sft(out, *launch, batch):
-        cmd = [*launch, "text", "sft", "--model", model, "--data", str(data), "--out", str(out), "epochs=2",
-               f"batch_size={batch}", "eval_fraction=0", "lr=3e-3", "log_every=1", "warmup_ratio=0"]
-        r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=240)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return load_file(str(out / "model" / "model.safetensors")), [
-            json.loads(line)["sft/loss"] for line in (out / "metrics.jsonl").read_text().splitlines()
-            if "sft/loss" in line]
-
-    one, loss1 = sft(tmp_path / "one", sys.executable, "-m", "align", batch=8)
-    two, loss2 = sft(tmp_path / "two", str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                     "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align", batch=4)
+    (one, loss1), (two, loss2) = one_vs_two_processes(
+        ["text", "sft", "--model", model, "--data", str(data), "epochs=2", "eval_fraction=0", "lr=3e-3", "log_every=1",
+         "warmup_ratio=0"], tmp_path, "batch_size=8", "batch_size=4", "sft/loss")
     assert len(loss1) == len(loss2) == 4 and loss1 == pytest.approx(loss2, rel=1e-4)
     for k in one:  # Adam turns float noise in near-zero gradients into steps of up to lr
         torch.testing.assert_close(one[k], two[k], atol=4e-3, rtol=0, msg=f"2 processes differ from 1 at {k}")
@@ -125,19 +135,9 @@ def test_two_process_rm_trains_as_one_process_on_the_same_global_batches(tmp_pat
             f.write(json.dumps({"prompt": f"add {i} and 1:", "completions": [f" {i + j}" for j in range(k)],
                                 "ranking": list(range(k))[::-1] if i % 2 else list(range(k))}) + "\n")
 
-    def rm(out, *launch, pairs):
-        cmd = [*launch, "text", "rm", "--model", model, "--data", str(data), "--out", str(out), "epochs=2",
-               f"max_pairs_per_batch={pairs}", "eval_fraction=0", "lr=3e-3", "log_every=1", "max_length=32"]
-        r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
-        assert r.returncode == 0, r.stderr[-3000:]
-        return load_file(str(out / "model" / "model.safetensors")), [
-            json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-    one, log1 = rm(tmp_path / "one", sys.executable, "-m", "align", pairs=10)
-    two, log2 = rm(tmp_path / "two", str(VENV_BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
-                   "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "align", pairs=5)
+    (one, loss1), (two, loss2) = one_vs_two_processes(
+        ["text", "rm", "--model", model, "--data", str(data), "epochs=2", "eval_fraction=0", "lr=3e-3", "log_every=1",
+         "max_length=32"], tmp_path, "max_pairs_per_batch=10", "max_pairs_per_batch=5", "rm/loss")
     for k in one:  # Adam turns float noise in near-zero gradients into steps of up to lr: 6e-4 measured (before: 0.03)
         torch.testing.assert_close(one[k], two[k], atol=4e-3, rtol=0, msg=f"2 processes differ from 1 at {k}")
-    loss1 = [r["rm/loss"] for r in log1 if "rm/loss" in r]
-    loss2 = [r["rm/loss"] for r in log2 if "rm/loss" in r]
     assert len(loss1) == len(loss2) > 4 and loss1 == pytest.approx(loss2, rel=1e-4)
