@@ -2,9 +2,10 @@
 # The image recipe from the command line — reward model on ranked samples -> DDPO against it ->
 # plain vs engineered comparison — on the tiny CPU preset, with an offline example written to
 # runs/image-example/ (a small text-to-image model trained here, K = 4 of its samples per prompt
-# ranked by the image world's noisy gold labeler; scripts/make_image_example.py). ~5.5 min on 2 cores.
+# ranked by the image world's noisy gold labeler; scripts/make_image_example.py). ~2 min on a 2-core Xeon
+# (5.4 min on the earlier EPYC; README).
 # Each stage writes config.yaml, checkpoints/, metrics.jsonl, tb/, curves.png and report.md; DDPO
-# also a sample grid per epoch in grids/.
+# also sample grids in grids/ (before training, every grid_every epochs and at the end).
 set -euo pipefail
 root=$(cd "$(dirname "$0")/.." && pwd)
 bash "$root/scripts/setup.sh"

@@ -380,3 +380,23 @@ def test_load_hf_preferences_prompt_field_and_errors():
     with pytest.raises(DataError, match="share no") as err:
         load_hf_preferences(ds)
     assert err.value.line == 1 and err.value.field == "chosen"
+
+
+def test_hf_dataset_without_the_hub_fails_in_seconds(tmp_path, monkeypatch):
+    """`--data hf:Anthropic/hh-rlhf` on a machine without the hub waited out `datasets`' retries (26 s) while the
+    models beside it failed in seconds: the hub probe now runs first and puts `datasets` in offline mode too."""
+    import time
+
+    datasets = pytest.importorskip("datasets")
+    import huggingface_hub.constants as hub
+
+    import align.runner
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "ds")
+    monkeypatch.setattr(align.runner, "_HUB_OFFLINE", None)
+    start = time.perf_counter()
+    with pytest.raises(Exception):
+        load_hf_preferences("org/hh-not-cached")
+    assert datasets.config.HF_HUB_OFFLINE and time.perf_counter() - start < 10

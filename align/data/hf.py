@@ -60,6 +60,9 @@ def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
     datasets = _import_datasets()
     if isinstance(dataset, str):
         name = dataset
+        from align.runner import offline_unless_hub_reachable
+        if offline_unless_hub_reachable():  # no hub: the local cache only, at once, not after datasets' retries
+            datasets.config.HF_HUB_OFFLINE = True  # read from huggingface_hub when `datasets` was imported
         dataset = datasets.load_dataset(dataset, split=split)
     else:
         if isinstance(dataset, datasets.DatasetDict):
