@@ -236,6 +236,11 @@ def load_config(cls, config_path=None, overrides: Iterable[str] = (), section: s
                      else OmegaConf.from_dotlist([str(item)]))
         except OmegaConfBaseException as err:
             raise ConfigError(f"override '{item}': {str(err).splitlines()[0]}") from err
+        head = key.strip().split(".")[0]
+        if "." in key and head not in cfg:  # ddpo-pytorch's nested names (sample.batch_size, train.learning_rate):
+            hint = _suggest(key.strip().replace(".", "_"), _dotted_keys(cfg))  # OmegaConf would name only `sample`
+            raise ConfigError(f"override '{item}': unknown key '{key.strip()}'"
+                              + (f" (did you mean '{hint}'?)" if hint else ""))
         cfg = _merge(cfg, layer, f"override '{item}'")
 
     try:

@@ -105,7 +105,8 @@ class PeerCfg:
 @pytest.mark.parametrize("key,meant", [
     ("ppo.kl_coef", "ppo.kl.kl_coef"),  # not ppo.vf_coef, the closest spelling among ppo's own keys
     ("mini_batch_size", "ppo.mini_batch_size"), ("learning_rate", "lr"), ("train_learning_rate", "lr"),
-    ("init_kl_coef", "ppo.kl.kl_coef"), ("lora_r", "lora.r"), ("lora.rank", "lora.r"), ("cliprange", "ppo.clip_range")])
+    ("init_kl_coef", "ppo.kl.kl_coef"), ("lora_r", "lora.r"), ("lora.rank", "lora.r"), ("cliprange", "ppo.clip_range"),
+    ("train.learning_rate", "lr"), ("sample.mini_batch_size", "ppo.mini_batch_size")])  # ddpo-pytorch's nesting
 def test_config_unknown_key_suggests_the_same_name_elsewhere_or_a_peer_librarys(key, meant):
     with pytest.raises(ConfigError, match=rf"unknown key '{key}' \(did you mean '{meant}'\?\)"):
         load_config(PeerCfg, overrides=[f"{key}=1"])
