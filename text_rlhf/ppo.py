@@ -207,8 +207,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         if cfg.normalize_reward:
             if shift is None:  # the first rollout: a sample of the initial policy (π_ref unless `reference`)
                 shift, spread = normalizer_from_scores(acc.gather(scores).cpu())
-                log.info("reward normalisation: shift %.4f (mean score of the initial policy; their std %.4f is "
-                         "left as it is, so it sets how much the KL penalty weighs)", shift, spread)
+                if acc.is_main_process:
+                    log.info("reward normalisation: shift %.4f (mean score of the initial policy; their std %.4f is "
+                             "left as it is, so it sets how much the KL penalty weighs)", shift, spread)
             scores = scores - shift
         if cfg.missing_eos_penalty:
             scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
