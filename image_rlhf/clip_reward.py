@@ -250,21 +250,25 @@ class ClipReward(nn.Module):
         tokens = self.tokenizer(list(prompts)).to(self.device)  # (B, context_length)
         return F.normalize(self.model.encode_text(tokens).float(), dim=-1)
 
-    def similarity(self, prompts, images: torch.Tensor) -> torch.Tensor:
+    def similarity(self, prompts, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+                   ) -> torch.Tensor:
         """(B,) cosines ⟨E_T(p)/‖E_T(p)‖, E_I(x)/‖E_I(x)‖⟩ (HPSv2's score; CLIPScore's before its 2.5·max(·, 0)).
-        Each distinct prompt is encoded once (a K-way ranking shares one)."""
-        prompts = self._prompts(prompts, images)
-        img = self.image_features(images)  # (B, D)
+        Each distinct prompt is encoded once (a K-way ranking shares one). `image_features` (B, D): the images'
+        `image_features`, given in their place (kept from a frozen image tower)."""
+        prompts = self._prompts(prompts, images if image_features is None else image_features)
+        img = self.image_features(images) if image_features is None else image_features  # (B, D)
         uniq = {p: i for i, p in enumerate(dict.fromkeys(prompts))}
         index = torch.tensor([uniq[p] for p in prompts], device=self.device)
         return (img * self.text_features(list(uniq))[index]).sum(-1)
 
-    def score(self, prompts, images: torch.Tensor) -> torch.Tensor:
-        """(B,) rewards: s · similarity (pickscore), or the head on the image embedding (aesthetic)."""
+    def score(self, prompts, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+              ) -> torch.Tensor:
+        """(B,) rewards: s · similarity (pickscore), or the head on the image embedding (aesthetic); `image_features`
+        as in `similarity`."""
         if self.mode == "aesthetic":
-            self._prompts(prompts, images)
-            return self.head(self.image_features(images))
-        return self.model.logit_scale.exp().float() * self.similarity(prompts, images)
+            self._prompts(prompts, images if image_features is None else image_features)
+            return self.head(self.image_features(images) if image_features is None else image_features)
+        return self.model.logit_scale.exp().float() * self.similarity(prompts, images, image_features)
 
     @staticmethod
     def _prompts(prompts, images) -> list[str]:
@@ -273,8 +277,9 @@ class ClipReward(nn.Module):
             raise ValueError(f"got {len(prompts)} prompts for {len(images)} images")
         return prompts
 
-    def forward(self, prompts, images: torch.Tensor) -> torch.Tensor:
-        return self.score(prompts, images)
+    def forward(self, prompts, images: torch.Tensor | None = None, image_features: torch.Tensor | None = None
+                ) -> torch.Tensor:
+        return self.score(prompts, images, image_features)
 
     def aesthetic_loss(self, images: torch.Tensor, targets) -> torch.Tensor:
         """LAION-aesthetic regression: MSE between head(image) and scalar ratings (B,)."""

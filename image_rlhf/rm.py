@@ -54,7 +54,8 @@ class ImageRMConfig:
     image_size: int = 0
     """Override the CLIP input size (0 = the model's; pretrained position embeddings are resized)."""
     freeze_towers: Optional[bool] = None
-    """Freeze the CLIP towers (None = frozen for aesthetic, trained for pickscore)."""
+    """Freeze the CLIP towers (None = frozen for aesthetic, trained for pickscore). A frozen image tower runs in eval
+    mode, once per image: its embeddings are kept for every epoch and held-out evaluation."""
     head_hidden: list[int] = field(default_factory=lambda: [1024, 128, 64, 16])
     """Hidden sizes of the aesthetic MLP head (LAION's predictor)."""
     cache_images: bool = True
@@ -148,15 +149,28 @@ class ImageStore:
 
 
 class ImageScorer:
-    """score(prompts, image paths) -> (N,) with a ClipReward (or its DDP wrapper)."""
+    """score(prompts, image paths) -> (N,) with a ClipReward (or its DDP wrapper).
 
-    def __init__(self, reward, store: ImageStore, device, autocast=None):
+    `features`, where the image tower is frozen (and so in eval mode, `_train_mode`): a dict, shared by the training
+    and the held-out scorer, that keeps each image's embedding by path, so the tower runs once per image rather than
+    once per epoch and evaluation (LAION's aesthetic predictor is likewise trained on precomputed embeddings)."""
+
+    def __init__(self, reward, store: ImageStore, device, autocast=None, features: dict | None = None):
         self.reward, self.store, self.device, self.autocast = reward, store, device, autocast
+        self.features = features
 
     def __call__(self, prompts, paths) -> torch.Tensor:
-        images = self.store.load(paths).to(self.device)
         with self.autocast() if self.autocast else torch.autocast("cpu", enabled=False):
-            return self.reward(list(prompts), images).float()
+            if self.features is None:
+                return self.reward(list(prompts), self.store.load(paths).to(self.device)).float()
+            new = [p for p in dict.fromkeys(paths) if p not in self.features]
+            if new:  # the frozen tower, outside the DDP wrapper (it has nothing to synchronise)
+                with torch.no_grad():
+                    emb = getattr(self.reward, "module", self.reward).image_features(
+                        self.store.load(new).to(self.device))                              # (n_new, D)
+                self.features.update(zip(new, emb))
+            emb = torch.stack([self.features[p] for p in paths])                             # (N, D)
+            return self.reward(list(prompts), image_features=emb).float()
 
 
 def split_by_prompt(groups, fraction: float, seed: int):
@@ -184,6 +198,18 @@ def _set_trainable(reward: ClipReward, cfg: ImageRMConfig) -> list[dict]:
     if scale.requires_grad:
         groups.append({"params": [scale], "lr": cfg.logit_scale_lr, "weight_decay": 0.0})
     return groups
+
+
+def _frozen_tower(reward: ClipReward) -> bool:
+    return not any(p.requires_grad for p in reward.model.visual.parameters())
+
+
+def _train_mode(model, reward: ClipReward) -> None:
+    """Train mode, except a frozen image tower, which is a feature extractor: in eval mode a BatchNorm tower (RN50)
+    keeps its running statistics and a dropout tower gives the same embedding each time (ImageScorer keeps them)."""
+    model.train()
+    if _frozen_tower(reward):
+        reward.model.visual.eval()
 
 
 def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
@@ -228,25 +254,28 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
     log.info("image rm (%s, %s): %s, %d images; %d steps", cfg.mode, cfg.clip, split_summary(train, held),
              len(store.where), total_steps)
-    score_fn = ImageScorer(model, store, acc.device, acc.autocast)
-    eval_score_fn = ImageScorer(reward, store, acc.device, acc.autocast)
+    features = {} if _frozen_tower(reward) else None  # image path -> embedding, shared by both scorers
+    score_fn = ImageScorer(model, store, acc.device, acc.autocast, features)
+    eval_score_fn = ImageScorer(reward, store, acc.device, acc.autocast, features)
 
     def write(ckpt_dir: Path):
         reward.save(ckpt_dir / "model")
         torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         torch.save(rng_state(), ckpt_dir / "rng.pt")
 
-    def held_out() -> dict:
+    evals = {}  # step -> held-out metrics: those of the last step are the final model's, which _finish reports
+
+    def held_out(step: int) -> dict:
         model.eval()
-        m = evaluate_pairs(eval_score_fn, batch_groups(held, cfg.max_pairs_per_batch))
-        model.train()
-        return {f"rm/eval_{k}": v for k, v in m.items() if k != "n_pairs"}
+        evals[step] = evaluate_pairs(eval_score_fn, batch_groups(held, cfg.max_pairs_per_batch))
+        _train_mode(model, reward)
+        return {f"rm/eval_{k}": v for k, v in evals[step].items() if k != "n_pairs"}
 
     step = run.start_step
     window = WindowMean()
     bar = progress(total=total_steps, desc="image rm", is_main=run.is_main)
     bar.update(step)
-    model.train()
+    _train_mode(model, reward)
     while step < total_steps:
         epoch, skip = divmod(step, batches_per_epoch)
         batches = list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes, shuffle=True,
@@ -267,21 +296,22 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
                                                     else {})})  # the aesthetic head reads no temperature
             if (cfg.save_every and step % cfg.save_every == 0) or step % batches_per_epoch == 0 or step == total_steps:
                 if held:
-                    run.log(step, held_out())
+                    run.log(step, held_out(step))
                 run.checkpoint(step, write, {"epoch": epoch})
             if step >= total_steps:
                 break
     bar.close()
-    return _finish(run, cfg, reward, train, held, eval_score_fn)
+    return _finish(run, cfg, reward, train, held, eval_score_fn, evals.get(total_steps))
 
 
-def _finish(run, cfg, reward: ClipReward, train, held, score_fn) -> Path:
+def _finish(run, cfg, reward: ClipReward, train, held, score_fn, final: dict | None = None) -> Path:
+    """`final`: the held-out metrics of the last step, where the loop took them (a resumed finished run has none)."""
     out = Path(cfg.out)
-    final = {}
-    if held:
+    if held and final is None:
         reward.eval()
         final = evaluate_pairs(score_fn, batch_groups(held, cfg.max_pairs_per_batch))
-    else:
+    final = final or {}
+    if not held:
         log.warning("image rm: no held-out pairs (eval_fraction=%s); nothing to report", cfg.eval_fraction)
     if run.is_main:
         reward.save(out / "model", extra={"held_out": final})

@@ -263,6 +263,37 @@ def test_aesthetic_head_regresses_scalar_scores():
     assert reward(["ignored"] * 32, images).shape == (32,)
 
 
+
+def test_frozen_image_tower_runs_once_per_image(tmp_path, monkeypatch):
+    """Aesthetic mode (towers frozen): each image is embedded once, not once per epoch and per held-out evaluation,
+    and the last step's held-out evaluation is the report's, not run again; the kept embeddings score as the images
+    do. A ranking's prompt goes through the text tower once (pickscore)."""
+    from align.data import load_preferences
+    from image_rlhf import rm
+    from image_rlhf.clip_reward import ClipReward
+    embedded, evals = [], []
+    features, evaluate = ClipReward.image_features, rm.evaluate_pairs
+    monkeypatch.setattr(ClipReward, "image_features", lambda self, x: embedded.append(len(x)) or features(self, x))
+    monkeypatch.setattr(rm, "evaluate_pairs", lambda *a, **k: evals.append(evaluate(*a, **k)) or evals[-1])
+    path = make_colour_prefs(tmp_path / "d", NOUNS[:4], seed=4)
+    cfg = rm.ImageRMConfig(data=str(path), out=str(tmp_path / "run"), mode="aesthetic", epochs=3, max_pairs_per_batch=8,
+                           lr=1e-3, eval_fraction=0.25, head_hidden=[16], log_every=1)
+    model_dir = rm.run_image_rm(cfg)
+    groups = load_preferences(str(path), candidates="path")
+    assert sum(embedded) == len({c for g in groups for c in g.candidates}) and len(evals) == 3
+    meta = json.loads((model_dir / "align_reward.json").read_text())
+    assert meta["held_out"] == evals[-1]
+    _, held = rm.split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
+    reward = ClipReward.load(model_dir).eval()
+    fresh = evaluate(rm.ImageScorer(reward, rm.ImageStore(reward.image_size).add(held), "cpu"), batch_groups(held, 8))
+    for k, v in meta["held_out"].items():
+        assert v == pytest.approx(fresh[k], rel=1e-5, abs=1e-6), k
+    texts = []
+    monkeypatch.setattr(ClipReward, "text_features", lambda self, p: texts.append(list(p)) or torch.zeros(len(p), 32))
+    ClipReward.create("tiny-clip")(["a", "b", "a", "a", "b"], torch.rand(5, 3, 32, 32))
+    assert texts == [["a", "b"]]
+
+
 def test_image_rm_resumes_from_checkpoint(tmp_path):
     from image_rlhf.rm import ImageRMConfig, run_image_rm
     path = make_colour_prefs(tmp_path / "d", NOUNS[:4], seed=4)

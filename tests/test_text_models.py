@@ -70,6 +70,20 @@ def test_reward_model_reads_last_real_token_even_when_pad_is_eos(tiny_gpt2):
     torch.testing.assert_close(s_left, s_single, atol=1e-5, rtol=1e-5)
 
 
+
+def test_pad_batch_takes_lists_or_int32_tensors():
+    """One scatter, either side: ids in order, pads (or `fill`) elsewhere; an empty row is all pad."""
+    seqs = [[5, 6, 7], [], [8]]
+    ids, mask = pad_batch(seqs, 0)
+    assert ids.tolist() == [[5, 6, 7], [0, 0, 0], [8, 0, 0]] and mask.tolist() == [[1, 1, 1], [0, 0, 0], [1, 0, 0]]
+    ids, mask = pad_batch(seqs, 0, side="left", fill=-100)
+    assert ids.tolist() == [[5, 6, 7], [-100] * 3, [-100, -100, 8]] and mask.tolist() == [[1, 1, 1], [0, 0, 0], [0, 0, 1]]
+    for side in ("left", "right"):
+        want = pad_batch(seqs, 0, side=side)
+        got = pad_batch([torch.tensor(s, dtype=torch.int32) for s in seqs], 0, side=side)
+        assert all(torch.equal(a, b) and b.dtype == torch.long for a, b in zip(want, got))
+
+
 def test_sft_labels_mask_the_prompt(tiny_llama):
     tok = load_tokenizer(tiny_llama, padding_side="right")
     (ids, labels), = encode_sft(tok, [{"prompt": "add 2 and 3:", "response": " 5"}], 64)

@@ -64,6 +64,27 @@ def test_reward_model_reaches_90_percent_held_out(tiny_gpt2, data, tmp_path):
     assert AutoModelForSequenceClassification.from_pretrained(model_dir).config.num_labels == 1
 
 
+
+def test_rm_tokenizes_each_pair_once_and_evaluates_the_final_model_once(tiny_gpt2, data, tmp_path, monkeypatch):
+    """Over 3 epochs and 3 held-out evaluations every distinct (prompt, response) is tokenized once; the last step's
+    held-out evaluation is the report's, not run again on the same weights (it was, by _finish)."""
+    import text_rlhf.rm as rm
+    rows, evals = [], []
+    encode, evaluate = rm.encode_pairs, rm.evaluate_pairs
+    monkeypatch.setattr(rm, "encode_pairs", lambda tok, p, r, n: rows.extend(zip(p, r)) or encode(tok, p, r, n))
+    monkeypatch.setattr(rm, "evaluate_pairs", lambda *a, **k: evals.append(evaluate(*a, **k)) or evals[-1])
+    cfg = load_config(RMConfig, None, ["epochs=3", "max_pairs_per_batch=16", "eval_fraction=0.2", "log_every=1"],
+                      model=tiny_gpt2, data=data["prefs"], out=str(tmp_path / "rm"))
+    model_dir = run_rm(cfg)
+    groups = rm.load_groups(data["prefs"])
+    assert sorted(rows) == sorted({(g.prompt, c) for g in groups for c in g.candidates})
+    assert len(evals) == 3
+    held = json.loads((model_dir / "align.json").read_text())["held_out"]
+    assert held == evals[-1]
+    logged = [r for r in metrics(tmp_path / "rm") if "rm/eval_loss" in r][-1]
+    assert logged["rm/eval_loss"] == held["loss"] and logged["step"] == max(r["step"] for r in metrics(tmp_path / "rm"))
+
+
 def test_ppo_raises_reward_with_bounded_kl(tiny_gpt2, data, tmp_path):
     # seeds 0-2 measured: the vowel share goes 0.10-0.11 -> 0.14-0.16 (last 3 vs first 3 iterations), KL ~1
     cfg = load_config(PPOConfig, None, ["iterations=10", "batch_size=64", "ppo.mini_batch_size=32", "lr=3e-3",

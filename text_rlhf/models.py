@@ -362,17 +362,19 @@ def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[torc
     return pad_batch(ids, tokenizer.pad_token_id, side="left")
 
 
-def pad_batch(seqs: list[list[int]], pad_id: int, side: str = "right", fill=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, L) ids and mask from ragged lists."""
-    L = max(len(s) for s in seqs)
+def pad_batch(seqs: list, pad_id: int, side: str = "right", fill=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, L) ids and mask from ragged sequences (lists of ids, or 1-D integer tensors), in one scatter: the ids,
+    concatenated, fill the mask's ones in row-major order, which is each row's tokens in order on either side."""
+    lengths = torch.tensor([len(s) for s in seqs])                                                 # (B,)
+    L = int(lengths.max())
+    pos = torch.arange(L)
+    mask = pos < lengths[:, None] if side == "right" else pos >= L - lengths[:, None]              # (B, L)
     ids = torch.full((len(seqs), L), pad_id if fill is None else fill, dtype=torch.long)
-    mask = torch.zeros((len(seqs), L), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        if side == "right":
-            ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s, dtype=torch.long), 1
-        else:
-            ids[i, L - len(s):], mask[i, L - len(s):] = torch.tensor(s, dtype=torch.long), 1
-    return ids, mask
+    if all(torch.is_tensor(s) for s in seqs):
+        ids[mask] = torch.cat(list(seqs)).long()
+    else:
+        ids[mask] = torch.tensor([t for s in seqs for t in s], dtype=torch.long)
+    return ids, mask.long()
 
 
 def read_align_meta(path: str | Path) -> dict:

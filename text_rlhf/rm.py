@@ -71,16 +71,30 @@ def load_groups(spec: str, limit: int = 0, allow_duplicates: bool = False):
 
 
 class TextScorer:
-    """score(prompts, responses) -> (N,) with a SequenceScorer, batched and right-padded."""
+    """score(prompts, responses) -> (N,) with a SequenceScorer, batched and right-padded.
 
-    def __init__(self, scorer: SequenceScorer, tokenizer, max_length: int, device, autocast=None):
+    `ids`: a dict in which to keep each distinct (prompt, response)'s token ids (int32), for a caller that scores
+    the same pairs again (the RM trainer: every epoch, every held-out evaluation), so each is tokenized once."""
+
+    def __init__(self, scorer: SequenceScorer, tokenizer, max_length: int, device, autocast=None,
+                 ids: dict | None = None):
         self.scorer, self.tok, self.max_length, self.device = scorer, tokenizer, max_length, device
-        self.autocast = autocast
+        self.autocast, self.ids = autocast, ids
+
+    def token_ids(self, prompts, responses) -> list:
+        """encode_pairs' ids of each (prompt, response), from `ids` where kept there."""
+        if self.ids is None:
+            return encode_pairs(self.tok, prompts, responses, self.max_length)[0]
+        keys = list(zip(prompts, responses))
+        new = [k for k in dict.fromkeys(keys) if k not in self.ids]
+        if new:
+            ids, _ = encode_pairs(self.tok, [p for p, _ in new], [r for _, r in new], self.max_length)
+            self.ids.update((k, torch.tensor(x, dtype=torch.int32)) for k, x in zip(new, ids))
+        return [self.ids[k] for k in keys]
 
     def __call__(self, prompts, responses) -> torch.Tensor:
         if getattr(self.scorer, "module", self.scorer).last_token:  # DDP wraps it in .module
-            ids, _ = encode_pairs(self.tok, prompts, responses, self.max_length)
-            ids, mask = pad_batch(ids, self.tok.pad_token_id)
+            ids, mask = pad_batch(self.token_ids(prompts, responses), self.tok.pad_token_id)
             inputs = {"input_ids": ids, "attention_mask": mask}
         else:  # an encoder: its own [CLS] prompt [SEP] response [SEP]
             inputs = encode_text_pairs(self.tok, prompts, responses, self.max_length)
@@ -130,8 +144,9 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
             set_peft_model_state_dict(acc.unwrap_model(scorer).model,
                                       load_file(str(run.resume_dir / "model" / "adapter" / "adapter_model.safetensors")))
     log.info("rm: %s; %d steps", split_summary(train, held), total_steps)
-    score_fn = TextScorer(scorer, tok, cfg.max_length, acc.device, acc.autocast)
-    eval_score_fn = TextScorer(acc.unwrap_model(scorer), tok, cfg.max_length, acc.device, acc.autocast)
+    token_ids = {}  # (prompt, response) -> ids, tokenized once for every epoch and evaluation
+    score_fn = TextScorer(scorer, tok, cfg.max_length, acc.device, acc.autocast, token_ids)
+    eval_score_fn = TextScorer(acc.unwrap_model(scorer), tok, cfg.max_length, acc.device, acc.autocast, token_ids)
 
     def write(ckpt_dir: Path):
         save_hf(acc.unwrap_model(scorer).model, tok, ckpt_dir / "model", merge_lora=False)
@@ -140,11 +155,13 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         torch.save(optimizer.state_dict(), ckpt_dir / "optimizer.pt")
         torch.save(rng_state(), ckpt_dir / "rng.pt")
 
-    def held_out() -> dict:
+    evals = {}  # step -> held-out metrics: those of the last step are the final model's, which _finish reports
+
+    def held_out(done: int) -> dict:
         scorer.eval()
-        m = evaluate_pairs(eval_score_fn, batch_groups(held, cfg.max_pairs_per_batch))
+        evals[done] = evaluate_pairs(eval_score_fn, batch_groups(held, cfg.max_pairs_per_batch))
         scorer.train()
-        return {f"rm/eval_{k}": v for k, v in m.items() if k != "n_pairs"}
+        return {f"rm/eval_{k}": v for k, v in evals[done].items() if k != "n_pairs"}
 
     step = run.start_step
     window = WindowMean()
@@ -167,10 +184,10 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         epoch_end = done == total_steps or schedule[done][0] != epoch
         if (cfg.save_every and done % cfg.save_every == 0) or epoch_end:
             if held:
-                run.log(done, held_out())
+                run.log(done, held_out(done))
             run.checkpoint(done, write, {"epoch": epoch})
     bar.close()
-    return _finish(run, cfg, acc.unwrap_model(scorer), tok, train, held, eval_score_fn)
+    return _finish(run, cfg, acc.unwrap_model(scorer), tok, train, held, eval_score_fn, evals.get(total_steps))
 
 
 def _schedule(groups, max_pairs: int, epochs: float, seed: int) -> list[tuple[int, list]]:
@@ -188,12 +205,13 @@ def _schedule(groups, max_pairs: int, epochs: float, seed: int) -> list[tuple[in
     return schedule
 
 
-def _finish(run, cfg, scorer, tok, train, held, score_fn) -> Path:
+def _finish(run, cfg, scorer, tok, train, held, score_fn, final: dict | None = None) -> Path:
+    """`final`: the held-out metrics of the last step, where the loop took them (a resumed finished run has none)."""
     out = Path(cfg.out)
-    final = {}
-    if held:
+    if held and final is None:
         scorer.eval()
         final = evaluate_pairs(score_fn, batch_groups(held, cfg.max_pairs_per_batch))
+    final = final or {}
     if run.is_main:
         save_hf(scorer.model, tok, out / "model")
         (out / "model" / "align.json").write_text(json.dumps({"kind": "text_reward_model", "held_out": final}, indent=1))
