@@ -37,7 +37,7 @@ def generation_config(tok, params, stop_ids: list[int] | None = None):
     from transformers import GenerationConfig
     stop_ids = [tok.eos_token_id] if stop_ids is None else stop_ids
     ids = dict(pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-               eos_token_id=stop_ids if len(stop_ids) > 1 else stop_ids[0] if stop_ids else None)
+               eos_token_id=[i for i in stop_ids if i is not None] or None)
     common = dict(max_new_tokens=params.max_new_tokens, min_new_tokens=0, num_beams=1, repetition_penalty=1.0,
                   no_repeat_ngram_size=0, use_cache=True, **ids)
     if not params.sample:

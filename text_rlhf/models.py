@@ -315,9 +315,13 @@ def encode_responses(tokenizer, prompts: list[str], responses: list[str], p_ids:
     tokenizers (Llama 2, Mistral, Phi-3, ...) prepend "▁" there: "\n" + "Hi" would train "\n ▁Hi", a space the
     data does not have. Where the prompt's tokens are not a prefix of the joint ones (a token merges across the
     boundary, e.g. a prompt ending in a space) the response is tokenized alone: generation starts from `p_ids`."""
-    alone = tokenizer(list(responses), add_special_tokens=False)["input_ids"]
     joint = tokenizer([p + r for p, r in zip(prompts, responses)], add_special_tokens=True)["input_ids"]
-    return [j[len(p):] if len(j) > len(p) and j[:len(p)] == p else a for p, j, a in zip(p_ids, joint, alone)]
+    out = [j[len(p):] if len(j) > len(p) and j[:len(p)] == p else None for p, j in zip(p_ids, joint)]
+    merged = [i for i, ids in enumerate(out) if ids is None]  # tokenized alone only where needed
+    if merged:
+        for i, ids in zip(merged, tokenizer([responses[i] for i in merged], add_special_tokens=False)["input_ids"]):
+            out[i] = ids
+    return out
 
 
 def decode_responses(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, responses: torch.Tensor,
@@ -330,8 +334,8 @@ def decode_responses(tokenizer, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     r = [[t for t, k in zip(row, keep) if k] for row, keep in zip(responses.tolist(), resp_mask.tolist())]
     heads = tokenizer.batch_decode(p, skip_special_tokens=True)
     fulls = tokenizer.batch_decode([a + b for a, b in zip(p, r)], skip_special_tokens=True)
-    alone = tokenizer.batch_decode(r, skip_special_tokens=True)
-    return [f[len(h):] if f.startswith(h) else a for h, f, a in zip(heads, fulls, alone)]
+    return [f[len(h):] if f.startswith(h) else tokenizer.decode(ids, skip_special_tokens=True)  # alone: rare
+            for h, f, ids in zip(heads, fulls, r)]
 
 
 def _keep_end(ids: list[int], n: int, bos: int | None) -> list[int]:

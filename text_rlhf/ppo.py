@@ -270,7 +270,7 @@ def sampling_config(cfg: PPOConfig, tok, stop_ids: list[int] | None = None):
                             typical_p=1.0, repetition_penalty=1.0, no_repeat_ngram_size=0, epsilon_cutoff=0.0,
                             eta_cutoff=0.0, max_new_tokens=cfg.max_new_tokens, min_new_tokens=0, use_cache=True,
                             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-                            eos_token_id=(stop_ids if len(stop_ids) > 1 else stop_ids[0] if stop_ids else None)
+                            eos_token_id=[i for i in stop_ids if i is not None] or None
                             if cfg.stop_at_eos else None)
 
 
