@@ -12,7 +12,9 @@ def add_parsers(p: argparse.ArgumentParser) -> None:
     r.add_argument("--clip", help="starting CLIP: an open_clip model name (+ pretrained=TAG, e.g. ViT-H-14 "
                                   "pretrained=laion2b_s32b_b79k), a model-config .json, tiny-clip, or a saved "
                                   "reward folder (an `align image rm` run)")
-    r.add_argument("--data", help="image preferences JSONL (image paths relative to the file)")
+    r.add_argument("--data", help="image preferences JSONL (image paths relative to the file), or hf:NAME[:SPLIT], a "
+                                  "datasets dataset in Pick-a-Pic's layout (e.g. hf:yuvalkirstain/pickapic_v2:train; "
+                                  "hf_limit=N reads N rows) or with prompt/chosen/rejected image columns")
     r.add_argument("--out", help="output folder")
     add_run_args(r, "configs/image/tiny.yaml", "mode=aesthetic lr=1e-5 epochs=2")
     r.set_defaults(func=_rm)

@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from align.data import DataError, batch_groups, load_preferences, read_jsonl
+from align.data.hf_images import load_hf_image_preferences
 from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, shard_groups, split_summary
 from align.runner import WindowMean, progress
 from align.session import load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
@@ -36,9 +37,12 @@ class ImageRMConfig:
     mode: str = "pickscore"
     """pickscore: s·⟨text, image⟩; aesthetic: MLP head on the image embedding (prompt ignored)."""
     data: str = ""
-    """Preferences JSONL; image paths are relative to the file."""
+    """Preferences JSONL (image paths relative to the file), or hf:NAME[:SPLIT], a `datasets` dataset (hub id or
+    local folder) in Pick-a-Pic's layout (caption, jpg_0, jpg_1, label_0, label_1) or prompt/chosen/rejected."""
     eval_data: str = ""
     """Held-out preferences; empty = split eval_fraction of the prompts off `data`."""
+    hf_limit: int = 0
+    """Read at most this many rows of an hf: dataset (0 = all)."""
     allow_duplicates: bool = False
     """A record repeated in the data file is an error naming both lines; true: drop the repeats (logged)."""
     out: str = ""
@@ -120,17 +124,22 @@ class ImageStore:
         self.size, self.cache = tuple(size), cache
         self.images: dict[str, torch.Tensor] = {}
         self.where: dict[str, tuple[str, int, str]] = {}  # path -> (jsonl, line, field)
+        self.hf: list = []  # align.data.hf_images.HFImages of `hf:` data: key -> its dataset cell
 
-    def add(self, groups) -> "ImageStore":
+    def add(self, groups, hf=None) -> "ImageStore":
+        """`hf`: the HFImages of groups read by load_hf_image_preferences (candidates are its keys, not paths)."""
+        if hf is not None:
+            self.hf.append(hf)
         fields: dict[str, dict[int, list[str]]] = {}
         for g in groups:
             jsonl, _, line = (g.source or ":0").rpartition(":")
-            if jsonl not in fields:
+            if hf is None and jsonl not in fields:
                 fields[jsonl] = _candidate_fields(jsonl) if jsonl else {}
-            names = fields[jsonl].get(int(line), [])
+            names = fields.get(jsonl, {}).get(int(line), [])
             for i, path in enumerate(g.candidates):
                 if path not in self.where:
-                    self.where[path] = (jsonl or None, int(line) or None, names[i] if i < len(names) else None)
+                    self.where[path] = hf.where(path) if hf is not None else \
+                        (jsonl or None, int(line) or None, names[i] if i < len(names) else None)
                     image = self._decode(path)
                     if self.cache:
                         self.images[path] = image
@@ -138,7 +147,8 @@ class ImageStore:
 
     def _decode(self, path) -> torch.Tensor:
         try:
-            return decode_image(path, self.size)
+            source = next((h for h in self.hf if path in h), None)
+            return decode_image(source.open(path) if source is not None else path, self.size)
         except Exception as e:  # missing, truncated, not an image, a mode PIL cannot make RGB
             jsonl, line, fld = self.where.get(path, (None, None, None))
             raise DataError(f"cannot read image {path}: {type(e).__name__}: {e}", path=jsonl, line=line,
@@ -146,6 +156,14 @@ class ImageStore:
 
     def load(self, paths) -> torch.Tensor:  # (N, 3, H, W) float32 in [0, 1]
         return torch.stack([self.images[p] if p in self.images else self._decode(p) for p in paths]).float() / 255
+
+
+def load_image_groups(spec: str, limit: int = 0, allow_duplicates: bool = False):
+    """(groups, None) from a preferences JSONL; (groups, HFImages) from `hf:NAME[:SPLIT]` (Pick-a-Pic layout)."""
+    if spec.startswith("hf:"):
+        name, _, split = spec[3:].partition(":")
+        return load_hf_image_preferences(name, split or "train", limit=limit or None)
+    return load_preferences(spec, candidates="path", allow_duplicates=allow_duplicates), None
 
 
 class ImageScorer:
@@ -228,11 +246,11 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
         raise ValueError(f"image rm: epochs must be > 0 (a fraction trains part of an epoch), got {cfg.epochs}")
     if cfg.max_pairs_per_batch < 1:
         raise ValueError(f"image rm: max_pairs_per_batch must be >= 1, got {cfg.max_pairs_per_batch}")
-    groups = load_preferences(cfg.data, candidates="path", allow_duplicates=cfg.allow_duplicates)  # bad input fails before the run folder exists
+    groups, hf = load_image_groups(cfg.data, cfg.hf_limit, cfg.allow_duplicates)  # bad data fails before the run folder
     if cfg.eval_data:
-        train, held = groups, load_preferences(cfg.eval_data, candidates="path", allow_duplicates=cfg.allow_duplicates)
+        train, (held, hf_held) = groups, load_image_groups(cfg.eval_data, cfg.hf_limit, cfg.allow_duplicates)
     else:  # split by prompt, so no held-out prompt was seen in training
-        train, held = split_by_prompt(groups, cfg.eval_fraction, cfg.seed)
+        (train, held), hf_held = split_by_prompt(groups, cfg.eval_fraction, cfg.seed), hf
     if not train:
         raise ValueError(f"image rm: no training pairs left in {cfg.data} after holding out "
                          f"{len({g.prompt for g in held})} prompts (eval_fraction={cfg.eval_fraction})")
@@ -244,7 +262,7 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
     else:
         reward = ClipReward.create(cfg.clip, cfg.pretrained, mode=cfg.mode, image_size=cfg.image_size or None,
                                    head_hidden=tuple(cfg.head_hidden), device=acc.device)
-    store = ImageStore(reward.image_size, cache=cfg.cache_images).add(train).add(held)
+    store = ImageStore(reward.image_size, cache=cfg.cache_images).add(train, hf).add(held, hf_held)
     optimizer = torch.optim.AdamW(_set_trainable(reward, cfg))
     model, optimizer = acc.prepare(reward, optimizer)
     batches_per_epoch = len(list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes)))

@@ -9,6 +9,7 @@ original text back (the response keeps its leading space, which BPE tokenizers c
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from .records import DataError, PreferenceGroup, group_from_pair
 
@@ -44,6 +45,31 @@ def _import_datasets():
     return datasets
 
 
+def open_dataset(dataset, split: str = "train"):
+    """(a `datasets.Dataset`, its name for messages) from a hub id, a local dataset folder (`load_dataset`'s:
+    parquet/JSON/CSV files, or a `save_to_disk` folder) or a built Dataset / DatasetDict, at `split`."""
+    datasets = _import_datasets()
+    if not isinstance(dataset, str):
+        if isinstance(dataset, datasets.DatasetDict):
+            dataset = _split(dataset, split, "<DatasetDict>")
+        return dataset, getattr(dataset.info, "dataset_name", None) or f"<{type(dataset).__name__}>"
+    name, folder = dataset, Path(dataset).expanduser()
+    if folder.is_dir() and any((folder / f).exists() for f in ("state.json", "dataset_dict.json")):
+        loaded = datasets.load_from_disk(str(folder))  # what Dataset(Dict).save_to_disk wrote
+        return (_split(loaded, split, name) if isinstance(loaded, datasets.DatasetDict) else loaded), name
+    if not folder.exists():
+        from align.runner import offline_unless_hub_reachable
+        if offline_unless_hub_reachable():  # no hub: the local cache only, at once, not after datasets' retries
+            datasets.config.HF_HUB_OFFLINE = True  # read from huggingface_hub when `datasets` was imported
+    return datasets.load_dataset(dataset, split=split), name
+
+
+def _split(dataset_dict, split: str, name: str):
+    if split not in dataset_dict:
+        raise DataError(f"no split {split!r} (splits: {sorted(dataset_dict)})", path=name)
+    return dataset_dict[split]
+
+
 def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
                         rejected_field="rejected", prompt_field=None,
                         limit=None) -> list[PreferenceGroup]:
@@ -57,17 +83,7 @@ def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
     Rows whose responses are identical or empty are skipped and the count logged. Errors name
     the dataset, the 0-based row index (as the line) and the column.
     """
-    datasets = _import_datasets()
-    if isinstance(dataset, str):
-        name = dataset
-        from align.runner import offline_unless_hub_reachable
-        if offline_unless_hub_reachable():  # no hub: the local cache only, at once, not after datasets' retries
-            datasets.config.HF_HUB_OFFLINE = True  # read from huggingface_hub when `datasets` was imported
-        dataset = datasets.load_dataset(dataset, split=split)
-    else:
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset[split]
-        name = getattr(dataset.info, "dataset_name", None) or f"<{type(dataset).__name__}>"
+    dataset, name = open_dataset(dataset, split)
     fields = [f for f in (prompt_field, chosen_field, rejected_field) if f is not None]
     for f in fields:
         if f not in dataset.column_names:
