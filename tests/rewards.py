@@ -31,3 +31,8 @@ def returns_strings(prompts, responses):
 def returns_leaf_with_grad(prompts, responses):
     import torch
     return torch.zeros(len(responses), requires_grad=True)
+
+
+def vowels_x100(prompts, responses):
+    """`vowels` on another scale and offset: 100 × share + 7 (a hub RM's scores span ±10 or more)."""
+    return [100.0 * v + 7.0 for v in vowels(prompts, responses)]

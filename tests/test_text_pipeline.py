@@ -102,6 +102,33 @@ def test_ppo_raises_reward_with_bounded_kl(tiny_gpt2, data, tmp_path):
     assert "RM score" in report and (tmp_path / "ppo" / "curves.png").exists()
 
 
+def test_scale_reward_makes_ppo_invariant_to_the_rms_scale(tiny_gpt2, data, tmp_path):
+    """scale_reward (Ziegler et al. 2019: mean 0, variance 1 under the initial policy): the same reward on a 100× scale
+    with an offset gives the same normalised scores, hence the same updates and policy; a resumed run keeps the scale
+    of its first rollout. reward_clip bounds the scores."""
+    def run(reward, out, *extra):
+        return run_ppo(load_config(PPOConfig, None, ["iterations=3", "batch_size=16", "ppo.mini_batch_size=8",
+                                                     "max_new_tokens=8", "lr=1e-3", "save_every=1", *extra],
+                                   policy=tiny_gpt2, reward=reward, prompts=data["prompts"], out=str(tmp_path / out)))
+    a = run("rewards:vowels", "a", "scale_reward=true").policy
+    b = run("rewards:vowels_x100", "b", "scale_reward=true").policy
+    sa, sb = ([r["env/score"] for r in metrics(tmp_path / d)] for d in "ab")
+    assert sa == pytest.approx(sb, rel=1e-4, abs=1e-5) and max(map(abs, sa)) > 0.05
+    for p, q in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+    assert "scale (reference std, divided by)" in (tmp_path / "b" / "report.md").read_text()
+    run("rewards:vowels_x100", "c", "scale_reward=true", "iterations=1")
+    run_ppo(load_config(PPOConfig, None, ["iterations=3", "batch_size=16", "ppo.mini_batch_size=8", "max_new_tokens=8",
+                                          "lr=1e-3", "save_every=1", "scale_reward=true"],
+                        policy=tiny_gpt2, reward="rewards:vowels_x100", prompts=data["prompts"],
+                        out=str(tmp_path / "c")), resume=True)  # the scale comes back from the checkpoint
+    assert [r["env/score"] for r in metrics(tmp_path / "c")] == pytest.approx(sb, rel=1e-4, abs=1e-5)
+    run("rewards:vowels_x100", "e", "scale_reward=true", "reward_clip=1e-6")  # b's scores, clipped
+    assert all(abs(r["env/score"]) <= 1e-6 for r in metrics(tmp_path / "e"))  # b's reached > 0.05
+    with pytest.raises(ValueError, match="scale_reward needs normalize_reward"):
+        run("rewards:vowels", "f", "scale_reward=true", "normalize_reward=false")
+
+
 def test_ppo_with_learned_rm_and_lora_reference_via_cli(tiny_gpt2, data, tmp_path):
     """The RM path (same tokenizer: token ids reused) and LoRA (reference = adapters off), via the CLI."""
     rm_out = tmp_path / "rm"

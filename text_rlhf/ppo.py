@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -98,6 +99,11 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         log.warning("sampling with temperature=%s top_k=%s top_p=%s: samples no longer come from π, so the KL "
                     "penalty and the PPO ratio refer to a different distribution", cfg.temperature, cfg.top_k, cfg.top_p)
     make_kl_controller(p.kl.kl_coef, p.kl.adaptive, p.kl.target, p.kl.horizon)  # checks β before any folder is made
+    if cfg.scale_reward and not cfg.normalize_reward:
+        raise ValueError("ppo: scale_reward needs normalize_reward=true (the scale is measured with the shift, on the "
+                         "initial policy's first rollout)")
+    if not (cfg.reward_clip >= 0 and math.isfinite(cfg.reward_clip)):
+        raise ValueError(f"ppo: reward_clip must be >= 0 (0 = off), got {cfg.reward_clip}")
     if cfg.missing_eos_penalty and not cfg.stop_at_eos:
         raise ValueError("ppo: missing_eos_penalty needs stop_at_eos=true (without it no response ends with EOS, "
                          "so every one would be penalised)")
@@ -141,14 +147,14 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     monitor_fn = RewardFn(cfg.monitor, tok, acc.device, cfg.reward_batch_size) if cfg.monitor else None
     optimizer = adamw(model.parameters(), lr=cfg.lr, eps=1e-5)
     kl_ctl = make_kl_controller(p.kl.kl_coef, p.kl.adaptive, p.kl.target, p.kl.horizon)
-    shift = None
+    shift, scale = None, 1.0
     if run.resume_dir:
         state = run.state
         model.load_state_dict(torch.load(run.resume_dir / "policy.pt", weights_only=False), strict=False)
         load_optimizer_state(optimizer, run.resume_dir / "optimizer.pt")  # this config's lr, the checkpoint's moments
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
         kl_ctl.load_state_dict(state["kl_ctl"])
-        shift = state["reward_shift"]
+        shift, scale = state["reward_shift"], state.get("reward_scale", 1.0)
     model, optimizer = acc.prepare(model, optimizer)
     policy = acc.unwrap_model(model)
     world = acc.num_processes
@@ -207,10 +213,14 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         if cfg.normalize_reward:
             if shift is None:  # the first rollout: a sample of the initial policy (π_ref unless `reference`)
                 shift, spread = normalizer_from_scores(acc.gather(scores).cpu())
+                scale = spread if cfg.scale_reward else 1.0
                 if acc.is_main_process:
-                    log.info("reward normalisation: shift %.4f (mean score of the initial policy; their std %.4f is "
-                             "left as it is, so it sets how much the KL penalty weighs)", shift, spread)
-            scores = scores - shift
+                    log.info("reward normalisation: shift %.4f (mean score of the initial policy); their std %.4f %s",
+                             shift, spread, "divides the score (scale_reward)" if cfg.scale_reward else
+                             "is left as it is, so it sets how much the KL penalty weighs")
+            scores = (scores - shift) / scale
+        if cfg.reward_clip:
+            scores = scores.clamp(-cfg.reward_clip, cfg.reward_clip)
         if cfg.missing_eos_penalty:
             scores = torch.where(ended, scores, scores - cfg.missing_eos_penalty)
         # ------------------------------------------------------------ 3. rewards
@@ -255,9 +265,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         if run.is_main and cfg.log_samples:
             _append_samples(samples_path, it, prompts, texts, raw_scores, cfg.log_samples)
         if (cfg.save_every and it % cfg.save_every == 0) or it == cfg.iterations:
-            run.checkpoint(it, write, {"kl_ctl": kl_ctl.state_dict(), "reward_shift": shift})
+            run.checkpoint(it, write, {"kl_ctl": kl_ctl.state_dict(), "reward_shift": shift, "reward_scale": scale})
     bar.close()
-    return PPOResult(_finish(run, cfg, policy, tok, shift), policy)
+    return PPOResult(_finish(run, cfg, policy, tok, shift, scale), policy)
 
 
 def sampling_config(cfg: PPOConfig, tok, stop_ids: list[int] | None = None):
@@ -373,7 +383,7 @@ def _append_samples(path: Path, it: int, prompts, texts, scores, n: int) -> None
             f.write(json.dumps({"iteration": it, "prompt": pr, "response": tx, "score": sc}) + "\n")
 
 
-def _finish(run, cfg, policy, tok, shift) -> Path:
+def _finish(run, cfg, policy, tok, shift, scale=1.0) -> Path:
     out = Path(cfg.out)
     if run.is_main:
         save_hf(policy.lm, tok, out / "model")
@@ -409,7 +419,9 @@ def _finish(run, cfg, policy, tok, shift) -> Path:
                             f"{_code(l['response'][:80])}" for l in pick)
     body = (f"PPO on `{cfg.policy}` against `{cfg.reward}` for {cfg.iterations} iterations of "
             f"{cfg.batch_size * run.accelerator.num_processes} samples. Reward shift (reference mean): "
-            f"{f'{shift:.4f}' if shift is not None else 'none'}. Means over the first and the last {span} of {n_logged} "
+            f"{f'{shift:.4f}' if shift is not None else 'none'}"
+            f"{f', scale (reference std, divided by): {scale:.4f}' if cfg.scale_reward else ''}"
+            f"{f', clipped at ±{cfg.reward_clip:g}' if cfg.reward_clip else ''}. Means over the first and the last {span} of {n_logged} "
             f"(a tenth of the run, at least one).\n\n| metric | first {span} | last {span} |\n|---|---:|---:|\n{rows}\n\n"
             f"Policy: `{out / 'model'}` (save_pretrained; LoRA adapter in `model/adapter` when used).")
     run.finish("PPO report", [("Summary", body), ("Samples (first and last iteration)", samples or "none logged")],

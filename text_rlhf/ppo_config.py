@@ -46,6 +46,13 @@ class PPOConfig:
     normalize_reward: bool = True
     """Shift the RM so the initial policy's mean score is 0 (measured on its first rollout; the reference
     policy unless `reference` is set)."""
+    scale_reward: bool = False
+    """Also divide by the std of those scores: mean 0 and variance 1 under the initial policy (Ziegler et al. 2019
+    §2.2), so that `ppo.kl.kl_coef` weighs the same for an RM on any scale (hub RMs' scores span ±10 or more).
+    Off by default, as InstructGPT (a shift only). Needs normalize_reward."""
+    reward_clip: float = 0.0
+    """Clip the (shifted, scaled) score to ±reward_clip before the KL penalty and missing_eos_penalty apply
+    (0 = off; TRL's score_clip, OpenRLHF's reward_clip_range): one outlier score cannot dominate a batch."""
     missing_eos_penalty: float = 0.0
     """Subtracted from the score of a response cut off before EOS."""
     ppo: PPOParams = field(default_factory=PPOParams)
