@@ -49,7 +49,8 @@ _PEER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs"
                "logging_steps": "log_every", "save_steps": "save_every", "rank": "r", "lora_alpha": "alpha",
                "lora_dropout": "dropout", "init_kl_coef": "kl_coef", "adap_kl_ctrl": "adaptive",
                "target_kl": "early_stop_kl", "cliprange": "clip_range", "cliprange_value": "clip_range_value",
-               "num_ppo_epochs": "ppo_epochs", "response_length": "max_new_tokens", "adv_clip_max": "adv_clip"}
+               "num_ppo_epochs": "ppo_epochs", "response_length": "max_new_tokens", "adv_clip_max": "adv_clip",
+               "score_clip": "reward_clip", "reward_clip_range": "reward_clip", "use_score_scaling": "scale_reward"}
 _PREFIXES = ("train_", "sample_", "per_prompt_stat_tracking_", "lora_")
 
 
