@@ -50,7 +50,8 @@ _PEER_NAMES = {"learning_rate": "lr", "num_train_epochs": "epochs", "num_epochs"
                "lora_dropout": "dropout", "init_kl_coef": "kl_coef", "adap_kl_ctrl": "adaptive",
                "target_kl": "early_stop_kl", "cliprange": "clip_range", "cliprange_value": "clip_range_value",
                "num_ppo_epochs": "ppo_epochs", "response_length": "max_new_tokens", "adv_clip_max": "adv_clip",
-               "score_clip": "reward_clip", "reward_clip_range": "reward_clip", "use_score_scaling": "scale_reward"}
+               "score_clip": "reward_clip", "reward_clip_range": "reward_clip", "use_score_scaling": "scale_reward",
+               "save_total_limit": "keep_checkpoints"}
 _PREFIXES = ("train_", "sample_", "per_prompt_stat_tracking_", "lora_")
 
 

@@ -14,6 +14,8 @@ from typing import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from align.data import batch_groups
+
 Scorer = Callable[[list, list], torch.Tensor]
 
 
@@ -156,6 +158,23 @@ def normalizer_from_scores(scores: torch.Tensor) -> tuple[float, float]:
         raise ValueError("reward normalisation needs at least one finite score")
     std = scores.std(unbiased=False).item() if scores.numel() > 1 else 1.0
     return scores.mean().item(), std if std > 0 and math.isfinite(std) else 1.0
+
+
+def pair_schedule(groups, max_pairs: int, epochs: float, seed: int) -> list[tuple[int, list]]:
+    """(epoch, groups) for every optimiser step of a reward-model run: each epoch packs whole prompts into batches in
+    a fresh seeded order. Next-fit packing of groups of different sizes gives a batch count that depends on the order,
+    so it can differ between epochs: steps are listed, never derived as step // batches_per_epoch. A fractional last
+    epoch trains that share of its batches (at least one)."""
+    per_epoch = []
+    n_full = math.ceil(epochs)
+    for e in range(n_full):
+        per_epoch.append([(e, b) for b in batch_groups(groups, max_pairs, shuffle=True, seed=seed * 1000 + e)])
+    schedule = [s for ep in per_epoch[:int(epochs)] for s in ep]
+    if epochs != int(epochs):
+        schedule += per_epoch[-1][:max(1, int(len(per_epoch[-1]) * (epochs - int(epochs))))]
+    if not schedule:
+        raise ValueError("no training pairs (is the data file empty after the held-out split?)")
+    return schedule
 
 
 HELD_OUT_LABELS = {"loss": "loss (Bradley-Terry, nats per pair)", "accuracy": "pairwise accuracy (ties half)",

@@ -117,6 +117,9 @@ def start_run(cfg, out, resume: bool, mixed_precision: str = "no", seed: int = 0
               step_batch: tuple[str, int] | None = None) -> Run:
     """`step_batch`: (config key, value) of what one step consumes per process, for runs counted in global batches:
     saved with each checkpoint and checked on --resume (check_resume_batch)."""
+    keep_checkpoints = getattr(cfg, "keep_checkpoints", keep_checkpoints)
+    if isinstance(keep_checkpoints, bool) or not isinstance(keep_checkpoints, int) or keep_checkpoints < 0:
+        raise ValueError(f"keep_checkpoints must be >= 0 (0 = keep all), got {keep_checkpoints!r}")
     if resume:
         check_resume_config(cfg, out)  # every rank: all raise, none waits for rank 0
     accelerator = make_accelerator(mixed_precision=mixed_precision)

@@ -131,6 +131,9 @@ class DDPOConfig:
     seed: int = 0
     save_every: int = 10
     """Checkpoint every N epochs (and at the end; 0 = at the end only)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
+    --resume continues from; an older one is its fallback where the newest is damaged."""
     grid_prompts: list[str] = field(default_factory=list)
     """Prompts of the sample grid (default: the first 4 distinct prompts)."""
     grid_seeds: list[int] = field(default_factory=lambda: [0, 1])

@@ -20,7 +20,8 @@ import torch
 
 from align.data import DataError, batch_groups, load_preferences, read_jsonl
 from align.data.hf_images import load_hf_image_preferences
-from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, shard_groups, split_summary
+from align.reward import (PairBatch, batch_loss, evaluate_pairs, held_out_table, pair_schedule, shard_groups,
+                          split_summary)
 from align.runner import WindowMean, progress
 from align.session import load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
 from image_rlhf.clip_reward import ClipReward
@@ -68,6 +69,9 @@ class ImageRMConfig:
     mixed_precision: str = "no"
     save_every: int = 0
     """Checkpoint every N steps (0 = end of each epoch)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
+    --resume continues from; an older one is its fallback where the newest is damaged."""
     log_every: int = 10
 
 
@@ -265,8 +269,8 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
     store = ImageStore(reward.image_size, cache=cfg.cache_images).add(train, hf).add(held, hf_held)
     optimizer = torch.optim.AdamW(_set_trainable(reward, cfg))
     model, optimizer = acc.prepare(reward, optimizer)
-    batches_per_epoch = len(list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes)))
-    total_steps = max(1, int(batches_per_epoch * cfg.epochs))
+    schedule = pair_schedule(train, cfg.max_pairs_per_batch * acc.num_processes, cfg.epochs, cfg.seed)
+    total_steps = len(schedule)
     if run.resume_dir:
         load_optimizer_state(optimizer, run.resume_dir / "optimizer.pt")  # this config's lr, the checkpoint's moments
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
@@ -294,30 +298,26 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
     bar = progress(total=total_steps, desc="image rm", is_main=run.is_main)
     bar.update(step)
     _train_mode(model, reward)
-    while step < total_steps:
-        epoch, skip = divmod(step, batches_per_epoch)
-        batches = list(batch_groups(train, cfg.max_pairs_per_batch * acc.num_processes, shuffle=True,
-                                    seed=cfg.seed * 1000 + epoch))
-        for b in range(skip, len(batches)):
-            mine, weight = shard_groups(batches[b], acc.process_index, acc.num_processes)
-            pb = PairBatch.from_groups(mine)
-            loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
-            acc.backward(loss * weight)
-            acc.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step(), optimizer.zero_grad(set_to_none=True)
-            reward.clamp_logit_scale()  # 0 ≤ logit_scale ≤ ln 100, as open_clip's training loop
-            step += 1
-            bar.update(1)
-            window.add({f"rm/{k}": v for k, v in reduce_pair_stats(stats, weight, acc).items()})
-            if step % cfg.log_every == 0 or step == total_steps:
-                run.log(step, {**window.pop(), **({"rm/logit_scale": reward.logit_scale} if cfg.mode == "pickscore"
-                                                    else {})})  # the aesthetic head reads no temperature
-            if (cfg.save_every and step % cfg.save_every == 0) or step % batches_per_epoch == 0 or step == total_steps:
-                if held:
-                    run.log(step, held_out(step))
-                run.checkpoint(step, write, {"epoch": epoch})
-            if step >= total_steps:
-                break
+    for step in range(step, total_steps):
+        epoch, groups = schedule[step]
+        mine, weight = shard_groups(groups, acc.process_index, acc.num_processes)
+        pb = PairBatch.from_groups(mine)
+        loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
+        acc.backward(loss * weight)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step(), optimizer.zero_grad(set_to_none=True)
+        reward.clamp_logit_scale()  # 0 ≤ logit_scale ≤ ln 100, as open_clip's training loop
+        bar.update(1)
+        done = step + 1
+        window.add({f"rm/{k}": v for k, v in reduce_pair_stats(stats, weight, acc).items()})
+        if done % cfg.log_every == 0 or done == total_steps:
+            run.log(done, {**window.pop(), **({"rm/logit_scale": reward.logit_scale} if cfg.mode == "pickscore"
+                                                else {})})  # the aesthetic head reads no temperature
+        epoch_end = done == total_steps or schedule[done][0] != epoch
+        if (cfg.save_every and done % cfg.save_every == 0) or epoch_end:
+            if held:
+                run.log(done, held_out(done))
+            run.checkpoint(done, write, {"epoch": epoch})
     bar.close()
     return _finish(run, cfg, reward, train, held, eval_score_fn, evals.get(total_steps))
 

@@ -308,6 +308,23 @@ def test_image_rm_resumes_from_checkpoint(tmp_path):
     assert (tmp_path / "run" / "model" / "align_reward.json").exists()
 
 
+@pytest.mark.parametrize("keep", [1, 3, 0])
+def test_keep_checkpoints_and_epochs_whose_batch_count_depends_on_the_order(tmp_path, keep):
+    """keep_checkpoints (TRL's save_total_limit; every stage has it, start_run applies it): the newest N, 0 = all.
+    The data mixes pairs and 3-way rankings (3 pairs, over max_pairs_per_batch = 2), so next-fit packing gives 8
+    batches in file order and 7 in the epoch's shuffled order: the image RM derived its step count from the first and
+    looped forever at step 7 (its steps are now listed per epoch, as the text RM's)."""
+    from image_rlhf.rm import ImageRMConfig, run_image_rm
+    path = make_colour_prefs(tmp_path / "d", NOUNS[:4], seed=4)
+    cfg = ImageRMConfig(data=str(path), out=str(tmp_path / "run"), epochs=1, max_pairs_per_batch=2, lr=1e-3,
+                        eval_fraction=0.25, log_every=1, save_every=1, keep_checkpoints=keep)
+    run_image_rm(cfg)
+    steps = [json.loads(x)["step"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert max(steps) == 7
+    kept = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "run" / "checkpoints").glob("step-*"))
+    assert kept == list(range(1, 8))[-keep if keep else 0:], kept
+
+
 def test_clip_spec_takes_a_run_folder_and_names_unknown_tags(tmp_path):
     """--clip accepts an `align image rm` run folder (its model/), as --reward does; an unknown pretrained tag is
     a one-line error listing the model's tags, not a traceback."""

@@ -68,6 +68,9 @@ class PPOConfig:
     reward_batch_size: int = 64
     save_every: int = 10
     """Checkpoint every N iterations (and at the end; 0 = at the end only)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
+    --resume continues from; an older one is its fallback where the newest is damaged."""
     log_samples: int = 4
     """Sample texts kept per logged iteration (samples.jsonl)."""
     monitor: str = ""

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from align.data import batch_groups, load_hf_preferences, load_preferences
-from align.reward import PairBatch, batch_loss, evaluate_pairs, held_out_table, shard_groups, split_summary
+from align.reward import (PairBatch, batch_loss, evaluate_pairs, held_out_table, pair_schedule, shard_groups,
+                          split_summary)
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
 from align.session import adamw, load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
@@ -60,6 +60,9 @@ class RMConfig:
     lora: LoraParams = field(default_factory=LoraParams)
     save_every: int = 0
     """Checkpoint every N steps (0 = end of each epoch)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
+    --resume continues from; an older one is its fallback where the newest is damaged."""
     log_every: int = 10
 
 
@@ -133,7 +136,7 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     scorer = SequenceScorer(model)
     optimizer = adamw(scorer.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scorer, optimizer = acc.prepare(scorer, optimizer)
-    schedule = _schedule(train, cfg.max_pairs_per_batch * acc.num_processes, cfg.epochs, cfg.seed)
+    schedule = pair_schedule(train, cfg.max_pairs_per_batch * acc.num_processes, cfg.epochs, cfg.seed)
     total_steps = len(schedule)
     if run.resume_dir:
         load_optimizer_state(optimizer, run.resume_dir / "optimizer.pt")  # this config's lr, the checkpoint's moments
@@ -188,21 +191,6 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
             run.checkpoint(done, write, {"epoch": epoch})
     bar.close()
     return _finish(run, cfg, acc.unwrap_model(scorer), tok, train, held, eval_score_fn, evals.get(total_steps))
-
-
-def _schedule(groups, max_pairs: int, epochs: float, seed: int) -> list[tuple[int, list]]:
-    """(epoch, groups) for every optimiser step: each epoch packs whole prompts into batches in a
-    fresh seeded order (the batch count can differ between epochs, so steps are listed, not derived)."""
-    per_epoch = []
-    n_full = math.ceil(epochs)
-    for e in range(n_full):
-        per_epoch.append([(e, b) for b in batch_groups(groups, max_pairs, shuffle=True, seed=seed * 1000 + e)])
-    schedule = [s for ep in per_epoch[:int(epochs)] for s in ep]
-    if epochs != int(epochs):
-        schedule += per_epoch[-1][:max(1, int(len(per_epoch[-1]) * (epochs - int(epochs))))]
-    if not schedule:
-        raise ValueError("rm: no training pairs (is the data file empty after the held-out split?)")
-    return schedule
 
 
 def _finish(run, cfg, scorer, tok, train, held, score_fn, final: dict | None = None) -> Path:

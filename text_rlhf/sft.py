@@ -53,6 +53,9 @@ class SFTConfig:
     lora: LoraParams = field(default_factory=LoraParams)
     save_every: int = 0
     """Checkpoint every N optimiser steps (0 = each epoch's end only)."""
+    keep_checkpoints: int = 2
+    """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
+    --resume continues from; an older one is its fallback where the newest is damaged."""
     log_every: int = 10
 
 
