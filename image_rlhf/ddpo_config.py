@@ -187,6 +187,12 @@ def check_config(cfg: DDPOConfig) -> None:
             cfg.noise_group_size and cfg.sample_batch_size % cfg.noise_group_size):
         raise ValueError(f"noise_group_size must be 0 (off) or >= 2 dividing sample_batch_size "
                          f"{cfg.sample_batch_size}, got {cfg.noise_group_size}")
+    if cfg.max_grad_norm < 0:  # torch's clip_grad_norm_ scales by max_norm / norm: a negative one flips the gradient
+        raise ValueError(f"max_grad_norm must be >= 0 (0 = no clipping; a negative one flips every gradient in "
+                         f"torch's clip_grad_norm_: the run would descend the reward), got {cfg.max_grad_norm}")
+    if cfg.clip_range <= 0:
+        raise ValueError(f"clip_range must be > 0 (the ratios are clipped to 1 ± clip_range; a negative one inverts "
+                         f"the clip), got {cfg.clip_range}")
     if cfg.kl_coef < 0:
         raise ValueError(f"kl_coef must be >= 0 (a negative weight rewards leaving the reference), got {cfg.kl_coef}")
     if cfg.kl_estimator not in ("gaussian", "k2"):

@@ -130,7 +130,9 @@ class ImageDemoPreset:
     LoRA r=8 at 1e-3 kept it (0.36, KL 63 nats) — better, though still no gain over the base (those runs:
     10 DDIM steps, 768 samples, before min_std_dev). LoRA r=8 on the ResNet convolutions (conv1, conv2) as
     well as attention, oracle RM (the gold judge as reward), lr 1e-2: held-out aligned-plain 0.389 against
-    0.459 with attention only — more trained parameters, the same noisy gradient. Without LoRA on the
+    0.459 with attention only (suspect: the saved
+    file then mixed diffusers' and PEFT's key formats and the evaluation loaded the convolutions' adapters
+    alone; fixed in save_unet_lora, not re-measured). Without LoRA on the
     cross-attention's keys and values (so that the update cannot be prompt-specific; learned RM, G = 8):
     0.403 / 0.417 on seeds 0 / 1 (with them: 0.425 / 0.416) — no better."""
     kl_samples: int = 16

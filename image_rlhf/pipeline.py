@@ -390,11 +390,17 @@ def add_unet_lora(unet, lora) -> None:
 
 def save_unet_lora(unet, out: str | Path) -> Path:
     """out/pytorch_lora_weights.safetensors, loadable by `StableDiffusionPipeline.load_lora_weights(out)`;
-    the LoRA config (rank, alpha, targets) travels in the file's metadata."""
+    the LoRA config (rank, alpha, targets) travels in the file's metadata. Keys in diffusers' format (`to_q.lora.down`,
+    as its training scripts write them) where diffusers maps every key, else all in PEFT's (`lora_A`): its map covers
+    the attention projections only, and a file of both kinds loads with the other kind's layers silently dropped
+    (LoRA on conv1/conv2 too: diffusers 0.42 loaded the convolutions' adapters alone)."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    peft_state = get_peft_model_state_dict(unet)
+    state = convert_state_dict_to_diffusers(dict(peft_state))
+    if any(".lora_A." in k or ".lora_B." in k for k in state):  # a target diffusers' map does not know
+        state = peft_state
     meta = unet.peft_config["default"].to_dict()
     StableDiffusionPipeline.save_lora_weights(save_directory=str(out), unet_lora_layers=state, safe_serialization=True,
                                               unet_lora_adapter_metadata=meta)
@@ -410,9 +416,12 @@ def load_trainable_state(module, state: dict[str, torch.Tensor], where: str) -> 
     params = dict(module.named_parameters())
     unknown = [k for k in state if k not in params]
     missing = [n for n, p in params.items() if p.requires_grad and n not in state]
-    if unknown or missing:
+    shapes = [f"{k} {tuple(v.shape)} vs {tuple(params[k].shape)}" for k, v in state.items()
+              if k in params and v.shape != params[k].shape]  # e.g. another lora.r
+    if unknown or missing or shapes:
         raise ValueError(f"{where}: checkpoint does not match the model (unknown {unknown[:3]}, missing "
-                         f"{missing[:3]}); was it written with another pipeline or LoRA setting?")
+                         f"{missing[:3]}" + (f", checkpoint vs model shape {shapes[:2]}" if shapes else "")
+                         + "); was it written with another pipeline or LoRA setting?")
     with torch.no_grad():
         for k, v in state.items():
             params[k].copy_(v)

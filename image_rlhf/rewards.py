@@ -73,6 +73,7 @@ class CheckedReward:
 
     def __init__(self, fn: Callable, spec: str, device="cpu"):
         self.fn, self.spec, self.device = fn, spec, torch.device(device)
+        _check_signature(fn, spec)
 
     def __call__(self, prompts, images) -> torch.Tensor:
         n = len(prompts)
@@ -86,6 +87,27 @@ class CheckedReward:
 
     def __repr__(self):
         return f"CheckedReward({self.spec!r})"
+
+
+def _check_signature(fn: Callable, spec: str) -> None:
+    """A user reward is called as fn(prompts, images): refuse one that cannot be, or that names its first parameter
+    as images (ddpo-pytorch's reward_fn(images, prompts, metadata) -> (rewards, info)), before the first epoch
+    fails with a TypeError from inside it, or with a list of prompts where it expected images."""
+    import inspect
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):  # a builtin or C callable without a signature: called as is
+        return
+    try:
+        sig.bind(None, None)
+    except TypeError as e:
+        raise ValueError(f"reward {spec!r}: is called as fn(prompts, images) but has the signature {sig} ({e}); "
+                         "a ddpo-pytorch reward_fn(images, prompts, metadata) needs a wrapper: "
+                         "lambda prompts, images: reward_fn(images, prompts, {})[0]") from None
+    first = next(iter(sig.parameters), "")
+    if first.lower() in ("images", "image", "imgs", "img", "pixels"):
+        raise ValueError(f"reward {spec!r}: is called as fn(prompts, images), but its first parameter is {first!r} "
+                         f"(signature {sig}); swap them (ddpo-pytorch passes images first, align prompts first)")
 
 
 def load_reward(spec: str, device="cpu") -> Callable:

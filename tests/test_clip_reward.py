@@ -245,6 +245,31 @@ def test_load_reward_module_function_checks_output():
         load_reward("test_clip_reward:no_such_fn")
 
 
+def ddpo_pytorch_reward(images, prompts, metadata):
+    return images.mean(dim=(1, 2, 3)), {}
+
+
+def images_first_reward(images, prompts):
+    return images.mean(dim=(1, 2, 3))
+
+
+def keyword_reward(prompts, images, *, scale=2.0):
+    return images.mean(dim=(1, 2, 3)) * scale
+
+
+def test_load_reward_refuses_a_ddpo_pytorch_signature_up_front():
+    """ddpo-pytorch's reward_fn(images, prompts, metadata): the run failed at its first batch with a bare TypeError
+    (3 parameters), or with a list of prompts where the function expected images (images first)."""
+    from image_rlhf.rewards import load_reward
+    with pytest.raises(ValueError, match=r"called as fn\(prompts, images\).*\(images, prompts, metadata\).*wrapper"):
+        load_reward("test_clip_reward:ddpo_pytorch_reward")
+    with pytest.raises(ValueError, match="first parameter is 'images'.*swap them"):
+        load_reward("test_clip_reward:images_first_reward")
+    images = torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(load_reward("test_clip_reward:keyword_reward")(["a", "b"], images),
+                               images.mean(dim=(1, 2, 3)) * 2)
+
+
 def test_aesthetic_head_regresses_scalar_scores():
     from image_rlhf.clip_reward import ClipReward
     torch.manual_seed(0)

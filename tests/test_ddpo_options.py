@@ -1,5 +1,6 @@
 """DDPO settings: configs that cannot work are refused before a run folder exists, --resume takes this config's
-lr, and a mixed-precision full fine-tune saves a pipeline diffusers can run."""
+lr and names a LoRA of another rank, a mixed-precision full fine-tune saves a pipeline diffusers can run, and a LoRA on
+convolutions too loads whole."""
 import pytest
 import torch
 
@@ -26,6 +27,8 @@ def prompts_file(tmp_path_factory):
     (dict(guidance_scale=0.5), "guidance_scale must be >= 1"),               # was silently guidance 1
     (dict(buffer_size=4, min_count=8), "min_count 8 > buffer_size 4"),       # per-prompt stats never used
     (dict(adv_clip=0.0), "adv_clip must be > 0"),                            # every advantage clipped to 0
+    (dict(max_grad_norm=-1.0), "max_grad_norm must be >= 0"),                # clip_grad_norm_ flipped the gradient
+    (dict(clip_range=-1e-4), "clip_range must be > 0"),                      # an inverted clip
 ])
 def test_configs_that_cannot_work_are_refused_up_front(tiny_sd_path, prompts_file, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):
@@ -43,6 +46,16 @@ def test_resume_uses_the_configs_lr_not_the_checkpoints(tiny_sd_path, prompts_fi
     result = run_ddpo(_cfg(tiny_sd_path, prompts_file, out, lr=0.0, epochs=2, grid_seeds=[]), resume=True)
     now = dict(result.unet.named_parameters())
     assert all(torch.equal(now[k].detach().cpu(), v) for k, v in saved.items())
+
+
+def test_resume_with_another_lora_rank_names_the_mismatch(tiny_sd_path, prompts_file, tmp_path):
+    """A LoRA run resumed with another lora.r: the names match, the shapes do not; that was torch's bare
+    "The size of tensor a (8) must match the size of tensor b (4)" from inside copy_."""
+    out = tmp_path / "run"
+    run_ddpo(_cfg(tiny_sd_path, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), grid_seeds=[]))
+    with pytest.raises(ValueError, match=r"checkpoint does not match the model .*\(4, 16\) vs \(8, 16\).*LoRA"):
+        run_ddpo(_cfg(tiny_sd_path, prompts_file, out, lora=LoraParams(r=8, alpha=4.0), epochs=2, grid_seeds=[]),
+                 resume=True)
 
 
 def test_full_fine_tuning_in_bf16_saves_float32_frozen_parts(tiny_sd_path, prompts_file, tmp_path):
@@ -123,3 +136,25 @@ def test_full_fine_tune_of_an_sd15_layout_keeps_its_safety_checker_and_samples_a
     traj = sample_trajectories(result.unet.eval(), parts.scheduler, encode_prompts(parts, PROMPTS[:2]),
                                negative_embeds(parts), 3, 5.0, 1.0, generator=torch.Generator().manual_seed(7))
     torch.testing.assert_close(decode_latents(parts.vae, traj.final_latents), theirs, rtol=0, atol=1e-6)
+
+
+def test_lora_on_convolutions_too_loads_whole_in_diffusers_and_compare(tiny_sd_path, prompts_file, tmp_path):
+    """LoRA on the ResNet convolutions as well as attention: diffusers' key map knows the attention projections
+    only, and a file mixing its keys with PEFT's loaded with the attention adapters silently dropped. Both
+    loaders (diffusers' pipeline and `align compare`'s generator) must give the trained UNet's output."""
+    from align.compare import ImageGenParams
+    from image_rlhf.compare import ImageGenerator
+    targets = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2"]
+    result = run_ddpo(_cfg(tiny_sd_path, prompts_file, tmp_path / "run", lr=3e-2, epochs=2,
+                           lora=LoraParams(r=4, alpha=8.0, target_modules=targets)))
+    g = torch.Generator().manual_seed(0)
+    x, c, t = torch.randn(2, 4, 16, 16, generator=g), torch.randn(2, 77, 32, generator=g), torch.tensor([500, 500])
+    with torch.no_grad():
+        trained = result.unet.eval()(x, t, c).sample
+        pipe = StableDiffusionPipeline.from_pretrained(tiny_sd_path)
+        pipe.load_lora_weights(result.model_dir)
+        generator = ImageGenerator(str(tmp_path / "run"), ImageGenParams(num_steps=3))
+        for unet in (pipe.unet, generator.parts.unet):
+            assert sum("lora_B" in n for n, _ in unet.named_parameters()) == sum(
+                "lora_B" in n for n, _ in result.unet.named_parameters())
+            torch.testing.assert_close(unet(x, t, c).sample, trained, atol=1e-6, rtol=1e-5)
