@@ -62,6 +62,11 @@ class TextGenParams:
     stop: str = ""
     """Cut each response at the first occurrence of this string (e.g. "\\nQ:" for few-shot
     prompts, whose raw continuation may go on to invent the next question); empty = EOS only."""
+    chat_template: bool = False
+    """Give every prompt (plain and engineered) to the model as a user turn of its chat template (instruct
+    models; `text_rlhf.models.chat_prompts`). A reward-model judge gets the prompt as a user turn of its own
+    tokenizer's template (as `align text rm chat_template=true` trained it); a module:function judge the prompt as
+    written."""
 
 
 @dataclass

@@ -21,8 +21,8 @@ from pathlib import Path
 import torch
 
 from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
-from text_rlhf.models import (ModelLoadError, _check_path, decode_responses, load_causal_lm, load_reward_scorer,
-                              load_tokenizer, max_positions, read_align_meta)
+from text_rlhf.models import (ModelLoadError, _check_path, chat_prompts, decode_responses, load_causal_lm,
+                              load_reward_scorer, load_tokenizer, max_positions, read_align_meta)
 from text_rlhf.policy import raw_sampling, response_mask, stop_token_ids
 from text_rlhf.rm import TextScorer
 
@@ -59,6 +59,9 @@ class TextGenerator:
         self.deterministic = not params.sample
         self.max_positions = max_positions(self.lm.config)
 
+    def formatted(self, prompts: list[str]) -> list[str]:
+        return chat_prompts(self.tok, prompts, "compare: chat_template") if self.params.chat_template else prompts
+
     def check_prompts(self, items) -> None:
         """Every prompt, plain and engineered, must leave room for max_new_tokens in the model's positions (a
         few-shot prefix easily fills a small context); the error names the prompt's id and variant."""
@@ -66,7 +69,7 @@ class TextGenerator:
             return
         room = self.max_positions - self.params.max_new_tokens
         for variant in ("plain", "engineered"):
-            texts = [getattr(it, variant) for it in items]
+            texts = self.formatted([getattr(it, variant) for it in items])
             lengths = [len(x) for x in self.tok(texts)["input_ids"]]
             too_long = [i for i, n in enumerate(lengths) if n > room]
             if too_long:
@@ -78,7 +81,7 @@ class TextGenerator:
 
     @torch.no_grad()
     def __call__(self, prompts: list[str], seed: int) -> list[str]:
-        enc = self.tok(list(prompts), return_tensors="pt", padding=True)
+        enc = self.tok(self.formatted(list(prompts)), return_tensors="pt", padding=True)
         ids, mask = enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)   # (B, P)
         if self.max_positions:
             lengths = mask.sum(1)
@@ -108,8 +111,9 @@ class RMJudge:
     """A reward model folder (`align text rm`, or a hub/TRL one): the score of prompt + response + EOS, as it was
     trained (`load_reward_scorer`: where that model reads it; an encoder's `[CLS] prompt [SEP] response [SEP]`)."""
 
-    def __init__(self, path: str, device="cpu", dtype=torch.float32):
+    def __init__(self, path: str, device="cpu", dtype=torch.float32, chat_template: bool = False):
         self.tok = load_tokenizer(path, padding_side="right")
+        self.chat_template = chat_template  # prompts as a user turn of the RM's own template, as it was trained
         scorer = load_reward_scorer(path, self.tok, dtype).to(device).eval()
         scorer.requires_grad_(False)
         limit = max_positions(scorer.model.config) or 10 ** 6
@@ -117,6 +121,7 @@ class RMJudge:
 
     @torch.no_grad()
     def __call__(self, prompts, responses) -> torch.Tensor:
+        prompts = chat_prompts(self.tok, list(prompts), "compare: chat_template") if self.chat_template else prompts
         return self.score(list(prompts), list(responses))
 
 
@@ -138,13 +143,14 @@ def load_judge(spec: str, cfg: CompareConfig, device):
     """module:function (gold judge) or a reward-model folder / hub id."""
     if is_function_spec(spec):
         return FunctionJudge(spec)
-    return RMJudge(spec, device, torch_dtype(cfg.dtype))
+    return RMJudge(spec, device, torch_dtype(cfg.dtype), cfg.text.chat_template)
 
 
 def describe(cfg: CompareConfig) -> str:
     t = cfg.text
     how = f"sampling at temperature {t.temperature:g}" if t.sample else "greedy decoding"
-    return f"{how}, ≤ {t.max_new_tokens} new tokens" + (f", responses cut at {t.stop!r}" if t.stop else "")
+    return f"{how}, ≤ {t.max_new_tokens} new tokens" + (f", responses cut at {t.stop!r}" if t.stop else "") + \
+        (", prompts as chat-template user turns" if t.chat_template else "")
 
 
 def samples_markdown(arms, items, out_dir, n: int = 3, width: int = 160) -> str:

@@ -354,6 +354,24 @@ def max_positions(config) -> int | None:
     return None
 
 
+def chat_prompts(tokenizer, prompts: list[str], where: str = "chat_template") -> list[str]:
+    """Each prompt as one user turn of the tokenizer's chat template, ending where the assistant's reply starts
+    (`apply_chat_template(..., add_generation_prompt=True)`, as TRL and OpenRLHF's --apply_chat_template format
+    an instruct model's prompts). The template's text opens with BOS where the tokenizer adds one itself; that
+    copy is dropped, so the prompt is tokenized as any other, with one BOS. The response that follows ends with
+    EOS; an instruct tokenizer's EOS is its end-of-turn token (Qwen's <|im_end|>), and `stop_token_ids` adds the
+    checkpoint's generation_config ones (Llama 3's <|eot_id|>)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"{where}: the tokenizer of {tokenizer.name_or_path!r} has no chat template (a base model's "
+                         "usually has none): set chat_template=false, or write the format into the prompts")
+    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    bos = tokenizer.bos_token
+    if bos and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
+        texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
+    return texts
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (B, P) ids and mask of generation prompts. A prompt longer than max_length keeps its *last*
     tokens (an instruction's end, e.g. "Assistant:", is what the response follows) and its BOS where the

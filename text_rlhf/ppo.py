@@ -30,8 +30,8 @@ from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_los
 from align.runner import progress, truncate_jsonl
 from align.session import (adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run,
                            stop_if_not_finite)
-from text_rlhf.models import (apply_lora, decode_responses, enable_checkpointing, encode_pairs, encode_prompts,
-                              encode_text_pairs, fuse_activations, load_causal_lm, load_reward_scorer, load_tokenizer,
+from text_rlhf.models import (apply_lora, chat_prompts, decode_responses, enable_checkpointing, encode_pairs,
+                              encode_prompts, encode_text_pairs, fuse_activations, load_causal_lm, load_reward_scorer, load_tokenizer,
                               max_positions, pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
@@ -109,6 +109,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
                          "so every one would be penalised)")
     prompts_all = load_prompts(cfg.prompts)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.policy, padding_side="left")
+    if cfg.chat_template:
+        prompts_all = chat_prompts(tok, prompts_all)
     critic_init = critic_folder(cfg, tok) if cfg.value_model == "separate" else None
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator

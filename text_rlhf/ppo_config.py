@@ -68,6 +68,10 @@ class PPOConfig:
     reward_batch_size: int = 64
     save_every: int = 10
     """Checkpoint every N iterations (and at the end; 0 = at the end only)."""
+    chat_template: bool = False
+    """Format every prompt as a user turn of the model's chat template (instruct models: Llama 3, Qwen, ...;
+    `text_rlhf.models.chat_prompts`); the reward scores the formatted prompt + response;
+    false: the prompt text as it is."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
     --resume continues from; an older one is its fallback where the newest is damaged."""

@@ -20,8 +20,8 @@ from align.reward import (PairBatch, batch_loss, evaluate_pairs, held_out_table,
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
 from align.session import adamw, load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
-from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, encode_text_pairs,
-                              load_seq_scorer, load_tokenizer, pad_batch, save_hf)
+from text_rlhf.models import (SequenceScorer, apply_lora, chat_prompts, enable_checkpointing, encode_pairs,
+                              encode_text_pairs, load_seq_scorer, load_tokenizer, pad_batch, save_hf)
 from text_rlhf.policy import disable_dropout
 
 log = logging.getLogger(__name__)
@@ -60,6 +60,9 @@ class RMConfig:
     lora: LoraParams = field(default_factory=LoraParams)
     save_every: int = 0
     """Checkpoint every N steps (0 = end of each epoch)."""
+    chat_template: bool = False
+    """Format every prompt as a user turn of the model's chat template (instruct models: Llama 3, Qwen, ...;
+    `text_rlhf.models.chat_prompts`); false: the prompt text as it is."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
     --resume continues from; an older one is its fallback where the newest is damaged."""
@@ -71,6 +74,14 @@ def load_groups(spec: str, limit: int = 0, allow_duplicates: bool = False):
         name, _, split = spec[3:].partition(":")
         return load_hf_preferences(name, split or "train", limit=limit or None)
     return load_preferences(spec, allow_duplicates=allow_duplicates)
+
+
+def with_chat_prompts(tok, groups):
+    """The groups with each prompt as a chat-template user turn (`chat_prompts`), candidates as they are."""
+    import dataclasses
+    prompts = dict(zip(dict.fromkeys(g.prompt for g in groups), chat_prompts(tok, list(dict.fromkeys(
+        g.prompt for g in groups)))))
+    return [dataclasses.replace(g, prompt=prompts[g.prompt]) for g in groups]
 
 
 class TextScorer:
@@ -115,6 +126,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     groups = load_groups(cfg.data, cfg.hf_limit, cfg.allow_duplicates)  # bad input fails before the run folder exists
     eval_groups = load_groups(cfg.eval_data, cfg.hf_limit, cfg.allow_duplicates) if cfg.eval_data else None
     tok = load_tokenizer(cfg.model, padding_side="right")  # so does a wrong --model
+    if cfg.chat_template:
+        groups, eval_groups = (None if gs is None else with_chat_prompts(tok, gs) for gs in (groups, eval_groups))
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed,
                     step_batch=("max_pairs_per_batch", cfg.max_pairs_per_batch))
     acc = run.accelerator

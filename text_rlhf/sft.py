@@ -17,8 +17,8 @@ from align.data import load_sft
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
 from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run
-from text_rlhf.models import (apply_lora, enable_checkpointing, encode_responses, load_causal_lm, load_tokenizer,
-                              pad_batch, position_ids_from_mask, save_hf)
+from text_rlhf.models import (apply_lora, chat_prompts, enable_checkpointing, encode_responses, load_causal_lm,
+                              load_tokenizer, pad_batch, position_ids_from_mask, save_hf)
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +53,9 @@ class SFTConfig:
     lora: LoraParams = field(default_factory=LoraParams)
     save_every: int = 0
     """Checkpoint every N optimiser steps (0 = each epoch's end only)."""
+    chat_template: bool = False
+    """Format every prompt as a user turn of the model's chat template (instruct models: Llama 3, Qwen, ...;
+    `text_rlhf.models.chat_prompts`); false: the prompt text as it is."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
     --resume continues from; an older one is its fallback where the newest is damaged."""
@@ -98,6 +101,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
                          f"(got {cfg.micro_batch_size}, {cfg.save_every}, {cfg.epochs}, {cfg.eval_fraction})")
     records, lines = load_sft(cfg.data, with_lines=True)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.model, padding_side="right")
+    if cfg.chat_template:
+        records = [{**r, "prompt": p} for r, p in zip(records, chat_prompts(tok, [r["prompt"] for r in records]))]
     encoded = encode_sft(tok, records, cfg.max_length, where=lines)  # so does a prompt longer than max_length
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed, step_batch=("batch_size", cfg.batch_size))
     acc = run.accelerator

@@ -1,0 +1,102 @@
+"""chat_template=true: prompts as a user turn of an instruct model's chat template, in SFT, the RM, PPO and compare
+(TRL's conversational prompts, OpenRLHF's --apply_chat_template)."""
+import json
+
+import pytest
+from tokenizers import processors
+
+from align.config import load_config
+from text_rlhf.models import chat_prompts, load_tokenizer
+from text_rlhf.tiny import build_bpe_tokenizer, tiny_causal_lm
+
+from conftest import CORPUS
+
+TEMPLATE = ("{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+            "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+
+
+def _chat_model(tmp_path, adds_bos: bool, template: str | None = TEMPLATE) -> str:
+    tok = build_bpe_tokenizer(CORPUS, 300, pad=True)
+    if adds_bos:  # as Llama's tokenizer: BOS before every text it encodes
+        tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+            single=f"{tok.bos_token} $A", special_tokens=[(tok.bos_token, tok.bos_token_id)])
+    tok.chat_template = template
+    out = tmp_path / f"chat-{adds_bos}-{template is not None}"
+    tiny_causal_lm("llama", tok).save_pretrained(out)
+    tok.save_pretrained(out)
+    return str(out)
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_chat_prompts_tokenize_as_the_template_does_with_one_bos(tmp_path, adds_bos):
+    tok = load_tokenizer(_chat_model(tmp_path, adds_bos))
+    prompts = ["add 2 and 3:", "the quick brown fox"]
+    texts = chat_prompts(tok, prompts)
+    for p, text in zip(prompts, texts):
+        ids = tok(text, add_special_tokens=True)["input_ids"]
+        want = tok.apply_chat_template([{"role": "user", "content": p}], add_generation_prompt=True, tokenize=True)
+        want = want["input_ids"] if isinstance(want, dict) or hasattr(want, "keys") else want
+        assert ids == list(want), (ids, want)
+        assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id  # the template's BOS, once
+        assert text.rstrip().endswith("<|assistant|>") and p in text
+
+
+def test_a_tokenizer_without_a_template_is_a_clear_error(tmp_path, data_files):
+    from text_rlhf.sft import SFTConfig, run_sft
+    path = _chat_model(tmp_path, False, template=None)
+    cfg = load_config(SFTConfig, None, ["chat_template=true"], model=path, data=data_files["demos"],
+                      out=str(tmp_path / "sft"))
+    with pytest.raises(ValueError, match="has no chat template.*chat_template=false"):
+        run_sft(cfg)
+    assert not (tmp_path / "sft").exists()
+
+
+@pytest.fixture
+def data_files(tmp_path):
+    def write(name, rows):
+        (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return str(tmp_path / name)
+    return {"demos": write("demos.jsonl", [{"prompt": f"add {a} and 2:", "response": f" {a + 2}"} for a in range(8)]),
+            "prefs": write("prefs.jsonl", [{"prompt": f"add {a} and 2:", "chosen": f" {a + 2}", "rejected": f" {a}"}
+                                           for a in range(1, 9)]),
+            "prompts": write("prompts.jsonl", [{"prompt": f"add {a} and 3:"} for a in range(4)])}
+
+
+def test_sft_rm_ppo_and_compare_format_prompts_with_the_template(tmp_path, data_files, monkeypatch):
+    import text_rlhf.rm as rm_mod
+    import text_rlhf.sft as sft_mod
+    from align.compare import CompareConfig, run_compare
+    from text_rlhf.ppo import PPOConfig, run_ppo
+    model = _chat_model(tmp_path, True)
+    tok = load_tokenizer(model)
+    want = dict(zip([f"add {a} and 2:" for a in range(9)], chat_prompts(tok, [f"add {a} and 2:" for a in range(9)])))
+    seen = {}
+    encode_sft, pair_schedule = sft_mod.encode_sft, rm_mod.pair_schedule
+    monkeypatch.setattr(sft_mod, "encode_sft", lambda t, records, *a, **k: (
+        seen.setdefault("sft", []).extend(r["prompt"] for r in records), encode_sft(t, records, *a, **k))[1])
+    monkeypatch.setattr(rm_mod, "pair_schedule", lambda groups, *a: (
+        seen.setdefault("rm", []).extend(g.prompt for g in groups), pair_schedule(groups, *a))[1])
+    sft_mod.run_sft(load_config(sft_mod.SFTConfig, None, ["chat_template=true", "epochs=1", "batch_size=4"],
+                                model=model, data=data_files["demos"], out=str(tmp_path / "sft")))
+    rm_mod.run_rm(load_config(rm_mod.RMConfig, None, ["chat_template=true", "epochs=1", "eval_fraction=0.25"],
+                              model=model, data=data_files["prefs"], out=str(tmp_path / "rm")))
+    assert seen["sft"] and all(p in want.values() for p in seen["sft"]), seen["sft"][:2]
+    assert seen["rm"] and all(p in want.values() for p in seen["rm"]), seen["rm"][:2]
+    run_ppo(load_config(PPOConfig, None, ["chat_template=true", "iterations=1", "batch_size=4",
+                                          "ppo.mini_batch_size=4", "max_new_tokens=4", "log_samples=4"],
+                        policy=model, reward=str(tmp_path / "rm"), prompts=data_files["prompts"],
+                        out=str(tmp_path / "ppo")))
+    logged = [json.loads(x)["prompt"] for x in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()]
+    assert logged and all(p in chat_prompts(tok, [f"add {a} and 3:" for a in range(4)]) for p in logged), logged
+    run_compare(load_config(CompareConfig, None, ["text.chat_template=true", "text.max_new_tokens=4", "n_boot=50"],
+                            models=[f"m={model}"], prompts=data_files["prompts"], judge=str(tmp_path / "rm"),
+                            template="Please, {prompt}", out=str(tmp_path / "cmp")))
+    assert "chat-template user turns" in (tmp_path / "cmp" / "compare.md").read_text()
+    from align.compare import TextGenParams
+    from text_rlhf.compare import RMJudge, TextGenerator
+    gen = TextGenerator(model, TextGenParams(max_new_tokens=4, chat_template=True))
+    plain = TextGenerator(model, TextGenParams(max_new_tokens=4))
+    prompts = [f"add {a} and 3:" for a in range(4)]
+    assert gen(prompts, 0) == plain(chat_prompts(tok, prompts), 0)  # the model saw the formatted prompt
+    judged = RMJudge(str(tmp_path / "rm"), chat_template=True)(prompts, ["5"] * 4)
+    assert judged.tolist() == RMJudge(str(tmp_path / "rm"))(chat_prompts(tok, prompts), ["5"] * 4).tolist()
