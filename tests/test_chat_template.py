@@ -100,3 +100,40 @@ def test_sft_rm_ppo_and_compare_format_prompts_with_the_template(tmp_path, data_
     assert gen(prompts, 0) == plain(chat_prompts(tok, prompts), 0)  # the model saw the formatted prompt
     judged = RMJudge(str(tmp_path / "rm"), chat_template=True)(prompts, ["5"] * 4)
     assert judged.tolist() == RMJudge(str(tmp_path / "rm"))(chat_prompts(tok, prompts), ["5"] * 4).tolist()
+
+
+def test_ppo_reward_with_its_own_chat_template_scores_the_conversation_as_trained(tmp_path):
+    """reward_chat_template: an RM with another tokenizer and a chat template of its own (a conversation RM such as
+    Skywork-Reward, trained by TRL on apply_chat_template's ids) scores [user: prompt as written, assistant: response]
+    exactly as transformers scores those ids; the policy's own formatting does not reach it."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from text_rlhf.ppo import RewardFn
+    rm_tok = build_bpe_tokenizer(CORPUS[:3] * 2, 340, pad=True)
+    rm_tok.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{rm_tok.bos_token} $A", special_tokens=[(rm_tok.bos_token, rm_tok.bos_token_id)])
+    rm_tok.chat_template = TEMPLATE.replace("<|", "[").replace("|>", "]")
+    lm = tiny_causal_lm("llama", rm_tok)
+    lm.config.num_labels = 1
+    torch.manual_seed(0)
+    rm = AutoModelForSequenceClassification.from_config(lm.config)
+    torch.nn.init.normal_(rm.score.weight)
+    rm.save_pretrained(tmp_path / "rm"), rm_tok.save_pretrained(tmp_path / "rm")
+    prompts, responses = ["add 2 and 3:", "the quick brown fox"], ["5", "jumps over the lazy dog"]
+    conv = [[{"role": "user", "content": p}, {"role": "assistant", "content": r}] for p, r in zip(prompts, responses)]
+    def template_ids(c):
+        ids = rm_tok.apply_chat_template(c, tokenize=True)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+
+    with torch.no_grad():  # transformers: logits at the last non-pad token of the template's own ids
+        want = torch.stack([rm(input_ids=torch.tensor([template_ids(c)])).logits[0, 0] for c in conv])
+    policy_tok = load_tokenizer(_chat_model(tmp_path, False))
+    formatted = chat_prompts(policy_tok, prompts)
+    reward = RewardFn(str(tmp_path / "rm"), policy_tok, "cpu", 8, chat_template=True,
+                      raw_prompts=dict(zip(formatted, prompts)))
+    torch.testing.assert_close(reward(formatted, responses, None, None), want)
+    rm_tok.chat_template = None
+    rm.save_pretrained(tmp_path / "rm-no-template"), rm_tok.save_pretrained(tmp_path / "rm-no-template")
+    with pytest.raises(ValueError, match="reward_chat_template: the tokenizer .* has no chat template"):
+        RewardFn(str(tmp_path / "rm-no-template"), policy_tok, "cpu", 8, chat_template=True)

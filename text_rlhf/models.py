@@ -372,6 +372,26 @@ def chat_prompts(tokenizer, prompts: list[str], where: str = "chat_template") ->
     return texts
 
 
+def chat_conversations(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
+    """(prompt part, response part) of each [user: prompt, assistant: response] conversation in the tokenizer's chat
+    template: the prompt part is `chat_prompts`' (up to where the reply starts), the response part the rest of the
+    rendered conversation (the reply and the template's end of turn), so `encode_pairs(..., add_eos=False)` tokenizes
+    the whole as the RM was trained on it. A template whose conversation does not begin with its generation prompt
+    (one that rewrites earlier turns) gives the whole conversation as the response part, after an empty prompt."""
+    heads = chat_prompts(tokenizer, prompts, "reward_chat_template")
+    bos = tokenizer.bos_token if tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id] \
+        else None
+    out_p, out_r = [], []
+    for head, p, r in zip(heads, prompts, responses):
+        full = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
+                                             tokenize=False)
+        if bos and full.startswith(bos):
+            full = full[len(bos):]
+        cut = len(head) if full.startswith(head) else 0
+        out_p.append(full[:cut]), out_r.append(full[cut:])
+    return out_p, out_r
+
+
 def encode_prompts(tokenizer, prompts: list[str], max_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded (B, P) ids and mask of generation prompts. A prompt longer than max_length keeps its *last*
     tokens (an instruction's end, e.g. "Assistant:", is what the response follows) and its BOS where the

@@ -30,7 +30,7 @@ from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_los
 from align.runner import progress, truncate_jsonl
 from align.session import (adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run,
                            stop_if_not_finite)
-from text_rlhf.models import (apply_lora, chat_prompts, decode_responses, enable_checkpointing, encode_pairs,
+from text_rlhf.models import (apply_lora, chat_conversations, chat_prompts, decode_responses, enable_checkpointing, encode_pairs,
                               encode_prompts, encode_text_pairs, fuse_activations, load_causal_lm, load_reward_scorer, load_tokenizer,
                               max_positions, pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
@@ -44,8 +44,12 @@ class RewardFn:
     """The reward: an RM folder (token ids reused when it shares the policy's tokenizer) or any
     importable `module:function(prompts, responses) -> list[float]`."""
 
-    def __init__(self, spec: str, policy_tok, device, batch_size: int):
+    def __init__(self, spec: str, policy_tok, device, batch_size: int, chat_template: bool = False,
+                 raw_prompts: dict | None = None):
+        """chat_template: re-encoded text is the conversation in this RM's chat template (`chat_conversations`);
+        raw_prompts: formatted prompt -> the prompt as written, where the policy's prompts were formatted."""
         self.spec, self.device, self.batch_size, self.policy_tok = spec, device, batch_size, policy_tok
+        self.chat_template, self.raw_prompts = chat_template, raw_prompts or {}
         self.fn = self.scorer = None
         if ":" in spec and not Path(spec).exists():
             self.fn = import_function(spec, "--reward")
@@ -55,6 +59,11 @@ class RewardFn:
         self.scorer.requires_grad_(False)
         self.limit = min(max_positions(self.scorer.model.config) or 10 ** 6, self.tok.model_max_length)
         self.same_tok = self.scorer.last_token and self.tok.get_vocab() == policy_tok.get_vocab()
+        if chat_template and not self.same_tok and not self.scorer.last_token:
+            raise ValueError(f"ppo: reward_chat_template: {spec!r} is an encoder RM, scored on its own pair encoding "
+                             "[CLS] prompt [SEP] response [SEP], not on a chat conversation")
+        if chat_template and not self.same_tok:
+            chat_prompts(self.tok, ["x"], "ppo: reward_chat_template")  # its tokenizer has a template, or a clear error
 
     @torch.no_grad()
     def __call__(self, prompts, responses_text, seq, mask, ended=None) -> torch.Tensor:
@@ -72,6 +81,10 @@ class RewardFn:
                 inputs = {"input_ids": seq[i:i + self.batch_size], "attention_mask": mask[i:i + self.batch_size]}
             elif not self.scorer.last_token:  # an encoder: its own [CLS] prompt [SEP] response [SEP]
                 inputs = encode_text_pairs(self.tok, p, r, self.limit)
+            elif self.chat_template:  # [user, assistant] in the RM's template, which closes the turn itself
+                p, r = chat_conversations(self.tok, [self.raw_prompts.get(x, x) for x in p], r)
+                ids, _ = encode_pairs(self.tok, p, r, self.limit, add_eos=False)
+                inputs = dict(zip(("input_ids", "attention_mask"), pad_batch(ids, self.tok.pad_token_id)))
             else:
                 ids, _ = encode_pairs(self.tok, p, r, self.limit - 1, add_eos=False)  # room for the EOS
                 if ended is not None:
@@ -109,8 +122,10 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
                          "so every one would be penalised)")
     prompts_all = load_prompts(cfg.prompts)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.policy, padding_side="left")
+    raw_prompts = {}  # formatted -> as written, for an RM that formats the conversation its own way
     if cfg.chat_template:
-        prompts_all = chat_prompts(tok, prompts_all)
+        formatted = chat_prompts(tok, prompts_all)
+        raw_prompts, prompts_all = dict(zip(formatted, prompts_all)), formatted
     critic_init = critic_folder(cfg, tok) if cfg.value_model == "separate" else None
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
@@ -145,7 +160,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
             enable_checkpointing(critic)
     model = PolicyWithValue(lm, critic)
     model.train()  # from_pretrained leaves eval mode; transformers checkpoints layers only in train mode
-    reward_fn = RewardFn(cfg.reward, tok, acc.device, cfg.reward_batch_size)
+    reward_fn = RewardFn(cfg.reward, tok, acc.device, cfg.reward_batch_size, cfg.reward_chat_template, raw_prompts)
     monitor_fn = RewardFn(cfg.monitor, tok, acc.device, cfg.reward_batch_size) if cfg.monitor else None
     optimizer = adamw(model.parameters(), lr=cfg.lr, eps=1e-5)
     kl_ctl = make_kl_controller(p.kl.kl_coef, p.kl.adaptive, p.kl.target, p.kl.horizon)

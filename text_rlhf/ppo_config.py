@@ -72,6 +72,10 @@ class PPOConfig:
     """Format every prompt as a user turn of the model's chat template (instruct models: Llama 3, Qwen, ...;
     `text_rlhf.models.chat_prompts`); the reward scores the formatted prompt + response;
     false: the prompt text as it is."""
+    reward_chat_template: bool = False
+    """An RM with a tokenizer of its own (re-encoded text: Skywork-Reward, GRM, RM-Gemma) scores the conversation
+    [user: the prompt as written, assistant: the response] in its own tokenizer's chat template, as it was trained.
+    An RM sharing the policy's tokenizer reads the policy's token ids, formatted by chat_template."""
     keep_checkpoints: int = 2
     """Checkpoints kept in out/checkpoints, newest first (TRL's save_total_limit; 0 = all). The newest is what
     --resume continues from; an older one is its fallback where the newest is damaged."""
