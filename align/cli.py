@@ -128,6 +128,8 @@ def _seeds(spec: str | None) -> list[int] | None:
 def setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
+    if int(os.environ.get("RANK", "0") or 0) > 0:  # under accelerate launch, INFO once (rank 0's), not once per process
+        logging.getLogger().setLevel(logging.WARNING)
     if not verbose:
         # open_clip logs its loading steps through the root logger at INFO: keep those to warnings
         for handler in logging.getLogger().handlers:

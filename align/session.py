@@ -29,6 +29,7 @@ class Run:
     state: dict | None
     resume_dir: Path | None
     global_batch: int | None = None  # what one step consumes over all processes (start_run's step_batch)
+    pending_config: object = None  # a resumed run's config: written to config.yaml with its first checkpoint
     started: float = field(default_factory=time.perf_counter)
 
     @property
@@ -46,12 +47,21 @@ class Run:
         """Collective: all ranks call it; rank 0 writes atomically, then everyone continues."""
         self.accelerator.wait_for_everyone()
         self.ckpt.save(step, write_fn, {**state, **({"global_batch": self.global_batch} if self.global_batch else {})})
+        self._write_pending_config()
         self.accelerator.wait_for_everyone()
+
+    def _write_pending_config(self) -> None:
+        """config.yaml describes the newest checkpoint: a resumed run's settings replace the old ones only once
+        it has written one (or its report), so a resume that fails to load (another lora.r, say) leaves them."""
+        if self.pending_config is not None and self.is_main:
+            save_config(self.pending_config, self.out / "config.yaml")
+        self.pending_config = None
 
     def finish(self, title: str, sections: list[tuple[str, str]], plot_keys: list[str] = (),
                xlabel: str = "step") -> Path | None:
         """Curves PNG + report.md (main process). Adds wall time and peak RSS; says where the report is."""
         self.accelerator.wait_for_everyone()
+        self._write_pending_config()
         if not self.is_main:
             return None
         images = []
@@ -92,9 +102,27 @@ def check_resume_config(cfg, out) -> None:
                           "same command: choose another --out")
     changed = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
                if old.get(k) != new.get(k) and k != "out"}
+    shaping = [f"{name}: {a!r} -> {b!r}" for name, a, b in _shaping_settings(old, new) if a != b]
+    if shaping and any((Path(out) / "checkpoints").glob("step-*")):  # its tensors would not fit: refuse before loading
+        raise RunDirError(f"--resume: {'; '.join(shaping)} would build another model than the one {out}'s checkpoint "
+                          f"holds; resume with the run's own settings (--config {Path(out) / 'config.yaml'}, then any "
+                          "key=value to change), or choose another --out for a new run")
     if changed:
         log.warning("--resume: the config differs from the run's: %s",
                     "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in changed.items()))
+
+
+def _shaping_settings(old: dict, new: dict):
+    """(name, old value, new value) of the settings that decide which tensors a run trains (LoRA's rank and
+    modules, PPO's value model), where both configs have them."""
+    for name in ("value_model",):
+        if name in old and name in new:
+            yield name, old[name], new[name]
+    old_lora, new_lora = old.get("lora"), new.get("lora")
+    if isinstance(old_lora, dict) and isinstance(new_lora, dict):
+        for key in ("r", "target_modules"):
+            if key in old_lora and key in new_lora:
+                yield f"lora.{key}", old_lora[key], new_lora[key]
 
 
 def check_resume_batch(state: dict | None, step_batch: tuple[str, int], num_processes: int) -> None:
@@ -132,12 +160,13 @@ def start_run(cfg, out, resume: bool, mixed_precision: str = "no", seed: int = 0
         check_resume_batch(state, step_batch, accelerator.num_processes)  # every rank: all raise alike
     if resume_dir is not None and accelerator.is_main_process:
         log.info("resuming from %s (step %d)", resume_dir, state["step"])
-    if accelerator.is_main_process:
+    if accelerator.is_main_process and resume_dir is None:
         save_config(cfg, out / "config.yaml")
     seed_everything(seed)
     logger = RunLogger(out, is_main=accelerator.is_main_process, resume_step=state["step"] if state else None)
     return Run(out, accelerator, ckpt, logger, state, resume_dir,
-               step_batch[1] * accelerator.num_processes if step_batch else None)
+               step_batch[1] * accelerator.num_processes if step_batch else None,
+               pending_config=cfg if resume_dir is not None else None)
 
 
 def rng_state() -> dict:
@@ -165,9 +194,35 @@ def load_optimizer_state(optimizer, path) -> None:
     another lr in its config (and config.yaml saying so) would silently go on at the old one."""
     import torch
     wanted = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(torch.load(path, weights_only=False))
+    try:
+        optimizer.load_state_dict(torch.load(path, weights_only=False))
+    except ValueError as e:  # torch: "... parameter group that doesn't match the size of optimizer's group"
+        raise ValueError(resume_mismatch(path, f"its optimiser state holds other parameters ({e})")) from None
     for g, hyper in zip(optimizer.param_groups, wanted):
         g.update(hyper)
+
+
+def load_resumed_weights(module, path) -> None:
+    """A checkpoint's whole state_dict into the module this run built: every key must fit, names and shapes."""
+    import torch
+    try:
+        loaded = module.load_state_dict(torch.load(path, weights_only=False), strict=False)
+    except RuntimeError as e:  # shapes differ (e.g. another lora.r): torch lists every tensor; the first says enough
+        lines = [line.strip() for line in str(e).splitlines() if "size mismatch" in line]
+        raise ValueError(resume_mismatch(path, (lines or str(e).splitlines())[0].rstrip("."))) from None
+    if loaded.missing_keys or loaded.unexpected_keys:
+        raise ValueError(resume_mismatch(path, f"{len(loaded.unexpected_keys)} of its tensors have no place in this "
+                                               f"model {loaded.unexpected_keys[:2]}, {len(loaded.missing_keys)} of "
+                                               f"the model's are not in it {loaded.missing_keys[:2]}"))
+
+
+def resume_mismatch(path, what: str) -> str:
+    """The message for a checkpoint that does not fit the model this run built: --resume given another
+    model than the run's (the policy, lora.*, value_model), e.g. without the --config it was started with."""
+    out = Path(path).parent.parent.parent  # OUT/checkpoints/step-N/FILE
+    return (f"--resume: the checkpoint {Path(path).parent} does not fit the model built from this command's settings: "
+            f"{what}; another model, lora.* or value_model than the run's? Resume with the run's own settings "
+            f"(--config {out / 'config.yaml'}), or choose another --out for a new run")
 
 
 def stop_if_not_finite(acc, losses: dict[str, float], what: str) -> None:

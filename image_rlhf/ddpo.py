@@ -333,7 +333,8 @@ def _finish(run, cfg, parts, unet, grid_prompts=()) -> Path:
                if cfg.compile_unet else "") +
             ".\n\n"
             f"| metric | first epoch | last epoch |\n|---|---|---|\n{rows}\n\n"
-            f"Result: `{result}`" + (" (`StableDiffusionPipeline.load_lora_weights`)." if cfg.lora.r > 0 else "."))
+            f"Result: `{result}`" + (" (`StableDiffusionPipeline.load_lora_weights`)" if cfg.lora.r > 0 and parts.vae
+                                     is not None else "") + f"; `align compare --model aligned={out}` samples it.")
     run.finish("DDPO report", [("Summary", body), ("Samples (rows: seeds, columns: prompts)", grid_md or "none")],
                ["reward/mean", "grid/reward", "monitor/mean", "kl/ref", "policy/approx_kl", "policy/clipfrac",
                 "policy/kl_ref"], xlabel="epoch")

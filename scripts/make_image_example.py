@@ -18,8 +18,8 @@ the reward model and DDPO never see it.
 
 Usage: python scripts/make_image_example.py DIR [BASE_STEPS]
 """
+import argparse
 import json
-import sys
 from pathlib import Path
 
 from image_rlhf.demo import ImageDemoPreset, make_preferences
@@ -48,4 +48,8 @@ def main(out: str, steps: int = 400, batch_size: int = 32) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/image-example", *(int(a) for a in sys.argv[2:3]))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", nargs="?", default="runs/image-example", help="output folder (default %(default)s)")
+    parser.add_argument("base_steps", nargs="?", type=int, default=400, help="training steps of the base model")
+    args = parser.parse_args()
+    main(args.dir, args.base_steps)

@@ -8,9 +8,9 @@
 
 Usage: python scripts/make_text_example.py DIR
 """
+import argparse
 import json
 import random
-import sys
 from pathlib import Path
 
 from text_rlhf.tiny import save_tiny
@@ -40,4 +40,6 @@ def main(out: str) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "runs/example")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("dir", nargs="?", default="runs/text-example", help="output folder (default %(default)s)")
+    main(parser.parse_args().dir)

@@ -139,6 +139,29 @@ def test_ppo_save_every_0_checkpoints_at_the_end_and_resume_keeps_samples_once(t
     assert its == [1, 1, 2, 2, 3, 3]
 
 
+def test_resume_with_other_lora_or_model_stops_with_one_line_and_keeps_the_runs_config(tiny_gpt2, tiny_llama,
+                                                                                        tmp_path, caplog):
+    """`--resume iterations=4` without the run's --config rebuilt the model with the defaults (lora.r 4 -> 0): torch's
+    "loaded state dict contains a parameter group that doesn't match..." (another rank: a size-mismatch traceback),
+    and config.yaml was already overwritten with the wrong settings, so not even `--config OUT/config.yaml` helped."""
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("add 2 and 3:\nthe quick brown\n")
+    out = tmp_path / "ppo"
+    base = ["text", "ppo", "--reward", "rewards:short", "--prompts", str(prompts), "--out", str(out),
+            "batch_size=4", "ppo.mini_batch_size=4", "max_new_tokens=4"]
+    assert cli(base + ["--policy", tiny_gpt2, "lora.r=4", "iterations=1"]) == 0
+    saved = (out / "config.yaml").read_text()
+    code, text = run_cli(base + ["--policy", tiny_gpt2, "iterations=2", "--resume"], caplog)
+    assert code == 2 and "lora.r: 4 -> 0" in text and f"--config {out / 'config.yaml'}" in text, text
+    code, text = run_cli(base + ["--policy", tiny_llama, "lora.r=4", "iterations=2", "--resume"], caplog)
+    assert code == 2 and "does not fit the model" in text and "Traceback" not in text, text
+    assert (out / "config.yaml").read_text() == saved  # a resume that did not load leaves the run's settings
+    code, text = run_cli(["text", "ppo", "--out", str(out), "--config", str(out / "config.yaml"), "iterations=2",
+                          "--resume"], caplog)
+    assert code == 0, text
+    assert "iterations: 2" in (out / "config.yaml").read_text()
+
+
 def test_ddpo_grid_before_training_survives_a_crash_before_the_first_checkpoint(tmp_path, monkeypatch):
     pytest.importorskip("diffusers")
     from align.rl.config import LoraParams

@@ -110,6 +110,7 @@ def test_lora_weights_load_with_diffusers(tiny_sd, prompts_file, tmp_path):
     cfg = _cfg(tiny_sd, prompts_file, out, lora=LoraParams(r=4, alpha=8.0), kl_coef=0.1, lr=1e-2)
     result = run_ddpo(cfg).model_dir
     assert result == out / "lora" and (result / "pytorch_lora_weights.safetensors").is_file()
+    assert "(`StableDiffusionPipeline.load_lora_weights`)" in (out / "report.md").read_text()
     assert "policy/kl_ref" in _metrics(out)[-1]                     # the reference = adapters disabled
     from safetensors.torch import load_file
     trained = load_file(str(out / "checkpoints" / "step-00000001" / "trainable.safetensors"))
@@ -185,6 +186,12 @@ def test_pipeline_errors_and_pixel_layout(tiny_sd, tmp_path):
                                 parts.text_encoder, parts.tokenizer, DDIMScheduler(**SD_DDIM_CONFIG))
     px = load_pipeline(pixel)
     assert px.vae is None and px.latent_shape() == (3, 8, 8) and isinstance(px.scheduler, DDIMScheduler)
+    # its report named StableDiffusionPipeline.load_lora_weights, which cannot load a pipeline without a VAE
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("a red circle\n")
+    run_ddpo(_cfg(pixel, prompts, tmp_path / "px-run", lora=LoraParams(r=2, alpha=2.0), save_every=10))
+    report = (tmp_path / "px-run" / "report.md").read_text()
+    assert "StableDiffusionPipeline" not in report and f"align compare --model aligned={tmp_path / 'px-run'}" in report
     shutil.rmtree(pixel / "tokenizer")
     with pytest.raises(PipelineLoadError, match="missing 'tokenizer'"):
         load_pipeline(pixel)

@@ -95,6 +95,8 @@ def one_vs_two_processes(command: list[str], out, one: str, two: str, loss_key: 
         cmd = [*launch, *command, "--out", str(out / name), override]
         r = subprocess.run(cmd, env=env(), capture_output=True, text=True, timeout=300)
         assert r.returncode == 0, r.stderr[-3000:]
+        info = [line.split(" ", 1)[1] for line in r.stderr.splitlines() if " INFO " in line]
+        assert info and len(info) == len(set(info)), info  # rank 0's, not one copy per process
         runs.append((load_file(str(out / name / "model" / "model.safetensors")),
                      [json.loads(line)[loss_key] for line in (out / name / "metrics.jsonl").read_text().splitlines()
                       if loss_key in line]))

@@ -41,3 +41,14 @@ def test_make_image_example_writes_what_the_cli_reads(tmp_path):
     assert len(prompts) == 12 and prompts[0] == "a red circle"
     rows = [json.loads(line) for line in (out / "compare.jsonl").read_text().splitlines()]
     assert [r["prompt"] for r in rows] == prompts and all(r["engineered"].endswith(ENGINEERED_TAGS) for r in rows)
+
+
+def test_example_scripts_take_help_instead_of_writing_a_folder_named_help(tmp_path):
+    """`python scripts/make_image_example.py --help` trained a base model for minutes into ./--help."""
+    import subprocess
+    import sys
+    for script in ("make_text_example.py", "make_image_example.py"):
+        done = subprocess.run([sys.executable, str(ROOT / "scripts" / script), "--help"], cwd=tmp_path,
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0 and "usage:" in done.stdout and "DIR" in done.stdout, done.stderr
+    assert list(tmp_path.iterdir()) == []

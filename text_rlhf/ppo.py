@@ -28,11 +28,11 @@ from align.reward import as_scores, normalizer_from_scores
 from align.rl import (check_finite_rewards, clipped_surrogate, clipped_value_loss, gae, kl_estimate,
                       make_kl_controller, masked_whiten)
 from align.runner import progress, truncate_jsonl
-from align.session import (adamw, gather_strings, load_optimizer_state, rng_state, set_rng_state, start_run,
-                           stop_if_not_finite)
-from text_rlhf.models import (apply_lora, chat_conversations, chat_prompts, decode_responses, enable_checkpointing, encode_pairs,
-                              encode_prompts, encode_text_pairs, fuse_activations, load_causal_lm, load_reward_scorer, load_tokenizer,
-                              max_positions, pad_batch, save_hf)
+from align.session import (adamw, gather_strings, load_optimizer_state, load_resumed_weights, rng_state, set_rng_state,
+                           start_run, stop_if_not_finite)
+from text_rlhf.models import (apply_lora, chat_conversations, chat_prompts, decode_responses, enable_checkpointing,
+                              encode_pairs, encode_prompts, encode_text_pairs, fuse_activations, load_causal_lm,
+                              load_reward_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
                               response_mask, stop_token_ids)
@@ -167,7 +167,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
     shift, scale = None, 1.0
     if run.resume_dir:
         state = run.state
-        model.load_state_dict(torch.load(run.resume_dir / "policy.pt", weights_only=False), strict=False)
+        load_resumed_weights(model, run.resume_dir / "policy.pt")
         load_optimizer_state(optimizer, run.resume_dir / "optimizer.pt")  # this config's lr, the checkpoint's moments
         set_rng_state(torch.load(run.resume_dir / "rng.pt", weights_only=False))
         kl_ctl.load_state_dict(state["kl_ctl"])
