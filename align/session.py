@@ -297,3 +297,39 @@ def gather_strings(items: list[str], acc) -> list[str]:
         return list(items)
     from accelerate.utils import gather_object
     return list(gather_object(list(items)))
+
+
+def train_reward_model(run, schedule, score_fn, model, optimizer, cfg, write, held_out, desc: str = "rm",
+                       after_step=None, extra_log=None) -> None:
+    """The pairwise loop both reward models run (text_rlhf.rm, image_rlhf.rm): from the run's step to the end of
+    `schedule` (align.reward.pair_schedule), each step one global batch of whole groups, this process's share
+    weighted by its pairs (shard_groups), Bradley-Terry loss, grad-norm clip 1, an optimiser step; logs every
+    cfg.log_every steps; at every epoch's end (and every cfg.save_every steps) the held-out metrics
+    (`held_out(step) -> dict`, None without held-out data) and a checkpoint (`write`).
+    after_step(): e.g. the CLIP temperature's clamp; extra_log() -> dict: metrics logged with the loss."""
+    from align.reward import PairBatch, batch_loss, shard_groups
+    from align.runner import WindowMean, progress
+    acc, total = run.accelerator, len(schedule)
+    window = WindowMean()
+    bar = progress(total=total, desc=desc, is_main=run.is_main)
+    bar.update(run.start_step)
+    for step in range(run.start_step, total):
+        epoch, groups = schedule[step]
+        mine, weight = shard_groups(groups, acc.process_index, acc.num_processes)
+        pb = PairBatch.from_groups(mine)
+        loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
+        acc.backward(loss * weight)
+        acc.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step(), optimizer.zero_grad(set_to_none=True)
+        if after_step is not None:
+            after_step()
+        bar.update(1)
+        done = step + 1
+        window.add({f"rm/{k}": v for k, v in reduce_pair_stats(stats, weight, acc).items()})
+        if done % cfg.log_every == 0 or done == total:
+            run.log(done, {**window.pop(), **(extra_log() if extra_log else {})})
+        if (cfg.save_every and done % cfg.save_every == 0) or done == total or schedule[done][0] != epoch:
+            if held_out is not None:
+                run.log(done, held_out(done))
+            run.checkpoint(done, write, {"epoch": epoch})
+    bar.close()

@@ -20,10 +20,8 @@ import torch
 
 from align.data import DataError, batch_groups, load_preferences, read_jsonl
 from align.data.hf_images import load_hf_image_preferences
-from align.reward import (PairBatch, batch_loss, evaluate_pairs, held_out_table, pair_schedule, shard_groups,
-                          split_summary)
-from align.runner import WindowMean, progress
-from align.session import load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
+from align.reward import evaluate_pairs, held_out_table, pair_schedule, split_summary
+from align.session import load_optimizer_state, rng_state, set_rng_state, start_run, train_reward_model
 from image_rlhf.clip_reward import ClipReward
 
 log = logging.getLogger(__name__)
@@ -293,32 +291,10 @@ def run_image_rm(cfg: ImageRMConfig, resume: bool = False) -> Path:
         _train_mode(model, reward)
         return {f"rm/eval_{k}": v for k, v in evals[step].items() if k != "n_pairs"}
 
-    step = run.start_step
-    window = WindowMean()
-    bar = progress(total=total_steps, desc="image rm", is_main=run.is_main)
-    bar.update(step)
     _train_mode(model, reward)
-    for step in range(step, total_steps):
-        epoch, groups = schedule[step]
-        mine, weight = shard_groups(groups, acc.process_index, acc.num_processes)
-        pb = PairBatch.from_groups(mine)
-        loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
-        acc.backward(loss * weight)
-        acc.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step(), optimizer.zero_grad(set_to_none=True)
-        reward.clamp_logit_scale()  # 0 ≤ logit_scale ≤ ln 100, as open_clip's training loop
-        bar.update(1)
-        done = step + 1
-        window.add({f"rm/{k}": v for k, v in reduce_pair_stats(stats, weight, acc).items()})
-        if done % cfg.log_every == 0 or done == total_steps:
-            run.log(done, {**window.pop(), **({"rm/logit_scale": reward.logit_scale} if cfg.mode == "pickscore"
-                                                else {})})  # the aesthetic head reads no temperature
-        epoch_end = done == total_steps or schedule[done][0] != epoch
-        if (cfg.save_every and done % cfg.save_every == 0) or epoch_end:
-            if held:
-                run.log(done, held_out(done))
-            run.checkpoint(done, write, {"epoch": epoch})
-    bar.close()
+    train_reward_model(run, schedule, score_fn, model, optimizer, cfg, write, held_out if held else None, "image rm",
+                       after_step=reward.clamp_logit_scale,  # 0 ≤ logit_scale ≤ ln 100, as open_clip's training loop
+                       extra_log=lambda: {"rm/logit_scale": reward.logit_scale} if cfg.mode == "pickscore" else {})
     return _finish(run, cfg, reward, train, held, eval_score_fn, evals.get(total_steps))
 
 

@@ -15,11 +15,9 @@ from pathlib import Path
 import torch
 
 from align.data import batch_groups, load_hf_preferences, load_preferences
-from align.reward import (PairBatch, batch_loss, evaluate_pairs, held_out_table, pair_schedule, shard_groups,
-                          split_summary)
+from align.reward import evaluate_pairs, held_out_table, pair_schedule, split_summary
 from align.rl.config import LoraParams
-from align.runner import WindowMean, progress
-from align.session import adamw, load_optimizer_state, reduce_pair_stats, rng_state, set_rng_state, start_run
+from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run, train_reward_model
 from text_rlhf.models import (SequenceScorer, apply_lora, chat_prompts, enable_checkpointing, encode_pairs,
                               encode_text_pairs, load_seq_scorer, load_tokenizer, pad_batch, save_hf)
 from text_rlhf.policy import disable_dropout
@@ -179,30 +177,8 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
         scorer.train()
         return {f"rm/eval_{k}": v for k, v in evals[done].items() if k != "n_pairs"}
 
-    step = run.start_step
-    window = WindowMean()
-    bar = progress(total=total_steps, desc="rm", is_main=run.is_main)
-    bar.update(step)
     scorer.train()
-    for step in range(step, total_steps):
-        epoch, groups = schedule[step]
-        mine, weight = shard_groups(groups, acc.process_index, acc.num_processes)
-        pb = PairBatch.from_groups(mine)
-        loss, stats = batch_loss(score_fn(pb.prompts, pb.candidates), pb)
-        acc.backward(loss * weight)
-        acc.clip_grad_norm_(scorer.parameters(), 1.0)
-        optimizer.step(), optimizer.zero_grad(set_to_none=True)
-        bar.update(1)
-        done = step + 1
-        window.add({f"rm/{k}": v for k, v in reduce_pair_stats(stats, weight, acc).items()})
-        if done % cfg.log_every == 0 or done == total_steps:
-            run.log(done, window.pop())
-        epoch_end = done == total_steps or schedule[done][0] != epoch
-        if (cfg.save_every and done % cfg.save_every == 0) or epoch_end:
-            if held:
-                run.log(done, held_out(done))
-            run.checkpoint(done, write, {"epoch": epoch})
-    bar.close()
+    train_reward_model(run, schedule, score_fn, scorer, optimizer, cfg, write, held_out if held else None)
     return _finish(run, cfg, acc.unwrap_model(scorer), tok, train, held, eval_score_fn, evals.get(total_steps))
 
 
