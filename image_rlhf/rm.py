@@ -80,11 +80,14 @@ def decode_image(path, size: tuple[int, int]) -> torch.Tensor:
     16-bit greyscale (PIL modes I;16*, I) is scaled to 8 bits first: PIL's convert clips it to white.
     Transparency (RGBA, LA, PA, a palette or RGB with a transparent colour) is composited onto white, as
     transformers' CLIPImageProcessor (PickScore's) does and as a viewer shows it: PIL's convert("RGB") would drop
-    alpha and keep whatever colour the transparent pixels store (often black)."""
+    alpha and keep whatever colour the transparent pixels store (often black). An EXIF orientation (a phone's JPEG) is
+    applied, as a viewer, transformers' load_image and `datasets.Image` do: without it the image is read on its side."""
     import numpy as np
-    from PIL import Image
+    from PIL import Image, ImageOps
 
     with Image.open(path) as im:
+        if im.getexif().get(0x0112, 1) != 1:  # Orientation
+            im = ImageOps.exif_transpose(im)
         if im.mode.startswith("I"):
             im = Image.fromarray((np.asarray(im, dtype=np.float64) / 257).round().clip(0, 255).astype(np.uint8))
         elif im.mode == "F":  # 32-bit float: [0, 1] (as most tools write it) or [0, 255]; PIL's convert clips to black

@@ -176,6 +176,20 @@ def test_decode_image_composites_transparency_onto_white(tmp_path):
     assert (half[0] == 255).all() and ((half[1:] - 127).abs() <= 1).all(), half[:, 0, 0]
 
 
+def test_decode_image_applies_exif_orientation(tmp_path):
+    """A JPEG stored landscape with EXIF Orientation 6 (rotate 90°, as phones write) is the portrait image a viewer
+    and `datasets.Image` show; it was read on its side."""
+    from image_rlhf.rm import decode_image
+    x = np.zeros((16, 32, 3), np.uint8)
+    x[:, :16] = 255                                   # stored: white left half, black right half
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(x).save(tmp_path / "phone.jpg", quality=95, exif=exif)
+    Image.fromarray(np.rot90(x, -1).copy()).save(tmp_path / "upright.png")  # shown: white top, black bottom
+    a, b = decode_image(tmp_path / "phone.jpg", (32, 16)).int(), decode_image(tmp_path / "upright.png", (32, 16)).int()
+    assert (a - b).abs().max() <= 8 and a[:, :8].min() > 200 and a[:, -8:].max() < 50
+
+
 # make_colour_prefs writes a ranking on line 1 (img/0-2.png) and a chosen/rejected pair on line 2.
 def _corrupt(folder, records):
     (folder / "img" / "1.png").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(300)))

@@ -2,6 +2,7 @@
 import io
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -118,6 +119,34 @@ def test_unknown_layout_lists_the_columns(tmp_path):
     datasets.Dataset.from_dict({"text": ["a"], "img": [b"x"]}).save_to_disk(str(tmp_path / "other"))
     with pytest.raises(DataError, match=r"columns: \['text', 'img'\]\).*caption, jpg_0, jpg_1, label_0, label_1"):
         load_hf_image_preferences(str(tmp_path / "other"))
+
+
+def test_local_folder_by_tilde_or_dot_and_a_single_shard_file(tmp_path, monkeypatch):
+    """`hf:~/shards` read "~/shards" as a hub id and `hf:.` failed in `datasets` ("dataset_name should be specified"):
+    a local folder is now passed resolved. One downloaded shard file loads as the split asked for."""
+    pairs = colour_pairs()[:5]
+    (tmp_path / "shards").mkdir()
+    shard = tmp_path / "shards" / "validation_unique-00000-of-00001.parquet"
+    datasets.Dataset.from_dict(pickapic_rows(pairs)).to_parquet(str(shard))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path / "shards")
+    for spec, split in (("~/shards", "validation"), (".", "validation"), (str(shard), "validation_unique")):
+        groups, images = load_hf_image_preferences(spec, split)
+        assert [g.prompt for g in groups] == [p for p, *_ in pairs], spec
+        assert groups[0].source == f"{spec}:{split}:0"
+    with pytest.raises(DataError, match="no dataset named"):  # `hf:` read the working directory (an IndexError before)
+        load_hf_image_preferences("", "train")
+
+
+def test_image_paths_relative_to_the_dataset_file(tmp_path, monkeypatch):
+    """Image columns holding file paths: a relative one is read next to the data (as a JSONL's), from any directory."""
+    pairs = colour_pairs()[:3]
+    jsonl = as_jsonl(pairs, tmp_path / "data")
+    rows = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    datasets.Dataset.from_list(rows).to_parquet(str(tmp_path / "data" / "prefs.parquet"))
+    monkeypatch.chdir(tmp_path)
+    groups, images = load_hf_image_preferences(str(tmp_path / "data" / "prefs.parquet"))
+    assert [Path(images.open(c)).read_bytes() for c in groups[1].candidates] == list(pairs[1][1:3])
 
 
 def _rm_config(data, out, **kw):

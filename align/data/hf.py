@@ -16,6 +16,7 @@ from .records import DataError, PreferenceGroup, group_from_pair
 logger = logging.getLogger(__name__)
 
 ASSISTANT = "\n\nAssistant:"
+DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow", ".json": "json", ".jsonl": "json", ".csv": "csv"}
 
 
 def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
@@ -47,20 +48,27 @@ def _import_datasets():
 
 def open_dataset(dataset, split: str = "train"):
     """(a `datasets.Dataset`, its name for messages) from a hub id, a local dataset folder (`load_dataset`'s:
-    parquet/JSON/CSV files, or a `save_to_disk` folder) or a built Dataset / DatasetDict, at `split`."""
+    parquet/JSON/CSV files, or a `save_to_disk` folder), one such data file (read as `split`) or a built Dataset /
+    DatasetDict, at `split`."""
     datasets = _import_datasets()
     if not isinstance(dataset, str):
         if isinstance(dataset, datasets.DatasetDict):
             dataset = _split(dataset, split, "<DatasetDict>")
         return dataset, getattr(dataset.info, "dataset_name", None) or f"<{type(dataset).__name__}>"
+    if not dataset.strip():  # `hf:` or `hf::test`: not the working directory
+        raise DataError("no dataset named: give hf:NAME[:SPLIT], NAME a hub id or a local folder (hf:. for this one)")
     name, folder = dataset, Path(dataset).expanduser()
     if folder.is_dir() and any((folder / f).exists() for f in ("state.json", "dataset_dict.json")):
         loaded = datasets.load_from_disk(str(folder))  # what Dataset(Dict).save_to_disk wrote
         return (_split(loaded, split, name) if isinstance(loaded, datasets.DatasetDict) else loaded), name
-    if not folder.exists():
-        from align.runner import offline_unless_hub_reachable
-        if offline_unless_hub_reachable():  # no hub: the local cache only, at once, not after datasets' retries
-            datasets.config.HF_HUB_OFFLINE = True  # read from huggingface_hub when `datasets` was imported
+    if folder.is_file() and folder.suffix in DATA_FILE_BUILDERS:  # one downloaded shard: its rows are `split`
+        return datasets.load_dataset(DATA_FILE_BUILDERS[folder.suffix], data_files={split: str(folder)},
+                                     split=split), name
+    if folder.exists():  # resolved: `datasets` reads "~/x" as a hub id, and "." has no name to build from
+        return datasets.load_dataset(str(folder.resolve()), split=split), name
+    from align.runner import offline_unless_hub_reachable
+    if offline_unless_hub_reachable():  # no hub: the local cache only, at once, not after datasets' retries
+        datasets.config.HF_HUB_OFFLINE = True  # read from huggingface_hub when `datasets` was imported
     return datasets.load_dataset(dataset, split=split), name
 
 

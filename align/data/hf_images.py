@@ -4,7 +4,8 @@ Pick-a-Pic (Kirstain et al. 2023; `yuvalkirstain/pickapic_v2`, PickScore's train
 `caption`, the two images as encoded bytes `jpg_0`/`jpg_1`, and `label_0`/`label_1` = (1, 0), (0, 1) or
 (0.5, 0.5) for a tie, which PickScore trains on as a soft label (so does align). The other layout is a
 `prompt` (or `caption`) with images `chosen` and `rejected`. An image cell may be encoded bytes, a
-`datasets.Image` cell ({"bytes", "path"}, read undecoded) or a file path.
+`datasets.Image` cell ({"bytes", "path"}, read undecoded) or a file path (a relative one in a local dataset's folder
+where it is there).
 
 Images are not decoded here: each candidate is a key ("hf:NAME:SPLIT/ROW/COLUMN") that `HFImages.open`
 turns into a readable file when the image store decodes it, so a memory-mapped dataset stays on disk.
@@ -14,6 +15,7 @@ from __future__ import annotations
 import io
 import logging
 import math
+from pathlib import Path
 
 from .hf import open_dataset
 from .records import DataError, PreferenceGroup, group_from_pair
@@ -41,8 +43,8 @@ class HFImages:
     """The image cells of a dataset, by candidate key: `where(key)` -> (name, row, column) for messages,
     `open(key)` -> a file object (or path) that PIL opens."""
 
-    def __init__(self, name: str, dataset):
-        self.name, self.dataset = name, dataset
+    def __init__(self, name: str, dataset, root: Path | None = None):
+        self.name, self.dataset, self.root = name, dataset, root  # root: a local dataset's folder
         self.cells: dict[str, tuple[int, str]] = {}
         self._columns: dict = {}
 
@@ -62,17 +64,20 @@ class HFImages:
         row, column = self.cells[key]
         if column not in self._columns:  # a one-column view: a row read then leaves the other image on disk
             self._columns[column] = self.dataset.select_columns([column])
-        return _readable(self._columns[column][row][column])
+        return _readable(self._columns[column][row][column], self.root)
 
 
-def _readable(cell):
-    """bytes | {"bytes", "path"} | path | PIL image -> what PIL.Image.open takes (a PIL image is re-encoded)."""
+def _readable(cell, root: Path | None = None):
+    """bytes | {"bytes", "path"} | path | PIL image -> what PIL.Image.open takes (a PIL image is re-encoded).
+    A relative path is read in `root` (the dataset's folder, as a JSONL's paths are relative to the file) where the
+    file is there, else as given (relative to the working directory, as `datasets` reads it)."""
     if isinstance(cell, dict):
         cell = cell.get("bytes") or cell.get("path")
     if isinstance(cell, (bytes, bytearray, memoryview)):
         return io.BytesIO(bytes(cell))
     if isinstance(cell, str) and cell:
-        return cell
+        in_root = root / cell if root is not None else None
+        return str(in_root) if in_root is not None and not Path(cell).is_absolute() and in_root.is_file() else cell
     if hasattr(cell, "save"):  # a decoded PIL image
         buf = io.BytesIO()
         cell.save(buf, format="PNG")
@@ -103,6 +108,7 @@ def load_hf_image_preferences(dataset, split: str = "train", *, limit=None) -> t
     prompt, or the same image twice. A label other than 0, 0.5 or 1, or a pair of labels that is not one of
     (1, 0), (0, 1), (0.5, 0.5), is a DataError naming the row and the column.
     """
+    spec = dataset
     dataset, name = open_dataset(dataset, split)
     name = f"{name}:{split}" if isinstance(name, str) and not name.startswith("<") else name
     prompt_col, image_cols, label_cols = _layout(list(dataset.column_names), name)
@@ -111,7 +117,9 @@ def load_hf_image_preferences(dataset, split: str = "train", *, limit=None) -> t
             raise ValueError(f"limit must be >= 0, got {limit}")
         dataset = dataset.select(range(min(limit, len(dataset))))
     dataset = _undecoded(dataset, image_cols)
-    images = HFImages(name, dataset)
+    local = Path(spec).expanduser() if isinstance(spec, str) else None  # a folder or data file: relative paths
+    root = (local if local.is_dir() else local.parent).resolve() if local is not None and local.exists() else None
+    images = HFImages(name, dataset, root)
     skipped = {"no preference": 0, "an empty prompt": 0, "the same image twice": 0}
     groups = []
     for row, rec in enumerate(dataset.select_columns([prompt_col, *(label_cols or ()), *image_cols])):
