@@ -53,9 +53,12 @@ def test_resume_with_another_lora_rank_names_the_mismatch(tiny_sd_path, prompts_
     "The size of tensor a (8) must match the size of tensor b (4)" from inside copy_."""
     out = tmp_path / "run"
     run_ddpo(_cfg(tiny_sd_path, prompts_file, out, lora=LoraParams(r=4, alpha=4.0), grid_seeds=[]))
+    other = _cfg(tiny_sd_path, prompts_file, out, lora=LoraParams(r=8, alpha=4.0), epochs=2, grid_seeds=[])
+    with pytest.raises(ValueError, match=r"--resume: lora.r: 4 -> 8 would build another model"):  # from config.yaml
+        run_ddpo(other, resume=True)
+    (out / "config.yaml").unlink()  # no record to compare with: the checkpoint's shapes still say it
     with pytest.raises(ValueError, match=r"checkpoint does not match the model .*\(4, 16\) vs \(8, 16\).*LoRA"):
-        run_ddpo(_cfg(tiny_sd_path, prompts_file, out, lora=LoraParams(r=8, alpha=4.0), epochs=2, grid_seeds=[]),
-                 resume=True)
+        run_ddpo(other, resume=True)
 
 
 def test_full_fine_tuning_in_bf16_saves_float32_frozen_parts(tiny_sd_path, prompts_file, tmp_path):
