@@ -129,10 +129,10 @@ class ImageDemoPreset:
     0.36 -> 0.03 in 9 epochs), at 1e-4 drifted down (held-out aligned-plain gold 0.29, KL 9e3 nats);
     LoRA r=8 at 1e-3 kept it (0.36, KL 63 nats) — better, though still no gain over the base (those runs:
     10 DDIM steps, 768 samples, before min_std_dev). LoRA r=8 on the ResNet convolutions (conv1, conv2) as
-    well as attention, oracle RM (the gold judge as reward), lr 1e-2: held-out aligned-plain 0.389 against
-    0.459 with attention only (suspect: the saved
-    file then mixed diffusers' and PEFT's key formats and the evaluation loaded the convolutions' adapters
-    alone; fixed in save_unet_lora, not re-measured). Without LoRA on the
+    well as attention, oracle RM (the gold judge as reward), lr 1e-2, G = 8, seed 0, the default base: held-out
+    aligned-plain 0.418 against 0.403 with attention only (session 14; an earlier 0.389 vs 0.459 was measured
+    while such a LoRA was saved in mixed key formats and evaluated with its convolutions' adapters alone, since
+    fixed in save_unet_lora) — within the ±0.04 between runs, no reason to train more. Without LoRA on the
     cross-attention's keys and values (so that the update cannot be prompt-specific; learned RM, G = 8):
     0.403 / 0.417 on seeds 0 / 1 (with them: 0.425 / 0.416) — no better."""
     kl_samples: int = 16
