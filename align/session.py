@@ -40,6 +40,15 @@ class Run:
     def start_step(self) -> int:
         return int(self.state["step"]) if self.state else 0
 
+    def check_end(self, total: int, setting: str, unit: str = "step") -> None:
+        """A resumed run whose checkpoint lies past this config's end (epochs=3 on a run checkpointed at epoch 6)
+        would train nothing, keep the longer run's weights and report the shorter one: refused."""
+        if self.start_step > total:
+            raise ValueError(f"--resume: the checkpoint in {self.out} is at {unit} {self.start_step}, past this "
+                             f"config's last {unit} {total} ({setting}): nothing would train, and the report would "
+                             f"describe a shorter run than its weights had; give {setting} for at least "
+                             f"{self.start_step} {unit}s, or choose another --out")
+
     def log(self, step: int, metrics: dict) -> None:
         self.logger.log(step, metrics)
 
@@ -310,6 +319,7 @@ def train_reward_model(run, schedule, score_fn, model, optimizer, cfg, write, he
     from align.reward import PairBatch, batch_loss, shard_groups
     from align.runner import WindowMean, progress
     acc, total = run.accelerator, len(schedule)
+    run.check_end(total, "epochs")
     window = WindowMean()
     bar = progress(total=total, desc=desc, is_main=run.is_main)
     bar.update(run.start_step)

@@ -131,6 +131,7 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
     sampling_format = (torch.channels_last if cfg.channels_last and acc.device.type == "cpu"
                        and weight_dtype == torch.float32 else None)
     sampling = lambda: memory_format([unet, ref_unet], sampling_format)  # noqa: E731
+    run.check_end(cfg.epochs, "epochs", "epoch")
     epoch = run.start_step
     if run.is_main:  # grids of epochs after the checkpoint belong to the lost part of a crashed run
         for png in (run.out / "grids").glob("epoch-*.png"):

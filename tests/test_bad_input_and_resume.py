@@ -137,6 +137,11 @@ def test_ppo_save_every_0_checkpoints_at_the_end_and_resume_keeps_samples_once(t
     assert cli(base + ["iterations=3", "save_every=0", "--resume"]) == 0
     its = [json.loads(l)["iteration"] for l in (out / "samples.jsonl").read_text().splitlines()]
     assert its == [1, 1, 2, 2, 3, 3]
+    # resumed with fewer iterations than its checkpoint: nothing would train and the report would say 2 (refused)
+    report = (out / "report.md").read_text()
+    code, text = run_cli(base + ["iterations=2", "save_every=0", "--resume"], caplog)
+    assert code == 2 and "at iteration 3, past this config's last iteration 2 (iterations)" in text, text
+    assert (out / "report.md").read_text() == report
 
 
 def test_resume_with_other_lora_or_model_stops_with_one_line_and_keeps_the_runs_config(tiny_gpt2, tiny_llama,

@@ -189,6 +189,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         torch.save(rng_state(), ckpt_dir / "rng.pt")
 
     samples_path = run.out / "samples.jsonl"
+    run.check_end(cfg.iterations, "iterations", "iteration")
     it = run.start_step
     if run.is_main:  # as metrics.jsonl: keep what the checkpoint covers (a resumed run redoes the rest), else start afresh
         truncate_jsonl(samples_path, "iteration", it)

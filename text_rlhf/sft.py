@@ -147,6 +147,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
         torch.save(scheduler.state_dict(), ckpt_dir / "scheduler.pt")
         torch.save(rng_state(), ckpt_dir / "rng.pt")
 
+    run.check_end(total_steps, "epochs")
     step = run.start_step
     if step == 0 and eval_set:  # the starting point, so the report shows what SFT changed
         run.log(0, {"sft/eval_loss": evaluate(model, eval_set, tok, micro, acc)})
