@@ -55,6 +55,9 @@ def make_template(spec: str, fewshot=None, k: int = 0) -> Template:
             raise ValueError("--template fewshot-qa needs --fewshot FILE ({\"prompt\", \"response\"} per line)")
         from align.data.jsonl import load_sft
         examples = load_sft(fewshot)
+        if any(isinstance(e["prompt"], list) for e in examples):
+            raise ValueError(f"--fewshot {fewshot}: Q:/A: examples are text records {{\"prompt\", \"response\"}}, "
+                             "not conversations (\"messages\")")
 
         def render(prompt: str) -> str:
             pool = [e for e in examples if e["prompt"] != prompt]

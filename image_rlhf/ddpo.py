@@ -63,6 +63,8 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
                         "recompute_log_probs=true, or compile_unet=false (CPU gains are small)", cfg.mixed_precision)
     check_pipeline(cfg.pipeline)  # before the run folder exists: a typo should not leave a half-made run
     prompts_all = load_prompts(cfg.prompts)
+    if any(isinstance(p, list) for p in prompts_all):
+        raise ValueError(f"{cfg.prompts}: a conversation (a list of messages) where an image prompt is a text")
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator
     world, rank = acc.num_processes, acc.process_index

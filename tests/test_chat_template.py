@@ -137,3 +137,68 @@ def test_ppo_reward_with_its_own_chat_template_scores_the_conversation_as_traine
     rm.save_pretrained(tmp_path / "rm-no-template"), rm_tok.save_pretrained(tmp_path / "rm-no-template")
     with pytest.raises(ValueError, match="reward_chat_template: the tokenizer .* has no chat template"):
         RewardFn(str(tmp_path / "rm-no-template"), policy_tok, "cpu", 8, chat_template=True)
+
+
+CONV = [{"role": "system", "content": "You add numbers."}, {"role": "user", "content": "add 2 and 3:"},
+        {"role": "assistant", "content": " 5"}]
+
+
+@pytest.mark.parametrize("messages, field, match", [
+    (CONV[:2], "messages[1]", "the last message must be the assistant's, got 'user'"),
+    (CONV[:2] + [{"role": "assistant", "content": "  "}], "messages[2]", "empty"),
+    ([{"role": "bot", "content": "x"}] + CONV[1:], "messages[0]", "role 'bot' is not one of"),
+    ([CONV[0], {"role": "user"}, CONV[2]], "messages[1]", 'expected {"role": str, "content": str}'),
+    ("add 2 and 3:", "messages", "expected a non-empty list"),
+    (CONV[2:], "messages", "needs a message before the assistant's"),
+])
+def test_conversational_sft_records_are_checked_with_file_line_and_field(tmp_path, messages, field, match):
+    from align.data import DataError, load_sft
+    path = tmp_path / "demos.jsonl"
+    path.write_text(json.dumps({"messages": CONV}) + "\n" + json.dumps({"messages": messages}) + "\n")
+    with pytest.raises(DataError, match=f"{path}:2: field '{field}'.*{match}".replace("[", r"\[").replace("]", r"\]")
+                       .replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")):
+        load_sft(path)
+
+
+def test_conversational_records_train_sft_and_prompt_ppo_in_the_template(tmp_path, monkeypatch):
+    """TRL's conversational formats: SFT {"messages": [..., assistant]} trains the last assistant turn after the
+    others rendered by the chat template (whatever chat_template says: a conversation has no other text form); PPO
+    prompts {"prompt": [messages]} / {"messages": [...]} end with the user's turn and are rendered with the
+    generation prompt. A model without a template refuses them."""
+    import text_rlhf.sft as sft_mod
+    from align.data import load_prompts, load_sft
+    from text_rlhf.ppo import PPOConfig, run_ppo
+    model = _chat_model(tmp_path, True)
+    tok = load_tokenizer(model)
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text("".join(json.dumps({"messages": [CONV[0], {"role": "user", "content": f"add {a} and 3:"},
+                                                      {"role": "assistant", "content": f" {a + 3}"}]}) + "\n"
+                             for a in range(6)))
+    records = load_sft(demos)
+    assert records[1] == {"prompt": [CONV[0], {"role": "user", "content": "add 1 and 3:"}], "response": " 4"}
+    seen = []
+    encode_sft = sft_mod.encode_sft
+    monkeypatch.setattr(sft_mod, "encode_sft", lambda t, recs, *a, **k: (seen.extend(r["prompt"] for r in recs),
+                                                                         encode_sft(t, recs, *a, **k))[1])
+    sft_mod.run_sft(load_config(sft_mod.SFTConfig, None, ["epochs=1", "batch_size=3"], model=model, data=str(demos),
+                                out=str(tmp_path / "sft")))
+    want = chat_prompts(tok, [r["prompt"] for r in records])
+    assert sorted(seen) == sorted(want) and all("You add numbers." in p and "<|system|>" in p for p in seen)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt": [{"role": "user", "content": "add 4 and 4:"}]}) + "\n" +
+                       json.dumps({"messages": CONV[:2]}) + "\n" + json.dumps({"prompt": "add 1 and 1:"}) + "\n")
+    loaded = load_prompts(prompts)
+    assert loaded[1] == CONV[:2] and loaded[2] == "add 1 and 1:"
+    run_ppo(load_config(PPOConfig, None, ["iterations=1", "batch_size=3", "ppo.mini_batch_size=3", "max_new_tokens=4",
+                                          "log_samples=3"],
+                        policy=model, reward="rewards:vowels", prompts=str(prompts), out=str(tmp_path / "ppo")))
+    logged = {json.loads(x)["prompt"] for x in (tmp_path / "ppo" / "samples.jsonl").read_text().splitlines()}
+    assert logged == {*chat_prompts(tok, loaded[:2]), "add 1 and 1:"}  # a text prompt stays text (chat_template off)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": CONV}) + "\n")
+    from align.data import DataError
+    with pytest.raises(DataError, match=r"bad.jsonl:1: field 'prompt\[2\]': the last message must be the user's"):
+        load_prompts(bad)
+    with pytest.raises(ValueError, match="has no chat template"):
+        sft_mod.run_sft(load_config(sft_mod.SFTConfig, None, ["epochs=1"], model=_chat_model(tmp_path, False, None),
+                                    data=str(demos), out=str(tmp_path / "sft2")))

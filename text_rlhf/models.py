@@ -354,8 +354,22 @@ def max_positions(config) -> int | None:
     return None
 
 
-def chat_prompts(tokenizer, prompts: list[str], where: str = "chat_template") -> list[str]:
-    """Each prompt as one user turn of the tokenizer's chat template, ending where the assistant's reply starts
+def _conversation(prompt) -> list[dict]:
+    return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+
+
+def format_prompts(tokenizer, prompts: list, chat_template: bool, where: str = "chat_template") -> list[str]:
+    """Prompts as the model reads them: a conversation (a list of {"role", "content"}, TRL's conversational format)
+    always in the tokenizer's chat template, a text in it where chat_template is set, else as it is."""
+    out = list(prompts)
+    idx = [i for i, p in enumerate(prompts) if chat_template or isinstance(p, list)]
+    for i, text in zip(idx, chat_prompts(tokenizer, [prompts[i] for i in idx], where) if idx else []):
+        out[i] = text
+    return out
+
+
+def chat_prompts(tokenizer, prompts: list, where: str = "chat_template") -> list[str]:
+    """Each prompt as one user turn (a conversation: its turns) of the tokenizer's chat template, ending where the assistant's reply starts
     (`apply_chat_template(..., add_generation_prompt=True)`, as TRL and OpenRLHF's --apply_chat_template format
     an instruct model's prompts). The template's text opens with BOS where the tokenizer adds one itself; that
     copy is dropped, so the prompt is tokenized as any other, with one BOS. The response that follows ends with
@@ -363,8 +377,9 @@ def chat_prompts(tokenizer, prompts: list[str], where: str = "chat_template") ->
     checkpoint's generation_config ones (Llama 3's <|eot_id|>)."""
     if not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"{where}: the tokenizer of {tokenizer.name_or_path!r} has no chat template (a base model's "
-                         "usually has none): set chat_template=false, or write the format into the prompts")
-    texts = [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+                         "usually has none): give text prompts (with the format written in them) and "
+                         "chat_template=false, not conversations")
+    texts = [tokenizer.apply_chat_template(_conversation(p), tokenize=False, add_generation_prompt=True)
              for p in prompts]
     bos = tokenizer.bos_token
     if bos and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
@@ -372,7 +387,7 @@ def chat_prompts(tokenizer, prompts: list[str], where: str = "chat_template") ->
     return texts
 
 
-def chat_conversations(tokenizer, prompts: list[str], responses: list[str]) -> tuple[list[str], list[str]]:
+def chat_conversations(tokenizer, prompts: list, responses: list[str]) -> tuple[list[str], list[str]]:
     """(prompt part, response part) of each [user: prompt, assistant: response] conversation in the tokenizer's chat
     template: the prompt part is `chat_prompts`' (up to where the reply starts), the response part the rest of the
     rendered conversation (the reply and the template's end of turn), so `encode_pairs(..., add_eos=False)` tokenizes
@@ -383,8 +398,7 @@ def chat_conversations(tokenizer, prompts: list[str], responses: list[str]) -> t
         else None
     out_p, out_r = [], []
     for head, p, r in zip(heads, prompts, responses):
-        full = tokenizer.apply_chat_template([{"role": "user", "content": p}, {"role": "assistant", "content": r}],
-                                             tokenize=False)
+        full = tokenizer.apply_chat_template(_conversation(p) + [{"role": "assistant", "content": r}], tokenize=False)
         if bos and full.startswith(bos):
             full = full[len(bos):]
         cut = len(head) if full.startswith(head) else 0

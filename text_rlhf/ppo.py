@@ -31,8 +31,8 @@ from align.runner import progress, truncate_jsonl
 from align.session import (adamw, gather_strings, load_optimizer_state, load_resumed_weights, rng_state, set_rng_state,
                            start_run, stop_if_not_finite)
 from text_rlhf.models import (apply_lora, chat_conversations, chat_prompts, decode_responses, enable_checkpointing,
-                              encode_pairs, encode_prompts, encode_text_pairs, fuse_activations, load_causal_lm,
-                              load_reward_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
+                              encode_pairs, encode_prompts, encode_text_pairs, format_prompts, fuse_activations,
+                              load_causal_lm, load_reward_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
                               response_mask, stop_token_ids)
@@ -122,10 +122,10 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
                          "so every one would be penalised)")
     prompts_all = load_prompts(cfg.prompts)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.policy, padding_side="left")
-    raw_prompts = {}  # formatted -> as written, for an RM that formats the conversation its own way
-    if cfg.chat_template:
-        formatted = chat_prompts(tok, prompts_all)
-        raw_prompts, prompts_all = dict(zip(formatted, prompts_all)), formatted
+    formatted = format_prompts(tok, prompts_all, cfg.chat_template)  # conversations always in the chat template
+    # formatted -> as written, for an RM that formats the conversation its own way (reward_chat_template)
+    raw_prompts = {f: p for f, p in zip(formatted, prompts_all) if f is not p}
+    prompts_all = formatted
     critic_init = critic_folder(cfg, tok) if cfg.value_model == "separate" else None
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed)
     acc = run.accelerator

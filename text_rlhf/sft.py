@@ -17,7 +17,7 @@ from align.data import load_sft
 from align.rl.config import LoraParams
 from align.runner import WindowMean, progress
 from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run
-from text_rlhf.models import (apply_lora, chat_prompts, enable_checkpointing, encode_responses, load_causal_lm,
+from text_rlhf.models import (apply_lora, enable_checkpointing, format_prompts, encode_responses, load_causal_lm,
                               load_tokenizer, pad_batch, position_ids_from_mask, save_hf)
 
 log = logging.getLogger(__name__)
@@ -101,8 +101,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
                          f"(got {cfg.micro_batch_size}, {cfg.save_every}, {cfg.epochs}, {cfg.eval_fraction})")
     records, lines = load_sft(cfg.data, with_lines=True)  # bad input fails before the run folder exists
     tok = load_tokenizer(cfg.model, padding_side="right")
-    if cfg.chat_template:
-        records = [{**r, "prompt": p} for r, p in zip(records, chat_prompts(tok, [r["prompt"] for r in records]))]
+    prompts = format_prompts(tok, [r["prompt"] for r in records], cfg.chat_template)  # conversations: always
+    records = [{**r, "prompt": p} for r, p in zip(records, prompts)]
     encoded = encode_sft(tok, records, cfg.max_length, where=lines)  # so does a prompt longer than max_length
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed, step_batch=("batch_size", cfg.batch_size))
     acc = run.accelerator

@@ -189,14 +189,47 @@ def load_preferences(path, *, candidates="text", allow_duplicates=False) -> list
     return groups
 
 
+ROLES = ("system", "user", "assistant", "tool")
+
+
+def _messages(rec: _Record, field: str, value, last: str | None = None) -> list[dict]:
+    """A conversation, TRL's conversational format: [{"role", "content"}, ...], each content a string (the last
+    one non-empty), roles among ROLES; `last`: the role the conversation must end with."""
+    if not isinstance(value, list) or not value:
+        raise rec.error(f"expected a non-empty list of {{\"role\", \"content\"}} messages, got {_type_name(value)}",
+                        field)
+    out = []
+    for i, m in enumerate(value):
+        where = f"{field}[{i}]"
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            raise rec.error('expected {"role": str, "content": str}', where)
+        if m["role"] not in ROLES:
+            raise rec.error(f"role {m['role']!r} is not one of {', '.join(ROLES)}", where)
+        out.append({"role": m["role"], "content": m["content"]})
+    if last is not None and out[-1]["role"] != last:
+        raise rec.error(f"the last message must be the {last}'s, got {out[-1]['role']!r}", f"{field}[{len(out) - 1}]")
+    if not out[-1]["content"].strip():
+        raise rec.error("empty", f"{field}[{len(out) - 1}]")
+    return out
+
+
 def load_sft(path, with_lines: bool = False):
     """Load {"prompt": str, "response": non-empty str} records as a list of such dicts; with_lines: also each
-    record's "file:line", for errors found later (a prompt too long for the model)."""
+    record's "file:line", for errors found later (a prompt too long for the model).
+    A conversational record, {"messages": [{"role", "content"}, ..., {"role": "assistant", ...}]} (TRL's format),
+    becomes {"prompt": the messages before the last (a list: the trainer renders it with the chat template),
+    "response": the last assistant message's content}."""
     records, where = [], []
     for line, obj in read_jsonl(path):
         rec = _Record(path, line, obj)
-        prompt = rec.get("prompt", (str,), "a string")
-        response = rec.text("response", rec.require("response"))
+        if "messages" in obj and "prompt" not in obj:
+            messages = _messages(rec, "messages", obj["messages"], last="assistant")
+            if len(messages) < 2:
+                raise rec.error("needs a message before the assistant's (what it answers)", "messages")
+            prompt, response = messages[:-1], messages[-1]["content"]
+        else:
+            prompt = rec.get("prompt", (str,), "a string")
+            response = rec.text("response", rec.require("response"))
         records.append({"prompt": prompt, "response": response})
         where.append(f"{path}:{line}")
     if not records:
@@ -204,13 +237,18 @@ def load_sft(path, with_lines: bool = False):
     return (records, where) if with_lines else records
 
 
-def load_prompts(path) -> list[str]:
-    """Load prompts: {"prompt": non-empty str} per line for .jsonl/.json, else one per non-blank line."""
+def load_prompts(path) -> list:
+    """Load prompts: {"prompt": non-empty str} per line for .jsonl/.json, else one per non-blank line. A
+    conversational prompt (TRL's format: "prompt" or "messages" a list of {"role", "content"} ending with the
+    user's) is kept as that list, for the trainer to render with the model's chat template."""
     prompts = []
     if Path(path).suffix.lower() in (".jsonl", ".json"):
         for line, obj in read_jsonl(path):
             rec = _Record(path, line, obj)
-            prompts.append(rec.text("prompt", rec.require("prompt")))
+            field = "messages" if "messages" in obj and "prompt" not in obj else "prompt"
+            value = rec.require(field)
+            prompts.append(_messages(rec, field, value, last="user") if isinstance(value, list) or field == "messages"
+                           else rec.text(field, value))
     else:
         with open(path, "rb") as f:
             for lineno, raw in enumerate(f, start=1):
