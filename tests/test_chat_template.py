@@ -202,3 +202,56 @@ def test_conversational_records_train_sft_and_prompt_ppo_in_the_template(tmp_pat
     with pytest.raises(ValueError, match="has no chat template"):
         sft_mod.run_sft(load_config(sft_mod.SFTConfig, None, ["epochs=1"], model=_chat_model(tmp_path, False, None),
                                     data=str(demos), out=str(tmp_path / "sft2")))
+
+
+def test_conversational_preferences_from_jsonl_and_datasets(tmp_path, monkeypatch):
+    """TRL's conversational preference records: an explicit prompt (a list of messages) with completions as one
+    assistant message or text, and the implicit prompt (two whole conversations, the messages they share are the
+    prompt); the RM renders them with the chat template whatever chat_template says."""
+    import pickle
+
+    import datasets
+
+    import text_rlhf.rm as rm_mod
+    from align.data import Conversation, DataError, load_hf_preferences, load_preferences
+    user = [{"role": "user", "content": "add 2 and 3:"}]
+    answer = lambda text: [{"role": "assistant", "content": text}]  # noqa: E731
+    rows = [{"prompt": user, "chosen": answer(" 5"), "rejected": " 6"},
+            {"chosen": CONV, "rejected": CONV[:2] + answer(" 7")},
+            {"prompt": user, "completions": [" 5", answer(" 4"), " 9"], "ranking": [0, 1, 2]}]
+    path = tmp_path / "prefs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    groups = load_preferences(path)
+    assert [type(g.prompt) for g in groups] == [Conversation] * 3
+    assert groups[0].prompt.messages == user and groups[0].candidates == [" 5", " 6"]
+    assert groups[1].prompt.messages == CONV[:2] and groups[1].candidates == [" 5", " 7"]
+    assert groups[2].prompt == groups[0].prompt and groups[2].candidates == [" 5", " 4", " 9"]
+    assert pickle.loads(pickle.dumps(groups[1].prompt)).messages == CONV[:2]
+    other = [CONV[0], {"role": "user", "content": "add 9 and 9:"}] + answer("x")
+    for bad, field, match in (({"chosen": CONV, "rejected": other}, "chosen", "differ before"),
+                              ({"prompt": user, "chosen": CONV[1:], "rejected": "x"}, "chosen",
+                               "one assistant message, got 2"),
+                              ({"prompt": CONV, "chosen": "a", "rejected": "b"}, r"prompt\[2\]", "must be the user's")):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(DataError, match=f"prefs.jsonl:1: field '{field}'.*{match}"):
+            load_preferences(path)
+    ds = datasets.Dataset.from_list([{"chosen": CONV, "rejected": CONV[:2] + answer(" 6")},
+                                     {"chosen": CONV, "rejected": CONV[:2] + answer("  ")}])
+    hf_groups = load_hf_preferences(ds)  # trl-lib/ultrafeedback_binarized's form; the empty answer is skipped
+    assert len(hf_groups) == 1 and hf_groups[0].prompt.messages == CONV[:2] and hf_groups[0].candidates == [" 5", " 6"]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows * 3) +
+                    "".join(json.dumps({"prompt": [{"role": "user", "content": f"add {a} and 1:"}],
+                                        "chosen": f" {a + 1}", "rejected": f" {a}"}) + "\n" for a in range(8)))
+    model = _chat_model(tmp_path, True)
+    seen = []
+    pair_schedule = rm_mod.pair_schedule
+    monkeypatch.setattr(rm_mod, "pair_schedule", lambda gs, *a: (seen.extend(g.prompt for g in gs),
+                                                                pair_schedule(gs, *a))[1])
+    rm_mod.run_rm(load_config(rm_mod.RMConfig, None, ["epochs=1", "eval_fraction=0.2", "allow_duplicates=true"],
+                              model=model, data=str(path), out=str(tmp_path / "rm")))
+    tok = load_tokenizer(model)
+    rendered = set(chat_prompts(tok, [g.prompt.messages for g in load_preferences(path, allow_duplicates=True)]))
+    assert seen and set(seen) <= rendered and all(type(p) is str for p in seen)  # the held-out fifth aside
+    with pytest.raises(ValueError, match="has no chat template"):
+        rm_mod.run_rm(load_config(rm_mod.RMConfig, None, ["epochs=1", "allow_duplicates=true"],
+                                  model=_chat_model(tmp_path, False, None), data=str(path), out=str(tmp_path / "rm2")))

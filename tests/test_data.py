@@ -185,9 +185,9 @@ def test_line_that_is_not_an_object(tmp_path):
 
 BAD = [  # (record, field, message)
     ({"chosen": "x", "rejected": "y"}, "prompt", "missing"),
-    ({"prompt": 3, "chosen": "x", "rejected": "y"}, "prompt", "expected a string, got int"),
+    ({"prompt": 3, "chosen": "x", "rejected": "y"}, "prompt", "expected a string or a list of messages, got int"),
     ({"prompt": "p", "chosen": "x"}, "rejected", "missing"),
-    ({"prompt": "p", "chosen": ["x"], "rejected": "y"}, "chosen", "expected a string, got list"),
+    ({"prompt": "p", "chosen": ["x"], "rejected": "y"}, "chosen[0]", 'expected {"role": str, "content": str}'),
     ({"prompt": "p", "chosen": "  \n", "rejected": "y"}, "chosen", "empty"),
     ({"prompt": "p", "chosen": "x", "rejected": "x"}, "rejected", "identical candidates"),
     ({"prompt": "p", "chosen": "x", "rejected": "y", "margin": "1"}, "margin", "expected a number"),

@@ -13,6 +13,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from align.data import Conversation
 from align.runner import offline_unless_hub_reachable
 
 log = logging.getLogger(__name__)
@@ -354,7 +355,13 @@ def max_positions(config) -> int | None:
     return None
 
 
+def _is_conversation(prompt) -> bool:
+    return isinstance(prompt, (list, Conversation))
+
+
 def _conversation(prompt) -> list[dict]:
+    if isinstance(prompt, Conversation):
+        return list(prompt.messages)
     return list(prompt) if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
 
 
@@ -362,7 +369,7 @@ def format_prompts(tokenizer, prompts: list, chat_template: bool, where: str = "
     """Prompts as the model reads them: a conversation (a list of {"role", "content"}, TRL's conversational format)
     always in the tokenizer's chat template, a text in it where chat_template is set, else as it is."""
     out = list(prompts)
-    idx = [i for i, p in enumerate(prompts) if chat_template or isinstance(p, list)]
+    idx = [i for i, p in enumerate(prompts) if chat_template or _is_conversation(p)]
     for i, text in zip(idx, chat_prompts(tokenizer, [prompts[i] for i in idx], where) if idx else []):
         out[i] = text
     return out

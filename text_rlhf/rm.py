@@ -18,8 +18,8 @@ from align.data import batch_groups, load_hf_preferences, load_preferences
 from align.reward import evaluate_pairs, held_out_table, pair_schedule, split_summary
 from align.rl.config import LoraParams
 from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run, train_reward_model
-from text_rlhf.models import (SequenceScorer, apply_lora, chat_prompts, enable_checkpointing, encode_pairs,
-                              encode_text_pairs, load_seq_scorer, load_tokenizer, pad_batch, save_hf)
+from text_rlhf.models import (SequenceScorer, apply_lora, enable_checkpointing, encode_pairs, encode_text_pairs,
+                              format_prompts, load_seq_scorer, load_tokenizer, pad_batch, save_hf)
 from text_rlhf.policy import disable_dropout
 
 log = logging.getLogger(__name__)
@@ -74,12 +74,13 @@ def load_groups(spec: str, limit: int = 0, allow_duplicates: bool = False):
     return load_preferences(spec, allow_duplicates=allow_duplicates)
 
 
-def with_chat_prompts(tok, groups):
-    """The groups with each prompt as a chat-template user turn (`chat_prompts`), candidates as they are."""
+def with_chat_prompts(tok, groups, chat_template: bool):
+    """The groups with their prompts as the model reads them (`format_prompts`: a conversation in the chat template,
+    a text prompt in it where chat_template is set), candidates as they are."""
     import dataclasses
-    prompts = dict(zip(dict.fromkeys(g.prompt for g in groups), chat_prompts(tok, list(dict.fromkeys(
-        g.prompt for g in groups)))))
-    return [dataclasses.replace(g, prompt=prompts[g.prompt]) for g in groups]
+    distinct = list(dict.fromkeys(g.prompt for g in groups))
+    prompts = dict(zip(distinct, format_prompts(tok, distinct, chat_template)))
+    return [g if prompts[g.prompt] is g.prompt else dataclasses.replace(g, prompt=prompts[g.prompt]) for g in groups]
 
 
 class TextScorer:
@@ -124,8 +125,9 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
     groups = load_groups(cfg.data, cfg.hf_limit, cfg.allow_duplicates)  # bad input fails before the run folder exists
     eval_groups = load_groups(cfg.eval_data, cfg.hf_limit, cfg.allow_duplicates) if cfg.eval_data else None
     tok = load_tokenizer(cfg.model, padding_side="right")  # so does a wrong --model
-    if cfg.chat_template:
-        groups, eval_groups = (None if gs is None else with_chat_prompts(tok, gs) for gs in (groups, eval_groups))
+    # conversations (TRL's conversational records) always in the chat template, text prompts with chat_template
+    groups, eval_groups = (None if gs is None else with_chat_prompts(tok, gs, cfg.chat_template)
+                           for gs in (groups, eval_groups))
     run = start_run(cfg, cfg.out, resume, cfg.mixed_precision, cfg.seed,
                     step_batch=("max_pairs_per_batch", cfg.max_pairs_per_batch))
     acc = run.accelerator

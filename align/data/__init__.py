@@ -6,6 +6,7 @@
 from .hf import load_hf_preferences, split_hh
 from .jsonl import load_preferences, load_prompts, load_sft, read_jsonl
 from .records import (
+    Conversation,
     DataError,
     Pair,
     PreferenceGroup,
@@ -16,6 +17,7 @@ from .records import (
 )
 
 __all__ = [
+    "Conversation",
     "DataError",
     "Pair",
     "PreferenceGroup",

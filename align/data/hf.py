@@ -78,6 +78,28 @@ def _split(dataset_dict, split: str, name: str):
     return dataset_dict[split]
 
 
+def _row_texts(row, row_idx, name, fields, prompt_field, chosen_field, rejected_field):
+    """(prompt, chosen, rejected) of one row; None for a conversational row with an empty last message."""
+    if isinstance(row[chosen_field], list):  # TRL's conversational form: two conversations, the prompt shared
+        from .jsonl import _implicit_prompt, _Record
+        last = [c[-1].get("content") for c in (row[chosen_field], row[rejected_field])
+                if isinstance(c, list) and c and isinstance(c[-1], dict)]
+        if any(isinstance(x, str) and not x.strip() for x in last):
+            return None
+        prompt, obj = _implicit_prompt(_Record(name, row_idx, {"chosen": row[chosen_field],
+                                                               "rejected": row[rejected_field]}))
+        return prompt, obj["chosen"][0]["content"], obj["rejected"][0]["content"]
+    for f in fields:
+        if not isinstance(row[f], str):
+            raise DataError(f"expected a string, got {type(row[f]).__name__}", path=name, line=row_idx, field=f)
+    if prompt_field is not None:
+        return row[prompt_field], row[chosen_field], row[rejected_field]
+    try:
+        return split_hh(row[chosen_field], row[rejected_field])
+    except DataError as e:
+        raise DataError(e.message, path=name, line=row_idx, field=chosen_field) from None
+
+
 def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
                         rejected_field="rejected", prompt_field=None,
                         limit=None) -> list[PreferenceGroup]:
@@ -85,7 +107,9 @@ def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
 
     dataset: a hub id or local path for `datasets.load_dataset(dataset, split=split)`, or a
     built `datasets.Dataset` (a `DatasetDict` is indexed by `split`).
-    prompt_field=None: both fields hold full HH conversations, cut by `split_hh`; otherwise
+    prompt_field=None: both fields hold full HH conversations, cut by `split_hh`, or two conversations in TRL's
+    conversational form (lists of {"role", "content"}; e.g. trl-lib/ultrafeedback_binarized), whose shared messages
+    are the prompt (an `align.data.Conversation`) and last assistant messages the candidates; otherwise
     prompt, chosen and rejected are read from their own columns.
     limit: read at most this many rows (before skipping).
     Rows whose responses are identical or empty are skipped and the count logged. Errors name
@@ -104,17 +128,11 @@ def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
 
     groups, identical, empty = [], 0, 0
     for row_idx, row in enumerate(dataset.select_columns(fields)):
-        for f in fields:
-            if not isinstance(row[f], str):
-                raise DataError(f"expected a string, got {type(row[f]).__name__}",
-                                path=name, line=row_idx, field=f)
-        if prompt_field is None:
-            try:
-                prompt, chosen, rejected = split_hh(row[chosen_field], row[rejected_field])
-            except DataError as e:
-                raise DataError(e.message, path=name, line=row_idx, field=chosen_field) from None
-        else:
-            prompt, chosen, rejected = row[prompt_field], row[chosen_field], row[rejected_field]
+        texts = _row_texts(row, row_idx, name, fields, prompt_field, chosen_field, rejected_field)
+        if texts is None:  # a conversation whose last message is empty
+            empty += 1
+            continue
+        prompt, chosen, rejected = texts
         if not chosen.strip() or not rejected.strip():
             empty += 1
             continue

@@ -18,7 +18,7 @@ import os
 from pathlib import Path
 from typing import Iterator
 
-from .records import DataError, PreferenceGroup, group_from_pair, pairs_from_ranking
+from .records import Conversation, DataError, PreferenceGroup, group_from_pair, pairs_from_ranking
 
 logger = logging.getLogger(__name__)
 
@@ -91,7 +91,13 @@ def _type_name(value):
 
 
 def _candidate(rec: _Record, field, value, kind, folder):
-    """Check one candidate; for kind 'path', resolve it against the JSONL file's folder."""
+    """Check one candidate; for kind 'path', resolve it against the JSONL file's folder. A text candidate may be a
+    conversational completion, [{"role": "assistant", "content": ...}]: its content."""
+    if kind == "text" and isinstance(value, list):
+        messages = _messages(rec, field, value, last="assistant")
+        if len(messages) != 1:
+            raise rec.error(f"a completion is one assistant message, got {len(messages)} messages", field)
+        value = messages[0]["content"]
     value = rec.text(field, value)
     if kind == "text":
         return value
@@ -147,6 +153,23 @@ def _ranking_record(rec: _Record, prompt, kind, folder, source):
     return group, (prompt, tuple(candidates), canonical)
 
 
+def _implicit_prompt(rec: _Record) -> tuple[Conversation, dict]:
+    """TRL's implicit-prompt preference record, {"chosen": [messages], "rejected": [messages]}: the messages the
+    two share are the prompt, and what follows in each must be one assistant message, the candidate."""
+    chosen = _messages(rec, "chosen", rec.obj["chosen"], last="assistant")
+    rejected = _messages(rec, "rejected", rec.require("rejected"), last="assistant")
+    n = 0
+    while n < min(len(chosen), len(rejected)) - 1 and chosen[n] == rejected[n]:
+        n += 1
+    for field, conv in (("chosen", chosen), ("rejected", rejected)):
+        if len(conv) - n != 1:
+            raise rec.error(f"the two conversations differ before their last message ({field}[{n}]): a preference "
+                            "compares two answers to one conversation", field)
+    if n == 0 or chosen[n - 1]["role"] != "user":
+        raise rec.error("the conversations share no user turn to answer", "chosen")
+    return Conversation(chosen[:n]), {**rec.obj, "chosen": chosen[n:], "rejected": rejected[n:]}
+
+
 def load_preferences(path, *, candidates="text", allow_duplicates=False) -> list[PreferenceGroup]:
     """Load a JSONL preference file into one `PreferenceGroup` per record.
 
@@ -160,8 +183,10 @@ def load_preferences(path, *, candidates="text", allow_duplicates=False) -> list
     groups, seen, dropped = [], {}, 0
     for line, obj in read_jsonl(path):
         rec = _Record(path, line, obj)
-        prompt = rec.get("prompt", (str,), "a string")
         is_pair = any(k in obj for k in _PAIR_KEYS)
+        implicit = candidates == "text" and "prompt" not in obj and is_pair and isinstance(obj.get("chosen"), list)
+        prompt = None if implicit else rec.get("prompt", (str, list) if candidates == "text" else (str,),
+                                               "a string" + (" or a list of messages" if candidates == "text" else ""))
         is_rank = any(k in obj for k in _RANK_KEYS) or "ranking" in obj
         if is_pair and is_rank:
             raise rec.error("a record has either chosen/rejected or completions/ranking, "
@@ -171,6 +196,11 @@ def load_preferences(path, *, candidates="text", allow_duplicates=False) -> list
                             f"\"completions\" and \"ranking\"; found keys {sorted(obj)})",
                             "chosen")
         source = f"{path}:{line}"
+        if implicit:
+            prompt, obj = _implicit_prompt(rec)  # TRL's implicit prompt: two whole conversations
+            rec = _Record(path, line, obj)
+        elif isinstance(prompt, list):
+            prompt = Conversation(_messages(rec, "prompt", prompt, last="user"))
         build = _pair_record if is_pair else _ranking_record
         group, key = build(rec, prompt, candidates, folder, source)
         key = (is_pair,) + key

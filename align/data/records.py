@@ -40,6 +40,24 @@ class DataError(ValueError):
         super().__init__(": ".join(parts + [self.message]))
 
 
+class Conversation(str):
+    """A prompt that is a conversation (TRL's conversational format: [{"role", "content"}, ...], ending with the
+    user's turn), kept as `.messages`. As a str it is their JSON, so it hashes, sorts and compares like any prompt
+    (held-out splits, duplicate checks); the trainer renders it with the model's chat template
+    (`text_rlhf.models.format_prompts`)."""
+
+    messages: list
+
+    def __new__(cls, messages):
+        import json
+        obj = super().__new__(cls, json.dumps(list(messages), ensure_ascii=False))
+        obj.messages = [dict(m) for m in messages]
+        return obj
+
+    def __reduce__(self):  # pickles (accelerate's gather_object) as a Conversation, not a bare str
+        return Conversation, (self.messages,)
+
+
 @dataclass(frozen=True)
 class Pair:
     """One comparison between two candidates of a `PreferenceGroup`.
