@@ -18,7 +18,7 @@ from typing import Optional
 
 import torch
 
-from align.data import DataError, batch_groups, load_preferences, read_jsonl
+from align.data import DataError, batch_groups, hf_spec, load_preferences, read_jsonl
 from align.data.hf_images import load_hf_image_preferences
 from align.reward import evaluate_pairs, held_out_table, pair_schedule, split_summary
 from align.session import load_optimizer_state, rng_state, set_rng_state, start_run, train_reward_model
@@ -165,9 +165,8 @@ class ImageStore:
 
 def load_image_groups(spec: str, limit: int = 0, allow_duplicates: bool = False):
     """(groups, None) from a preferences JSONL; (groups, HFImages) from `hf:NAME[:SPLIT]` (Pick-a-Pic layout)."""
-    if spec.startswith("hf:"):
-        name, _, split = spec[3:].partition(":")
-        return load_hf_image_preferences(name, split or "train", limit=limit or None)
+    if hf_spec(spec):
+        return load_hf_image_preferences(*hf_spec(spec), limit=limit or None)
     return load_preferences(spec, candidates="path", allow_duplicates=allow_duplicates), None
 
 

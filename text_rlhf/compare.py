@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 
 from align.compare import CompareConfig, FunctionJudge, is_function_spec, torch_dtype
-from text_rlhf.models import (ModelLoadError, _check_path, chat_prompts, decode_responses, load_causal_lm,
+from text_rlhf.models import (ModelLoadError, _check_path, decode_responses, format_prompts, load_causal_lm,
                               load_reward_scorer, load_tokenizer, max_positions, read_align_meta)
 from text_rlhf.policy import raw_sampling, response_mask, stop_token_ids
 from text_rlhf.rm import TextScorer
@@ -60,7 +60,7 @@ class TextGenerator:
         self.max_positions = max_positions(self.lm.config)
 
     def formatted(self, prompts: list[str]) -> list[str]:
-        return chat_prompts(self.tok, prompts, "compare: chat_template") if self.params.chat_template else prompts
+        return format_prompts(self.tok, prompts, self.params.chat_template, "compare: chat_template")
 
     def check_prompts(self, items) -> None:
         """Every prompt, plain and engineered, must leave room for max_new_tokens in the model's positions (a
@@ -121,8 +121,8 @@ class RMJudge:
 
     @torch.no_grad()
     def __call__(self, prompts, responses) -> torch.Tensor:
-        prompts = chat_prompts(self.tok, list(prompts), "compare: chat_template") if self.chat_template else prompts
-        return self.score(list(prompts), list(responses))
+        return self.score(format_prompts(self.tok, list(prompts), self.chat_template, "compare: chat_template"),
+                          list(responses))
 
 
 def check_model(path: str) -> None:

@@ -386,11 +386,15 @@ def chat_prompts(tokenizer, prompts: list, where: str = "chat_template") -> list
         raise ValueError(f"{where}: the tokenizer of {tokenizer.name_or_path!r} has no chat template (a base model's "
                          "usually has none): give text prompts (with the format written in them) and "
                          "chat_template=false, not conversations")
-    texts = [tokenizer.apply_chat_template(_conversation(p), tokenize=False, add_generation_prompt=True)
-             for p in prompts]
+    return _without_template_bos(tokenizer, [tokenizer.apply_chat_template(
+        _conversation(p), tokenize=False, add_generation_prompt=True) for p in prompts])
+
+
+def _without_template_bos(tokenizer, texts: list[str]) -> list[str]:
+    """Rendered templates less their leading BOS text where the tokenizer adds a BOS itself (one BOS, not two)."""
     bos = tokenizer.bos_token
     if bos and tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id]:
-        texts = [t[len(bos):] if t.startswith(bos) else t for t in texts]
+        return [t[len(bos):] if t.startswith(bos) else t for t in texts]
     return texts
 
 
@@ -401,13 +405,10 @@ def chat_conversations(tokenizer, prompts: list, responses: list[str]) -> tuple[
     the whole as the RM was trained on it. A template whose conversation does not begin with its generation prompt
     (one that rewrites earlier turns) gives the whole conversation as the response part, after an empty prompt."""
     heads = chat_prompts(tokenizer, prompts, "reward_chat_template")
-    bos = tokenizer.bos_token if tokenizer("", add_special_tokens=True)["input_ids"][:1] == [tokenizer.bos_token_id] \
-        else None
+    fulls = _without_template_bos(tokenizer, [tokenizer.apply_chat_template(
+        _conversation(p) + [{"role": "assistant", "content": r}], tokenize=False) for p, r in zip(prompts, responses)])
     out_p, out_r = [], []
-    for head, p, r in zip(heads, prompts, responses):
-        full = tokenizer.apply_chat_template(_conversation(p) + [{"role": "assistant", "content": r}], tokenize=False)
-        if bos and full.startswith(bos):
-            full = full[len(bos):]
+    for head, full in zip(heads, fulls):
         cut = len(head) if full.startswith(head) else 0
         out_p.append(full[:cut]), out_r.append(full[cut:])
     return out_p, out_r

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -112,11 +111,6 @@ def run_ppo(cfg: PPOConfig, resume: bool = False) -> PPOResult:
         log.warning("sampling with temperature=%s top_k=%s top_p=%s: samples no longer come from π, so the KL "
                     "penalty and the PPO ratio refer to a different distribution", cfg.temperature, cfg.top_k, cfg.top_p)
     make_kl_controller(p.kl.kl_coef, p.kl.adaptive, p.kl.target, p.kl.horizon)  # checks β before any folder is made
-    if cfg.scale_reward and not cfg.normalize_reward:
-        raise ValueError("ppo: scale_reward needs normalize_reward=true (the scale is measured with the shift, on the "
-                         "initial policy's first rollout)")
-    if not (cfg.reward_clip >= 0 and math.isfinite(cfg.reward_clip)):
-        raise ValueError(f"ppo: reward_clip must be >= 0 (0 = off), got {cfg.reward_clip}")
     if cfg.missing_eos_penalty and not cfg.stop_at_eos:
         raise ValueError("ppo: missing_eos_penalty needs stop_at_eos=true (without it no response ends with EOS, "
                          "so every one would be penalised)")

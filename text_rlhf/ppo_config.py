@@ -125,9 +125,13 @@ def check_config(cfg: PPOConfig) -> None:
             ("ppo.vf_coef", p.vf_coef >= 0, p.vf_coef), ("ppo.max_grad_norm (0 = off)", p.max_grad_norm >= 0,
                                                          p.max_grad_norm),
             ("ppo.early_stop_kl (0 = off)", p.early_stop_kl >= 0, p.early_stop_kl),
-            ("ppo.gamma", 0 <= p.gamma <= 1, p.gamma), ("ppo.lam", 0 <= p.lam <= 1, p.lam)):
+            ("ppo.gamma", 0 <= p.gamma <= 1, p.gamma), ("ppo.lam", 0 <= p.lam <= 1, p.lam),
+            ("reward_clip (0 = off)", 0 <= cfg.reward_clip < float("inf"), cfg.reward_clip)):
         if not ok:
             bad.append(f"{name} = {value} is out of range")
+    if cfg.scale_reward and not cfg.normalize_reward:
+        bad.append("scale_reward needs normalize_reward=true (the scale is measured with the shift, on the initial "
+                   "policy's first rollout)")
     if cfg.reference and cfg.lora.r > 0:
         bad.append("--reference cannot be combined with LoRA (π_ref is the policy with adapters off)")
     if bad:

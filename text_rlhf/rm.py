@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from align.data import batch_groups, load_hf_preferences, load_preferences
+from align.data import batch_groups, hf_spec, load_hf_preferences, load_preferences
 from align.reward import evaluate_pairs, held_out_table, pair_schedule, split_summary
 from align.rl.config import LoraParams
 from align.session import adamw, load_optimizer_state, rng_state, set_rng_state, start_run, train_reward_model
@@ -68,9 +68,8 @@ class RMConfig:
 
 
 def load_groups(spec: str, limit: int = 0, allow_duplicates: bool = False):
-    if spec.startswith("hf:"):
-        name, _, split = spec[3:].partition(":")
-        return load_hf_preferences(name, split or "train", limit=limit or None)
+    if hf_spec(spec):
+        return load_hf_preferences(*hf_spec(spec), limit=limit or None)
     return load_preferences(spec, allow_duplicates=allow_duplicates)
 
 

@@ -3,7 +3,7 @@
 `align.data` needs only the standard library; `datasets` is imported lazily inside
 `load_hf_preferences`, so `import align.data` works without it.
 """
-from .hf import load_hf_preferences, split_hh
+from .hf import hf_spec, load_hf_preferences, split_hh
 from .jsonl import load_preferences, load_prompts, load_sft, read_jsonl
 from .records import (
     Conversation,
@@ -30,5 +30,6 @@ __all__ = [
     "load_sft",
     "load_prompts",
     "load_hf_preferences",
+    "hf_spec",
     "split_hh",
 ]

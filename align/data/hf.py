@@ -46,6 +46,14 @@ def _import_datasets():
     return datasets
 
 
+def hf_spec(spec: str) -> tuple[str, str] | None:
+    """(name, split) of a command line's `hf:NAME[:SPLIT]` (split "train" when not given); None for a file path."""
+    if not spec.startswith("hf:"):
+        return None
+    name, _, split = spec[3:].partition(":")
+    return name, split or "train"
+
+
 def open_dataset(dataset, split: str = "train"):
     """(a `datasets.Dataset`, its name for messages) from a hub id, a local dataset folder (`load_dataset`'s:
     parquet/JSON/CSV files, or a `save_to_disk` folder), one such data file (read as `split`) or a built Dataset /
