@@ -13,11 +13,12 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import enum
+import re
 from pathlib import Path, PurePath
 from typing import Any, Iterable
 
 from omegaconf import DictConfig, ListConfig, OmegaConf, StringNode
-from omegaconf.errors import ConfigKeyError, MissingMandatoryValue, OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, InterpolationResolutionError, MissingMandatoryValue, OmegaConfBaseException
 
 __all__ = ["ConfigError", "load_config", "save_config", "config_dict", "import_function"]
 
@@ -85,6 +86,9 @@ def _as_config_error(err: OmegaConfBaseException, source: str, schema: DictConfi
         msg = f"missing required value for '{full_key}'"
     elif full_key and isinstance(getattr(err, "child_node", None), ListConfig):  # a scalar given for a list
         msg = f"bad value for '{full_key}': expected a list such as [a, b], got {getattr(err, 'value', None)!r}"
+    elif full_key and isinstance(err, InterpolationResolutionError):
+        msg = (f"bad value for '{full_key}': {first_line} (a ${{...}} in a value is an OmegaConf interpolation: "
+               f"${{lr}} is another key's value, ${{oc.env:HOME}} an environment variable; \\${{ is a literal ${{)")
     elif full_key:
         msg = f"bad value for '{full_key}': {first_line}"
     else:
@@ -266,14 +270,24 @@ def _plain(value: Any) -> Any:
 
 
 def config_dict(cfg) -> dict:
-    """A plain, resolved dict of builtin types (for JSON, TensorBoard hparams, reports)."""
-    if isinstance(cfg, dict):
-        node = OmegaConf.create(_plain(cfg))
-    elif isinstance(cfg, DictConfig):
-        node = cfg
-    else:
-        node = OmegaConf.structured(cfg)
-    return _plain(OmegaConf.to_container(node, resolve=True, enum_to_str=True))
+    """A plain, resolved dict of builtin types (for JSON, TensorBoard hparams, reports).
+
+    A loaded config's values are final: a string holding a literal ``${`` (written ``\\${``) is not read again as
+    an interpolation."""
+    if isinstance(cfg, DictConfig):
+        return _plain(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True))
+    return _plain(dataclasses.asdict(cfg) if dataclasses.is_dataclass(cfg) else cfg)
+
+
+def _escape_interpolations(value: Any) -> Any:
+    """Strings as OmegaConf reads them back literally: ``${`` as ``\\${`` (and a backslash before it doubled)."""
+    if isinstance(value, dict):
+        return {k: _escape_interpolations(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_escape_interpolations(v) for v in value]
+    if isinstance(value, str):
+        return re.sub(r"(\\*)\$\{", lambda m: m.group(1) * 2 + "\\${", value)
+    return value
 
 
 def save_config(cfg, path) -> None:
@@ -283,7 +297,7 @@ def save_config(cfg, path) -> None:
     """
     from align.runner import atomic_write_text  # runner imports torch; keep config import light
 
-    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(config_dict(cfg))))
+    atomic_write_text(path, OmegaConf.to_yaml(OmegaConf.create(_escape_interpolations(config_dict(cfg)))))
 
 
 def import_function(spec: str, what: str = "function"):

@@ -98,7 +98,7 @@ def check_resume_config(cfg, out) -> None:
     if not path.is_file():
         return
     try:
-        old = OmegaConf.to_container(OmegaConf.load(path))
+        old = OmegaConf.to_container(OmegaConf.load(path), resolve=True)
     except Exception:  # unreadable: nothing to compare with
         return
     new = config_dict(cfg)

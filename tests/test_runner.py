@@ -93,6 +93,21 @@ def test_config_yaml_syntax_error_names_line_and_problem(tmp_path):
         load_config(TrainCfg, _yaml(tmp_path, "ppo:\n\tepochs: 2\n"))
 
 
+
+def test_config_interpolation_escape_saves_and_reloads_literally(tmp_path):
+    """${...} is OmegaConf's interpolation (${lr}; ${oc.env:HOME}); a missing key says how to write a literal ${.
+    A literal one (\\${) is saved so that config.yaml loads back to the same text, where saving used to fail."""
+    cfg = load_config(TrainCfg, overrides=["model=runs/${lr}"])
+    assert cfg.model == "runs/0.001"
+    with pytest.raises(ConfigError, match=r"'model': Interpolation key 'HOME' not found .*oc\.env:HOME.*is a literal"):
+        load_config(TrainCfg, overrides=["model=$HOME ${HOME}"])
+    assert load_config(TrainCfg, overrides=["model=cost \\${x}"]).model == "cost ${x}"
+    for text in ("cost ${x}", "a \\${y} b \\\\${z}", "plain"):
+        cfg = TrainCfg(model=text)
+        save_config(cfg, tmp_path / "c.yaml")
+        assert load_config(TrainCfg, tmp_path / "c.yaml").model == text
+        assert config_dict(cfg)["model"] == text
+
 @dataclass
 class PeerCfg:
     """Nested like text PPO's config: ppo.kl.kl_coef beside ppo.vf_coef, a LoRA group with a list field."""
