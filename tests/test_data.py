@@ -348,18 +348,18 @@ def hh_dataset():
     return datasets.Dataset.from_dict({
         "chosen": [turn.format(q="2+2?") + " 4.", turn.format(q="Hi") + " Hello!",
                    turn.format(q="same") + " x", turn.format(q="empty") + " fine",
-                   turn.format(q="x") + turn.format(q="y") + " yes"],
+                   turn.format(q="x") + turn.format(q="y") + " yes", turn.format(q="2+2?") + " 4."],
         "rejected": [turn.format(q="2+2?") + " 5.", turn.format(q="Hi") + " Go away.",
                      turn.format(q="same") + " x", turn.format(q="empty") + " ",
-                     turn.format(q="x") + turn.format(q="y") + " no"],
+                     turn.format(q="x") + turn.format(q="y") + " no", turn.format(q="2+2?") + " 5."],
     })
 
 
 def test_load_hf_preferences_hh(caplog):
     with caplog.at_level("WARNING", logger="align.data.hf"):
         groups = load_hf_preferences(hh_dataset())
-    assert len(groups) == 3  # identical and empty rows skipped
-    assert "1 row(s) with identical responses and 1 with an empty" in caplog.text
+    assert len(groups) == 3  # identical and empty rows skipped, and the last row, a repeat of the first
+    assert "1 row(s) with identical responses, 1 with an empty response and 1 repeating an earlier row" in caplog.text
     g = groups[0]
     assert g.prompt == "\n\nHuman: 2+2?\n\nAssistant:" and g.candidates == [" 4.", " 5."]
     assert g.pairs == [Pair(0, 1)]

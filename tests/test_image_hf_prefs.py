@@ -68,9 +68,11 @@ def test_pickapic_layout_reads_labels_ties_and_skips(tmp_path, caplog):
     pairs = colour_pairs()
     rows = pickapic_rows(pairs)
     same = rows["jpg_0"][0]
-    for col, extra in (("caption", ["unlabelled", "same image", "  "]), ("jpg_0", [same, same, same]),
-                       ("jpg_1", [rows["jpg_1"][1], same, rows["jpg_1"][2]]), ("label_0", [0.0, 1.0, 1.0]),
-                       ("label_1", [0.0, 0.0, 0.0]), ("has_label", [False, True, True])):
+    for col, extra in (("caption", ["unlabelled", "same image", "  ", rows["caption"][0]]),
+                       ("jpg_0", [same, same, same, same]), ("jpg_1", [rows["jpg_1"][1], same, rows["jpg_1"][2],
+                                                                      rows["jpg_1"][0]]),
+                       ("label_0", [0.0, 1.0, 1.0, rows["label_0"][0]]), ("label_1", [0.0, 0.0, 0.0, rows["label_1"][0]]),
+                       ("has_label", [False, True, True, True])):  # the last: a repeat of row 0
         rows[col] += extra
     datasets.Dataset.from_dict(rows).save_to_disk(str(tmp_path / "pap"))
     with caplog.at_level("WARNING", logger="align.data.hf_images"):
@@ -78,7 +80,7 @@ def test_pickapic_layout_reads_labels_ties_and_skips(tmp_path, caplog):
     assert len(groups) == len(pairs)
     msg = caplog.text
     assert "1 row(s) with no preference" in msg and "1 row(s) with the same image twice" in msg and \
-        "1 row(s) with an empty prompt" in msg
+        "1 row(s) with an empty prompt" in msg and "1 row(s) with a repeat of an earlier row" in msg
     for g, (prompt, chosen, rejected, tie) in zip(groups, pairs):
         assert g.prompt == prompt and g.pairs[0].label == (0.5 if tie else 1.0)
         got = [images.open(c).read() for c in g.candidates]

@@ -120,7 +120,8 @@ def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
     are the prompt (an `align.data.Conversation`) and last assistant messages the candidates; otherwise
     prompt, chosen and rejected are read from their own columns.
     limit: read at most this many rows (before skipping).
-    Rows whose responses are identical or empty are skipped and the count logged. Errors name
+    Rows whose responses are identical or empty, and exact repeats of an earlier row (HH has some), are skipped and
+    the counts logged. Errors name
     the dataset, the 0-based row index (as the line) and the column.
     """
     dataset, name = open_dataset(dataset, split)
@@ -134,7 +135,7 @@ def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
             raise ValueError(f"limit must be >= 0, got {limit}")
         dataset = dataset.select(range(min(limit, len(dataset))))
 
-    groups, identical, empty = [], 0, 0
+    groups, identical, empty, repeats, seen = [], 0, 0, 0, set()
     for row_idx, row in enumerate(dataset.select_columns(fields)):
         texts = _row_texts(row, row_idx, name, fields, prompt_field, chosen_field, rejected_field)
         if texts is None:  # a conversation whose last message is empty
@@ -147,10 +148,14 @@ def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
         if chosen == rejected:
             identical += 1
             continue
+        if (prompt, chosen, rejected) in seen:
+            repeats += 1
+            continue
+        seen.add((prompt, chosen, rejected))
         groups.append(group_from_pair(prompt, chosen, rejected, source=f"{name}:{row_idx}"))
-    if identical or empty:
-        logger.warning("%s: skipped %d row(s) with identical responses and %d with an empty "
-                       "response; kept %d", name, identical, empty, len(groups))
+    if identical or empty or repeats:
+        logger.warning("%s: skipped %d row(s) with identical responses, %d with an empty response and %d repeating "
+                       "an earlier row; kept %d", name, identical, empty, repeats, len(groups))
     if not groups:
         raise DataError("no usable rows", path=name)
     return groups

@@ -12,6 +12,7 @@ turns into a readable file when the image store decodes it, so a memory-mapped d
 """
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import math
@@ -105,7 +106,7 @@ def load_hf_image_preferences(dataset, split: str = "train", *, limit=None) -> t
     """One K=2 group per labelled row, and the `HFImages` that opens its candidates.
 
     Rows are skipped, with counts logged: no preference (labels 0/0: Pick-a-Pic's unlabelled rows), an empty
-    prompt, or the same image twice. A label other than 0, 0.5 or 1, or a pair of labels that is not one of
+    prompt, the same image twice, or an exact repeat of an earlier row. A label other than 0, 0.5 or 1, or a pair of labels that is not one of
     (1, 0), (0, 1), (0.5, 0.5), is a DataError naming the row and the column.
     """
     spec = dataset
@@ -120,8 +121,8 @@ def load_hf_image_preferences(dataset, split: str = "train", *, limit=None) -> t
     local = Path(spec).expanduser() if isinstance(spec, str) else None  # a folder or data file: relative paths
     root = (local if local.is_dir() else local.parent).resolve() if local is not None and local.exists() else None
     images = HFImages(name, dataset, root)
-    skipped = {"no preference": 0, "an empty prompt": 0, "the same image twice": 0}
-    groups = []
+    skipped = {"no preference": 0, "an empty prompt": 0, "the same image twice": 0, "a repeat of an earlier row": 0}
+    groups, seen = [], set()
     for row, rec in enumerate(dataset.select_columns([prompt_col, *(label_cols or ()), *image_cols])):
         prompt = rec[prompt_col]
         if not isinstance(prompt, str):
@@ -149,6 +150,12 @@ def load_hf_image_preferences(dataset, split: str = "train", *, limit=None) -> t
         if a is not None and a == b:
             skipped["the same image twice"] += 1
             continue
+        key = (prompt, first, tie, *(hashlib.blake2b(str(x).encode() if isinstance(x, str) else x or b"",
+                                                     digest_size=16).digest() for x in (a, b)))
+        if key in seen:
+            skipped["a repeat of an earlier row"] += 1
+            continue
+        seen.add(key)
         chosen, rejected = images.key(row, image_cols[first]), images.key(row, image_cols[1 - first])
         groups.append(group_from_pair(prompt, chosen, rejected, tie=tie, source=f"{name}:{row}"))
     if any(skipped.values()):
