@@ -4,6 +4,7 @@
     align text sft|rm|ppo ...      text_rlhf.cli
     align image rm|ddpo ...        image_rlhf.cli
     align compare ...              align.compare (+ text_rlhf.compare / image_rlhf.compare)
+    align sample ...               align.sample (the same generators and judges)
     align demo ...                 align.demo (+ text_rlhf.demo / image_rlhf.demo)
 """
 from __future__ import annotations
@@ -49,6 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         mod.add_parsers(sub.add_parser(name, help=mod.__doc__.strip().splitlines()[0]))
     add_compare_parser(sub)
+    add_sample_parser(sub)
     add_demo_parser(sub)
     return parser
 
@@ -115,6 +117,31 @@ def _compare(args) -> None:
               "seeds": _seeds(args.seeds)}
     compare.run_compare(load_config(compare.CompareConfig, args.config, args.overrides, **fields))
 
+
+
+def add_sample_parser(sub) -> None:
+    s = sub.add_parser("sample", help="K candidates per prompt from a text model or image pipeline, written for "
+                                      "people (or a judge) to rank: the reward model's data")
+    s.add_argument("--model", help="generator: causal-LM folder or hub id, or image pipeline / DDPO run folder")
+    s.add_argument("--kind", choices=["text", "image"], help="default: inferred from the model folder")
+    s.add_argument("--prompts", help='prompts: a text file, one per line, or JSONL ({"prompt"} per line)')
+    s.add_argument("--k", type=int, help="candidates per prompt (default 4)")
+    s.add_argument("--judge", help="optional: rank by this judge's scores (reward model folder, image built-in, or "
+                                   "module:function)")
+    s.add_argument("--out", help="output folder: candidates.jsonl (+ images/ and sheets/), report.md")
+    s.add_argument("--config", help="YAML of SampleConfig fields; flags and key=value override it")
+    s.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    s.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    s.set_defaults(func=_sample, overrides=[])
+    s.epilog = "Any SampleConfig field as key=value (e.g. text.temperature=0.8 image.num_steps=20 seed=1)."
+
+
+def _sample(args) -> None:
+    sample = importlib.import_module("align.sample")
+    from align.config import load_config
+    fields = {"model": args.model, "kind": args.kind, "prompts": args.prompts, "k": args.k, "judge": args.judge,
+              "out": args.out}
+    sample.run_sample(load_config(sample.SampleConfig, args.config, args.overrides, **fields), resume=args.resume)
 
 def _seeds(spec: str | None) -> list[int] | None:
     if not spec:

@@ -60,7 +60,7 @@ class TextGenerator:
         self.max_positions = max_positions(self.lm.config)
 
     def formatted(self, prompts: list[str]) -> list[str]:
-        return format_prompts(self.tok, prompts, self.params.chat_template, "compare: chat_template")
+        return format_prompts(self.tok, prompts, self.params.chat_template, "text.chat_template")
 
     def check_prompts(self, items) -> None:
         """Every prompt, plain and engineered, must leave room for max_new_tokens in the model's positions (a
@@ -121,7 +121,7 @@ class RMJudge:
 
     @torch.no_grad()
     def __call__(self, prompts, responses) -> torch.Tensor:
-        return self.score(format_prompts(self.tok, list(prompts), self.chat_template, "compare: chat_template"),
+        return self.score(format_prompts(self.tok, list(prompts), self.chat_template, "text.chat_template"),
                           list(responses))
 
 

@@ -14,6 +14,7 @@ from .records import (
     count_pairs,
     group_from_pair,
     pairs_from_ranking,
+    ranking_from_scores,
 )
 
 __all__ = [
@@ -25,6 +26,7 @@ __all__ = [
     "count_pairs",
     "group_from_pair",
     "pairs_from_ranking",
+    "ranking_from_scores",
     "read_jsonl",
     "load_preferences",
     "load_sft",

@@ -166,6 +166,22 @@ def pairs_from_ranking(ranking, k: int, *, where=None) -> list[Pair]:
     return pairs
 
 
+def ranking_from_scores(scores, tie_tol: float = 0.0) -> list:
+    """The best-first ranking (`pairs_from_ranking`'s form) that scores imply: [0.1, 0.5, 0.5, 0.2] -> [[1, 2], 3, 0].
+
+    A candidate within tie_tol of its tier's best joins that tier (ties as inner lists); the order within a tier is
+    the candidates' order. Scores must be finite."""
+    values = [float(x) for x in scores]
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"scores must be finite, got {values}")
+    tiers: list[list[int]] = []
+    for i in sorted(range(len(values)), key=lambda j: (-values[j], j)):
+        if tiers and values[tiers[-1][0]] - values[i] <= tie_tol:
+            tiers[-1].append(i)
+        else:
+            tiers.append([i])
+    return [sorted(t) if len(t) > 1 else t[0] for t in tiers]
+
 def group_from_pair(prompt, chosen, rejected, *, margin=0.0, tie=False,
                     source=None) -> PreferenceGroup:
     """A K=2 group: candidates [chosen, rejected] and the single pair between them."""

@@ -1,0 +1,228 @@
+"""`align sample`: K candidates per prompt from any generator, written for people to rank (InstructGPT's step 2:
+"the model proposes several outputs, labelers rank them"; Ouyang et al. 2022, §3.5, K = 4..9).
+
+    align sample --model runs/sft --prompts prompts.jsonl --k 4 --out runs/cands      (a causal LM)
+    align sample --model runs/ddpo --prompts prompts.txt --k 4 --out runs/cands       (a diffusion pipeline)
+
+OUT/candidates.jsonl has one line per prompt, in the prompt file's order:
+
+    text    {"prompt", "completions": [...]}   the distinct, non-empty responses, in the order sampled; a prompt left
+                                               with fewer than two is skipped (and counted in the report)
+    image   {"prompt", "images": ["images/000000-0.png", ...]}   paths relative to the file; OUT/sheets/000000.png
+                                               shows a prompt's K images in a row, index 0 on the left
+
+Add "ranking" (best first, ties as inner lists: [2, [0, 3], 1]) to each line and the file is `align text rm` /
+`align image rm --data` input as it is. With --judge (a reward model, an image built-in, or module:function: AI
+feedback, or a world's gold judge) each line also gets the judge's "scores" and the "ranking" they imply (scores
+within tie_tol of a tier's best tie), ready to train on, or to hand to people as a first ordering to correct.
+
+Generation is `align compare`'s (`text.*` / `image.*` settings): text is sampled at text.temperature (K greedy
+answers would be one answer), images come from the DDIM/CFG sampler at η = 1. Each generate call holds whole
+prompts, each repeated K times, and draws from a seed of (seed, call index): a run is reproducible, and `--resume`
+after a crash continues at the first prompt not written. OUT/progress.json records how many prompts and how many
+bytes of candidates.jsonl are complete (rewritten atomically after each call's lines are flushed to disk), and a
+partial call's lines are cut away on resume.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from align.compare import (ADAPTERS, CompareConfig, ImageGenParams, PromptItem, TextGenParams, _batch_seed,
+                           check_scores, infer_kind)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SampleConfig:
+    model: str = ""
+    """Generator: a causal-LM folder or hub id, or an image pipeline / DDPO run folder / PIPELINE+LORA (as compare)."""
+    kind: str = ""
+    """text | image; empty = inferred from the model folder."""
+    prompts: str = ""
+    """A text file, one prompt per line, or JSONL {"prompt"} per line (text: also TRL conversations)."""
+    out: str = ""
+    k: int = 4
+    """Candidates per prompt (InstructGPT: 4 to 9; a ranking of K gives K(K-1)/2 pairs)."""
+    judge: str = ""
+    """Optional: rank each prompt's candidates by this judge's scores (see the module docstring)."""
+    tie_tol: float = 0.0
+    """Judge scores within this of a tier's best score tie with it."""
+    seed: int = 0
+    limit: int = 0
+    """The first N prompts only (0 = all)."""
+    batch_size: int = 0
+    """Outputs per generate call, rounded down to whole prompts × K (0 = 16 for text, 8 for images)."""
+    device: str = ""
+    """cuda | cpu | ...; empty = cuda when available."""
+    dtype: str = "fp32"
+    """fp32 | bf16 | fp16 for the generator and a model judge."""
+    text: TextGenParams = field(default_factory=lambda: TextGenParams(sample=True))
+    image: ImageGenParams = field(default_factory=ImageGenParams)
+
+
+# settings a resumed run must share with the run it continues (the rest, e.g. device, do not change what is written)
+SAME_ON_RESUME = ("model", "kind", "prompts", "k", "judge", "tie_tol", "seed", "limit", "batch_size", "dtype",
+                  "text", "image")
+
+
+def _check(cfg: SampleConfig) -> None:
+    for name in ("model", "prompts", "out"):
+        if not getattr(cfg, name):
+            raise ValueError(f"sample: --{name} is required")
+    for name, ok, want in (("k", cfg.k >= 2, ">= 2 (a ranking needs two candidates)"),
+                           ("batch_size", cfg.batch_size >= 0, ">= 0 (0 = the default)"),
+                           ("tie_tol", cfg.tie_tol >= 0, ">= 0"), ("limit", cfg.limit >= 0, ">= 0 (0 = all)")):
+        if not ok:
+            raise ValueError(f"sample: {name} must be {want}, got {getattr(cfg, name)}")
+
+
+def _start(cfg: SampleConfig, out: Path, resume: bool) -> dict:
+    """The progress of the run in `out` ({"prompts": 0, "bytes": 0, ...} for a new one); candidates.jsonl cut back
+    to its last complete call. Refuses to write over another run, or to resume with other settings."""
+    from align.config import config_dict, load_config, save_config
+    fresh = {"prompts": 0, "bytes": 0, "written": 0, "skipped": 0, "seconds": 0.0}
+    cands, progress = out / "candidates.jsonl", out / "progress.json"
+    if not resume:
+        if progress.exists() or (cands.exists() and cands.stat().st_size):
+            raise ValueError(f"{out} already holds a sample run (candidates.jsonl): --resume continues it, or choose "
+                             "another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out / "config.yaml")
+        return fresh
+    if not progress.is_file():
+        raise ValueError(f"--resume: {out} holds no sample run (no progress.json)")
+    old = config_dict(load_config(SampleConfig, out / "config.yaml"))
+    new = config_dict(cfg)
+    changed = [f"{k}: {old[k]!r} -> {new[k]!r}" for k in SAME_ON_RESUME if old.get(k) != new.get(k)]
+    if changed:
+        raise ValueError(f"--resume: {'; '.join(changed)}: the run in {out} was sampled with other settings; resume "
+                         f"with its own (--config {out / 'config.yaml'} --out {out} --resume), or choose another --out")
+    state = {**fresh, **json.loads(progress.read_text())}
+    with open(cands, "r+b") as f:  # a call whose lines were written but not recorded: drop it, it is redone
+        f.truncate(state["bytes"])
+    log.info("--resume: %d prompts done (%d written, %d skipped), continuing", state["prompts"], state["written"],
+             state["skipped"])
+    return state
+
+
+def _distinct(texts: list[str]) -> list[str]:
+    return list(dict.fromkeys(t for t in texts if t.strip()))
+
+
+def _save_images(images: torch.Tensor, out: Path, index: int) -> list[str]:
+    """PNGs of one prompt's K images (lossless uint8) and their sheet; the paths relative to `out`."""
+    from PIL import Image
+
+    from image_rlhf.pipeline import image_grid, save_png
+    names = []
+    (out / "images").mkdir(exist_ok=True)
+    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for j, a in enumerate(arr):
+        names.append(f"images/{index:06d}-{j}.png")
+        Image.fromarray(a).save(out / names[-1])
+    save_png(image_grid(images, nrow=len(images)), out / "sheets" / f"{index:06d}.png")
+    return names
+
+
+def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
+    """The `align sample` job (see the module docstring). Returns the summary written to OUT/progress.json."""
+    from align.data import Conversation, load_prompts, ranking_from_scores
+    from align.runner import atomic_write_json, atomic_write_text, progress
+    _check(cfg)
+    kind = cfg.kind or infer_kind(cfg.model)
+    if kind not in ADAPTERS:
+        raise ValueError(f"--kind {kind!r}: expected text or image")
+    if kind == "text" and not cfg.text.sample:
+        raise ValueError("sample: text.sample=false is greedy decoding, one answer per prompt, not K: sample "
+                         "(text.temperature sets how far apart the candidates are)")
+    prompts = load_prompts(cfg.prompts)
+    prompts = prompts[:cfg.limit] if cfg.limit else prompts
+    if kind == "image" and any(isinstance(p, Conversation) for p in prompts):
+        raise ValueError(f"{cfg.prompts}: conversation prompts are for text models; an image pipeline takes text")
+    adapter = importlib.import_module(ADAPTERS[kind])
+    adapter.check_model(cfg.model)
+    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ccfg = CompareConfig(dtype=cfg.dtype, text=cfg.text, image=cfg.image)
+    judge = adapter.load_judge(cfg.judge, ccfg, device) if cfg.judge else None
+    gen = adapter.load_generator(cfg.model, ccfg, device)
+    if kind == "text":  # conversations without a chat template, a prompt over the context: before --out is touched
+        gen.check_prompts([PromptItem(f"line {i + 1}", p, p) for i, p in enumerate(prompts)])
+    out = Path(cfg.out)
+    state = _start(cfg, out, resume)
+    per_call = max(1, (cfg.batch_size or adapter.DEFAULT_BATCH_SIZE) // cfg.k)
+    calls = list(range(0, len(prompts), per_call))
+    t0 = time.perf_counter() - state["seconds"]
+    with open(out / "candidates.jsonl", "ab") as f, \
+            progress(total=len(calls), desc=f"sample K={cfg.k}") as bar:
+        bar.update(sum(start < state["prompts"] for start in calls))
+        for call, start in enumerate(calls):
+            if start < state["prompts"]:
+                continue
+            chunk = prompts[start:start + per_call]
+            outputs = gen([p for p in chunk for _ in range(cfg.k)], _batch_seed(cfg.seed, call))
+            lines = []
+            for i, prompt in enumerate(chunk):
+                record = {"prompt": prompt.messages if isinstance(prompt, Conversation) else prompt}
+                if kind == "text":
+                    cands = _distinct(outputs[i * cfg.k:(i + 1) * cfg.k])
+                    if len(cands) < 2:
+                        state["skipped"] += 1
+                        continue
+                    record["completions"] = cands
+                else:
+                    cands = outputs[i * cfg.k:(i + 1) * cfg.k]
+                    record["images"] = _save_images(cands, out, start + i)
+                if judge is not None:
+                    scores = check_scores(judge([prompt] * len(cands), cands), len(cands), cfg.judge,
+                                          where=f"prompt {start + i + 1} of {cfg.prompts}")
+                    record["scores"] = [round(s, 6) for s in scores.tolist()]
+                    record["ranking"] = ranking_from_scores(scores.tolist(), cfg.tie_tol)
+                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            f.write("".join(lines).encode("utf-8"))
+            f.flush()
+            os.fsync(f.fileno())
+            state.update(prompts=start + len(chunk), bytes=f.tell(), written=state["written"] + len(lines),
+                         seconds=time.perf_counter() - t0)
+            atomic_write_json(out / "progress.json", state)
+            bar.update(1)
+    atomic_write_text(out / "report.md", _report(cfg, kind, out, state, len(prompts)))
+    log.info("sample: %d prompts × K=%d -> %s (%d written, %d skipped with < 2 distinct candidates), %.1f s",
+             len(prompts), cfg.k, out / "candidates.jsonl", state["written"], state["skipped"], state["seconds"])
+    return state
+
+
+def _report(cfg: SampleConfig, kind: str, out: Path, state: dict, n_prompts: int) -> str:
+    from align.report import markdown_table
+    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+    how = (f"sampled at temperature {cfg.text.temperature:g}, ≤ {cfg.text.max_new_tokens} new tokens" if kind == "text"
+           else f"{cfg.image.num_steps} DDIM steps, η = {cfg.image.eta:g}, guidance {cfg.image.guidance_scale:g}")
+    text = (f"# Candidates for ranking\n\nModel `{cfg.model}`, {n_prompts} prompts from `{cfg.prompts}`, K = {cfg.k} "
+            f"candidates each ({how}; seed {cfg.seed}); {state['seconds']:.1f} s.\n\n"
+            f"- `candidates.jsonl`: {state['written']} prompts"
+            + (f"; {state['skipped']} skipped, with fewer than 2 distinct non-empty responses" if state["skipped"]
+               else "") + ".\n")
+    if kind == "image":
+        text += "- `images/`: one PNG per candidate; `sheets/`: a prompt's K in a row, index 0 on the left.\n"
+    ranked = "rm --data " + str(out / "candidates.jsonl")
+    if cfg.judge:
+        text += (f"- Ranked by the judge `{cfg.judge}` (`scores`, `ranking`; ties within {cfg.tie_tol:g}): train on "
+                 f"them with `align {kind} {ranked}`, or correct the rankings first.\n")
+    else:
+        text += (f"- Next: add `\"ranking\"` to each line, best first, ties as inner lists (`[2, [0, 3], 1]`), then "
+                 f"`align {kind} {ranked}`.\n")
+    if rows:
+        key = "completions" if kind == "text" else "images"
+        text += "\n## First prompts\n\n" + markdown_table([
+            {"prompt": repr(r["prompt"])[:80], "candidate": j, "output": repr(c)[:120] if kind == "text" else f"![]({c})",
+             **({"score": r["scores"][j]} if "scores" in r else {})}
+            for r in rows for j, c in enumerate(r[key])])
+    return text

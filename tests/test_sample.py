@@ -1,0 +1,128 @@
+"""`align sample`: K candidates per prompt for ranking, and the file they make is reward-model input as it is."""
+import json
+import os
+import re
+
+import numpy as np
+import pytest
+import torch
+
+from align.data import load_preferences, pairs_from_ranking, ranking_from_scores
+
+
+def length_judge(prompts, responses):
+    return [float(len(r)) for r in responses]
+
+
+def crashing_judge(prompts, responses):
+    """length_judge, but raises at the prompt named by $SAMPLE_CRASH_AT (a crash mid-run)."""
+    if os.environ.get("SAMPLE_CRASH_AT") in prompts:
+        raise RuntimeError("killed")
+    return length_judge(prompts, responses)
+
+
+def mean_judge(prompts, images):
+    return images.mean(dim=(1, 2, 3))
+
+
+@pytest.mark.parametrize("scores,tol,ranking", [
+    ([0.1, 0.5, 0.5, 0.2], 0.0, [[1, 2], 3, 0]),
+    ([3.0, 2.0, 1.0], 0.0, [0, 1, 2]),
+    ([1.0, 1.05, 0.5, 0.98], 0.1, [[0, 1, 3], 2]),   # within 0.1 of the tier's best (1.05)
+    ([1.0, 0.95, 0.9], 0.06, [[0, 1], 2]),           # 0.9 is 0.1 below the tier's best: a tier of its own
+])
+def test_ranking_from_scores(scores, tol, ranking):
+    assert ranking_from_scores(scores, tol) == ranking
+    pairs = pairs_from_ranking(ranking, len(scores))
+    assert len(pairs) == len(scores) * (len(scores) - 1) // 2
+    for p in pairs:  # every pair agrees with the scores: the winner scores higher, a tie within tol
+        a, b = scores[p.winner], scores[p.loser]
+        assert (a > b) if p.label == 1.0 else abs(a - b) <= tol + 1e-12
+    with pytest.raises(ValueError, match="finite"):
+        ranking_from_scores([1.0, float("nan")])
+
+
+def _prompts(path, n=5):
+    path.write_text("".join(f"count the words {i}\n" for i in range(n)))
+    return str(path)
+
+
+def _run(tmp_path, model, prompts, out, *extra):
+    from align.cli import main
+    return main(["sample", "--model", model, "--prompts", prompts, "--k", "3", "--out", str(out),
+                 "text.max_new_tokens=6", "batch_size=6", *extra])
+
+
+def test_text_candidates_judge_ranking_and_rm_input(tmp_path, tiny_gpt2):
+    prompts = _prompts(tmp_path / "p.txt")
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "plain") == 0
+    lines = [json.loads(x) for x in (tmp_path / "plain" / "candidates.jsonl").read_text().splitlines()]
+    assert [r["prompt"] for r in lines] == [f"count the words {i}" for i in range(5)]
+    for r in lines:  # distinct, non-empty, and nothing to rank with yet
+        assert 2 <= len(r["completions"]) == len(set(r["completions"])) <= 3 and all(c.strip() for c in r["completions"])
+        assert "ranking" not in r
+    assert (tmp_path / "plain" / "report.md").read_text().count("add `\"ranking\"`") == 1
+    # a judge ranks them: the same candidates (same seed), ranked by its scores, and align text rm reads the file
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "judged", "--judge", "test_sample:length_judge") == 0
+    judged = [json.loads(x) for x in (tmp_path / "judged" / "candidates.jsonl").read_text().splitlines()]
+    assert [r["completions"] for r in judged] == [r["completions"] for r in lines]
+    for r in judged:
+        assert r["scores"] == [float(len(c)) for c in r["completions"]]
+        assert r["ranking"] == ranking_from_scores(r["scores"])
+    groups = load_preferences(tmp_path / "judged" / "candidates.jsonl")
+    assert [g.candidates for g in groups] == [r["completions"] for r in judged]
+    # another seed draws other candidates
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "seed1", "seed=1") == 0
+    assert (tmp_path / "seed1" / "candidates.jsonl").read_text() != (tmp_path / "plain" / "candidates.jsonl").read_text()
+
+
+def test_resume_after_a_crash_gives_the_uninterrupted_file(tmp_path, tiny_gpt2, monkeypatch):
+    prompts = _prompts(tmp_path / "p.txt", n=6)
+    judge = ["--judge", "test_sample:crashing_judge"]
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "whole", *judge) == 0
+    monkeypatch.setenv("SAMPLE_CRASH_AT", "count the words 4")  # the third call of 2 prompts each
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "cut", *judge) == 2  # the judge's error, in one line
+    assert json.loads((tmp_path / "cut" / "progress.json").read_text())["prompts"] == 4
+    with open(tmp_path / "cut" / "candidates.jsonl", "ab") as f:  # a call written but not recorded: cut on resume
+        f.write(b'{"prompt": "half a li')
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "cut", *judge) == 2  # not without --resume
+    monkeypatch.delenv("SAMPLE_CRASH_AT")
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "cut", *judge, "seed=1", "--resume") == 2  # other settings
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "cut", *judge, "--resume") == 0
+    assert (tmp_path / "cut" / "candidates.jsonl").read_bytes() == (tmp_path / "whole" / "candidates.jsonl").read_bytes()
+
+
+def test_bad_settings_fail_before_the_folder(tmp_path, tiny_gpt2, caplog):
+    prompts = _prompts(tmp_path / "p.txt")
+    conv = tmp_path / "c.jsonl"
+    conv.write_text(json.dumps({"prompt": [{"role": "user", "content": "hi"}]}) + "\n")
+    for extra, prompt_file, message in (
+            (["k=1"], prompts, "k must be >= 2"),
+            (["text.sample=false"], prompts, "greedy decoding, one answer per prompt"),
+            ([], str(conv), "text.chat_template: the tokenizer .* has no chat template"),
+            (["text.max_new_tokens=10000"], prompts, "exceeds the model's .* positions")):
+        caplog.clear()
+        assert _run(tmp_path, tiny_gpt2, prompt_file, tmp_path / "bad", *extra) == 2
+        assert any(re.search(message, r.getMessage()) for r in caplog.records), caplog.text
+        assert not (tmp_path / "bad").exists()
+
+
+def test_image_candidates_sheets_and_image_rm_input(tmp_path, tiny_sd_path):
+    from PIL import Image
+    (tmp_path / "p.txt").write_text("a red circle\na blue square\n")
+    from align.sample import SampleConfig, run_sample
+    cfg = SampleConfig(model=tiny_sd_path, prompts=str(tmp_path / "p.txt"), k=3, out=str(tmp_path / "i"),
+                       judge="test_sample:mean_judge", batch_size=6)
+    cfg.image.num_steps = 3
+    run_sample(cfg)
+    lines = [json.loads(x) for x in (tmp_path / "i" / "candidates.jsonl").read_text().splitlines()]
+    assert [r["images"] for r in lines] == [[f"images/{i:06d}-{j}.png" for j in range(3)] for i in range(2)]
+    for r in lines:  # the judge's scores are those of the PNGs as written (lossless), and the ranking follows them
+        imgs = torch.stack([torch.from_numpy(np.array(Image.open(tmp_path / "i" / p)))
+                            for p in r["images"]]).permute(0, 3, 1, 2).float() / 255
+        assert torch.allclose(mean_judge(None, imgs), torch.tensor(r["scores"]), atol=3e-3)
+        assert r["ranking"] == ranking_from_scores(r["scores"])
+    sheet = Image.open(tmp_path / "i" / "sheets" / "000001.png")
+    assert sheet.width > 2.5 * sheet.height  # K = 3 in a row
+    groups = load_preferences(tmp_path / "i" / "candidates.jsonl", candidates="path")
+    assert len(groups) == 2 and groups[0].candidates[0].endswith("images/000000-0.png")
