@@ -219,10 +219,15 @@ def _report(cfg: SampleConfig, kind: str, out: Path, state: dict, n_prompts: int
     else:
         text += (f"- Next: add `\"ranking\"` to each line, best first, ties as inner lists (`[2, [0, 3], 1]`), then "
                  f"`align {kind} {ranked}`.\n")
-    if rows:
-        key = "completions" if kind == "text" else "images"
+    if rows and kind == "text":
         text += "\n## First prompts\n\n" + markdown_table([
-            {"prompt": repr(r["prompt"])[:80], "candidate": j, "output": repr(c)[:120] if kind == "text" else f"![]({c})",
+            {"prompt": repr(r["prompt"])[:80], "candidate": j, "output": repr(c)[:120],
              **({"score": r["scores"][j]} if "scores" in r else {})}
-            for r in rows for j, c in enumerate(r[key])])
+            for r in rows for j, c in enumerate(r["completions"])])
+    elif rows:
+        text += "\n## First prompts\n\n" + markdown_table([
+            {"prompt": repr(r["prompt"])[:80],
+             "candidates, 0 on the left": f"![](sheets/{Path(r['images'][0]).stem.rsplit('-', 1)[0]}.png)",
+             **({"scores": ", ".join(f"{x:.3g}" for x in r["scores"]), "ranking": json.dumps(r["ranking"])}
+                if "scores" in r else {})} for r in rows])
     return text
