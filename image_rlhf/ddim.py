@@ -94,11 +94,21 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
     t, alpha_prod_t, alpha_prod_t_prev = _alphas(scheduler, timestep, B)
     beta_prod_t = 1 - alpha_prod_t
     std_dev_t = eta * _variance(alpha_prod_t, alpha_prod_t_prev) ** (0.5)
-    dir_coef = (1 - alpha_prod_t_prev - std_dev_t**2) ** (0.5)
+    # 1 − ᾱ_{t−1} − σ_t² ≥ 0 for η ≤ 1, and exactly 0 at η = 1 on a zero-terminal-SNR step (ᾱ_t = 0), where float32
+    # rounds it to ~−1e-8 for some step counts (10, 20, 25 of 1000, trailing): NaN, as in DDIMScheduler.step
+    dir_coef = (1 - alpha_prod_t_prev - std_dev_t**2).clamp(min=0) ** (0.5)
     if eta > 0 and bool((std_dev_t == 0).any()):
         raise ValueError(f"σ_t = 0 at timesteps {t[std_dev_t == 0].unique().tolist()} (ᾱ_t−1 = ᾱ_t): the "
                          "step is deterministic and has no log-density; use set_alpha_to_one=False "
-                         "and steps_offset=1 as Stable Diffusion's scheduler does")
+                         "and steps_offset=1 as Stable Diffusion's scheduler does (the pipeline's "
+                         "scheduler/scheduler_config.json)")
+    if cfg.prediction_type == "epsilon" and bool((alpha_prod_t == 0).any()):
+        # a zero-terminal-SNR schedule (Lin et al. 2024) visits ᾱ_T = 0, where x̂_0 = (x_t − √(1−ᾱ_t)·ε)/√ᾱ_t divides by
+        # 0: NaN latents, which DDPO would only meet as a NaN loss
+        raise ValueError(f"ᾱ_t = 0 at timesteps {t[alpha_prod_t == 0].unique().tolist()} (rescale_betas_zero_snr: "
+                         "zero terminal SNR) with prediction_type 'epsilon': x̂_0 = (x_t − ε)/√ᾱ_t divides by 0. "
+                         "Zero-SNR schedules are for v_prediction models; for an ε model set rescale_betas_zero_snr "
+                         "false or timestep_spacing 'leading' in the pipeline's scheduler/scheduler_config.json")
 
     # (B, 1, 1, 1) coefficients on the sample's device, in the model's dtype
     def b(v):

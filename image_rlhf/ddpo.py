@@ -61,7 +61,9 @@ def run_ddpo(cfg: DDPOConfig, resume: bool = False) -> DDPOResult:
             log.warning("compile_unet with %s on the CPU: the compiled sampling and training graphs round "
                         "differently (measured: 75%% of the first step's ratios outside the clip range); set "
                         "recompute_log_probs=true, or compile_unet=false (CPU gains are small)", cfg.mixed_precision)
-    check_pipeline(cfg.pipeline)  # before the run folder exists: a typo should not leave a half-made run
+    src, local = check_pipeline(cfg.pipeline)[:2]  # before the run folder exists: a typo leaves no half-made run
+    if local:  # config.yaml names the base of out/lora for `align compare --model RUN`, run from any folder
+        cfg = replace(cfg, pipeline=str(Path(src).resolve()))
     prompts_all = load_prompts(cfg.prompts)
     if any(isinstance(p, list) for p in prompts_all):
         raise ValueError(f"{cfg.prompts}: a conversation (a list of messages) where an image prompt is a text")

@@ -113,7 +113,10 @@ def check_pipeline(src: str | Path) -> tuple[str, bool, dict, bool]:
     if local:
         src = str(Path(src).expanduser())
         if not Path(src).is_dir():
-            raise PipelineLoadError(f"{src}: not a folder (expected a diffusers pipeline folder)")
+            single = Path(src).suffix in (".safetensors", ".ckpt")  # a civitai-style single-file checkpoint
+            raise PipelineLoadError(f"{src}: not a folder (expected a diffusers pipeline folder)" + (
+                "; convert a single-file checkpoint first: StableDiffusionPipeline.from_single_file(FILE)"
+                ".save_pretrained(DIR)" if single else ""))
     elif not _HUB_ID.match(src):
         raise PipelineLoadError(f"{src}: no such folder (and not a hub id of the form org/name)")
     else:
@@ -173,28 +176,38 @@ def load_pipeline(src: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     is importable and the device is CUDA (else SDPA, with a log line).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from safetensors import SafetensorError
     from transformers import CLIPTextModel, CLIPTokenizer
 
     src, local, index, has_vae = check_pipeline(src)
     kind = "folder" if local else "hub id (no local folder of that name)"
+    errors = (OSError, ValueError, SafetensorError)  # SafetensorError: a truncated or damaged weights file
 
     def load(name, fn, **kw):
         try:
             return fn(src, subfolder=name, **kw)
-        except (OSError, ValueError) as e:
+        except errors as e:
             if "torch_dtype" in kw:  # weights saved only as a variant (e.g. *.fp16.safetensors), as diffusers allows
                 try:
                     out = fn(src, subfolder=name, variant="fp16", **kw)
                     log.info("%s: %s loaded from its fp16 variant files (no plain weights)", src, name)
                     return out
-                except (OSError, ValueError):
+                except errors:
                     pass
             raise PipelineLoadError(f"{src}: cannot load '{name}' of the pipeline {kind}: "
                                     f"{str(e).splitlines()[0]}") from e
 
     scheduler = ddim_scheduler(load("scheduler", DDIMScheduler.load_config), src, latent=has_vae)
     tokenizer = load("tokenizer", CLIPTokenizer.from_pretrained)
+    if len(tokenizer) <= len(tokenizer.all_special_tokens):  # transformers 5 loads an empty folder without a word
+        raise PipelineLoadError(f"{src}: cannot load 'tokenizer' of the pipeline {kind}: no vocabulary in it "
+                                f"(vocab.json + merges.txt, or tokenizer.json)")
     text_encoder = load("text_encoder", CLIPTextModel.from_pretrained, torch_dtype=dtype)
+    positions = text_encoder.config.max_position_embeddings
+    if tokenizer.model_max_length > positions:  # no model_max_length saved: transformers' 1e30 (SD's is 77)
+        log.info("%s: tokenizer model_max_length %d -> %d, the text encoder's max_position_embeddings", src,
+                 tokenizer.model_max_length, positions)
+        tokenizer.model_max_length = positions
     unet = load("unet", UNet2DConditionModel.from_pretrained, torch_dtype=dtype)
     vae = load("vae", AutoencoderKL.from_pretrained, torch_dtype=dtype) if has_vae else None
     width, cross = text_encoder.config.hidden_size, unet.config.cross_attention_dim
@@ -339,13 +352,14 @@ def _with_safety_checker(src: str, own: dict):
     extras = [c for c in ("safety_checker", "feature_extractor") if (index.get(c) or [None])[0] is not None]
     if not extras:
         return None
+    errors = []
     for variant in (None, "fp16"):  # the base's weights may be only the fp16 variant (see load_pipeline)
         try:
             return StableDiffusionPipeline.from_pretrained(src, **own, variant=variant)
         except Exception as e:  # optional parts: never lose the trained pipeline over them
-            error = e
-    log.warning("%s: %s not carried over to the fine-tuned pipeline (%s); it is saved without them", src,
-                " and ".join(extras), str(error).splitlines()[0])
+            errors.append(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    log.warning("%s: %s not carried over to the fine-tuned pipeline (%s; as the fp16 variant: %s); it is saved "
+                "without them", src, " and ".join(extras), *errors)
     return None
 
 

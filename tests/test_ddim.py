@@ -145,6 +145,26 @@ def test_zero_sigma_raises_with_eta():
         ddim_step_with_logprob(sched, x, sched.timesteps[-1], x, eta=1.0)
 
 
+def test_zero_snr_schedules_v_prediction_steps_and_epsilon_is_refused():
+    """rescale_betas_zero_snr makes ᾱ_999 = 0, which "trailing" spacing (SD 2.x zero-SNR fine-tunes) visits first.
+    v-prediction: at η = 1, 1 − ᾱ_(t−1) − σ_t² is exactly 0 there and float32 rounded it below 0 at 10, 20, 25 steps:
+    NaN latents (DDIMScheduler.step too), and DDPO stopped with "the loss is not finite; lower lr". An ε model's
+    x̂_0 divides by √ᾱ_t = 0: refused, naming the setting."""
+    x = rand(*SHAPE, seed=0)
+    for steps in (10, 20, 25):
+        v = DDIMScheduler(**{**SD_DDIM_CONFIG, "rescale_betas_zero_snr": True, "timestep_spacing": "trailing",
+                             "prediction_type": "v_prediction"})
+        v.set_timesteps(steps)
+        assert v.timesteps[0] == 999 and v.alphas_cumprod[999] == 0
+        prev, log_prob = ddim_step_with_logprob(v, x, v.timesteps[0], x, eta=1.0, generator=torch.Generator())
+        assert torch.isfinite(prev).all() and torch.isfinite(log_prob).all(), steps
+        out, _ = ddim_step_with_logprob(v, x, v.timesteps[0], x, eta=0.0)
+        assert torch.equal(out, v.step(x, v.timesteps[0], x, eta=0.0).prev_sample)
+    sched = make_scheduler(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    with pytest.raises(ValueError, match="ᾱ_t = 0 at timesteps \\[999\\].*prediction_type 'epsilon'"):
+        ddim_step_with_logprob(sched, x, sched.timesteps[0], x, eta=1.0)
+
+
 def _embeds(pipe, prompts):
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * len(prompts))
     return cond, uncond

@@ -161,3 +161,49 @@ def test_lora_on_convolutions_too_loads_whole_in_diffusers_and_compare(tiny_sd_p
             assert sum("lora_B" in n for n, _ in unet.named_parameters()) == sum(
                 "lora_B" in n for n, _ in result.unet.named_parameters())
             torch.testing.assert_close(unet(x, t, c).sample, trained, atol=1e-6, rtol=1e-5)
+
+
+def test_a_lora_run_of_a_relative_pipeline_path_compares_from_another_folder(tiny_sd_path, prompts_file, tmp_path,
+                                                                            monkeypatch):
+    """config.yaml kept `--pipeline` as typed: `align compare --model aligned=RUN` (which reads the LoRA's base from
+    it) run from any other folder failed with "sd15: no such folder". The local base is recorded absolute."""
+    import shutil
+
+    from align.compare import ImageGenParams
+    from image_rlhf.compare import ImageGenerator, resolve_model
+    shutil.copytree(tiny_sd_path, tmp_path / "work" / "sd15")
+    monkeypatch.chdir(tmp_path / "work")
+    run_ddpo(_cfg("sd15", prompts_file, "run", lora=LoraParams(r=2, alpha=2.0), grid_seeds=[]))
+    monkeypatch.chdir(tmp_path)
+    assert resolve_model("work/run") == (str(tmp_path / "work" / "sd15"), "work/run/lora")
+    assert ImageGenerator("work/run", ImageGenParams(num_steps=2))(["a cat"], 0).shape == (1, 3, 32, 32)
+
+
+def test_a_broken_tokenizer_or_weights_file_names_the_component(tiny_sd_path, tmp_path, caplog):
+    """A truncated weights file raised safetensors' bare "Error while deserializing header" (no component named); an
+    empty tokenizer/ loaded (transformers 5: two special tokens) and one without tokenizer_config.json got
+    model_max_length 1e30: both ended in a traceback inside the tokenizer at the first prompt. A single-file
+    checkpoint (.safetensors) is pointed to diffusers' converter."""
+    import logging
+    import shutil
+    from pathlib import Path
+
+    from image_rlhf.pipeline import PipelineLoadError, encode_prompts, load_pipeline
+    folder = tmp_path / "pipe"
+    shutil.copytree(tiny_sd_path, folder)
+    weights = folder / "text_encoder" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(PipelineLoadError, match="cannot load 'text_encoder' of the pipeline folder: .*header"):
+        load_pipeline(folder)
+    with pytest.raises(PipelineLoadError, match=r"not a folder .*from_single_file\(FILE\)"):  # a single-file checkpoint
+        load_pipeline(weights)
+    shutil.copy(Path(tiny_sd_path) / "text_encoder" / "model.safetensors", weights)
+    (folder / "tokenizer" / "tokenizer_config.json").unlink()
+    with caplog.at_level(logging.INFO, logger="image_rlhf.pipeline"):
+        parts = load_pipeline(folder)
+    assert parts.tokenizer.model_max_length == 77 and "max_position_embeddings" in caplog.text
+    assert encode_prompts(parts, ["a cat"]).shape == (1, 77, 32)
+    for f in (folder / "tokenizer").iterdir():
+        f.unlink()
+    with pytest.raises(PipelineLoadError, match="cannot load 'tokenizer' .*no vocabulary"):
+        load_pipeline(folder)
