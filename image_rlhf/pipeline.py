@@ -183,8 +183,17 @@ def load_pipeline(src: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     kind = "folder" if local else "hub id (no local folder of that name)"
     errors = (OSError, ValueError, SafetensorError)  # SafetensorError: a truncated or damaged weights file
 
+    def only_fp16(name) -> bool:  # a local folder whose weights are all *.fp16.*: load that variant first (trying the
+        folder = Path(src) / name  # plain files has diffusers log an ERROR line before the fallback works)
+        weights = [f.name for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")] if local else []
+        return bool(weights) and all(".fp16." in w for w in weights)
+
     def load(name, fn, **kw):
         try:
+            if "torch_dtype" in kw and only_fp16(name):
+                out = fn(src, subfolder=name, variant="fp16", **kw)
+                log.info("%s: %s loaded from its fp16 variant files (no plain weights)", src, name)
+                return out
             return fn(src, subfolder=name, **kw)
         except errors as e:
             if "torch_dtype" in kw:  # weights saved only as a variant (e.g. *.fp16.safetensors), as diffusers allows

@@ -199,7 +199,7 @@ def test_pipeline_errors_and_pixel_layout(tiny_sd, tmp_path):
     assert embeds.shape == (4, parts.tokenizer.model_max_length, parts.text_encoder.config.hidden_size)
 
 
-def test_hub_style_folders_load_as_diffusers_would(tiny_sd, tmp_path, caplog):
+def test_hub_style_folders_load_as_diffusers_would(tiny_sd, tmp_path, caplog, capfd):
     """Folders as hub checkpoints ship them: a PNDM (SD 1.5) or Euler v-prediction (SD 2.x) scheduler saved by
     current diffusers, which lacks DDIM's keys, and weights saved only as the fp16 variant. DDIM's own defaults
     would clip SD latents to ±1 every step (clip_sample) and leave the last step without noise."""
@@ -233,7 +233,10 @@ def test_hub_style_folders_load_as_diffusers_would(tiny_sd, tmp_path, caplog):
     variant = tmp_path / "fp16"
     StableDiffusionPipeline.from_pretrained(tiny_sd).save_pretrained(variant, variant="fp16")
     assert not list((variant / "unet").glob("diffusion_pytorch_model.safetensors"))
+    capfd.readouterr()
+    caplog.clear()
     parts = load_pipeline(variant)
+    assert "An error occurred" not in capfd.readouterr().err + caplog.text  # diffusers' ERROR line for plain files
     ref = load_pipeline(tiny_sd)
     assert torch.equal(next(parts.unet.parameters()), next(ref.unet.parameters()))
     # no weights at all: the error names the component; a text encoder of another width than the UNet's
