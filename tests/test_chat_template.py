@@ -51,6 +51,25 @@ def test_a_tokenizer_without_a_template_is_a_clear_error(tmp_path, data_files):
     assert not (tmp_path / "sft").exists()
 
 
+def test_compare_refuses_a_judge_without_a_template_before_generating(tmp_path, data_files, monkeypatch):
+    """text.chat_template formats the RM judge's prompts too: a judge without a template failed only at its first
+    score, after the first model's generations (minutes with a real model)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    import text_rlhf.compare as text_compare
+    from align.compare import CompareConfig, run_compare
+    plain = _chat_model(tmp_path, False, template=None)
+    cfg = AutoModelForSequenceClassification.from_pretrained(plain, num_labels=1).config
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "rm")
+    load_tokenizer(plain).save_pretrained(tmp_path / "rm")
+    monkeypatch.setattr(text_compare.TextGenerator, "__call__", lambda *a: pytest.fail("generated before the check"))
+    with pytest.raises(ValueError, match=r"the judge .*rm.*has no chat template"):
+        run_compare(load_config(CompareConfig, None, ["text.chat_template=true"], models=[f"m={_chat_model(tmp_path, True)}"],
+                                prompts=data_files["prompts"], judge=str(tmp_path / "rm"), template="Please, {prompt}"))
+
+
 @pytest.fixture
 def data_files(tmp_path):
     def write(name, rows):
@@ -159,6 +178,19 @@ def test_conversational_sft_records_are_checked_with_file_line_and_field(tmp_pat
                        .replace("(", r"\(").replace(")", r"\)").replace("{", r"\{").replace("}", r"\}")):
         load_sft(path)
 
+
+def test_a_conversation_the_template_refuses_is_a_one_line_error(tmp_path):
+    """Gemma's and Mistral's templates `raise_exception` on a system turn (or turns that do not alternate): that was a
+    jinja2 traceback out of `align text sft`; now a ValueError naming the conversation, before any run folder."""
+    from text_rlhf.sft import SFTConfig, run_sft
+    model = _chat_model(tmp_path, False, template="{% if messages[0]['role'] == 'system' %}"
+                        "{{ raise_exception('System role not supported') }}{% endif %}" + TEMPLATE)
+    demos = tmp_path / "demos.jsonl"
+    demos.write_text(json.dumps({"messages": CONV[1:]}) + "\n" + json.dumps({"messages": CONV}) + "\n")
+    with pytest.raises(ValueError, match=r"refuses the conversation with roles \['system', 'user'\] \(starting "
+                                         r"'You add numbers.'\): System role not supported"):
+        run_sft(load_config(SFTConfig, None, [], model=model, data=str(demos), out=str(tmp_path / "sft")))
+    assert not (tmp_path / "sft").exists()
 
 def test_conversational_records_train_sft_and_prompt_ppo_in_the_template(tmp_path, monkeypatch):
     """TRL's conversational formats: SFT {"messages": [..., assistant]} trains the last assistant turn after the

@@ -169,6 +169,37 @@ def test_rm_with_another_tokenizer_scores_the_eos_it_was_trained_on(tmp_path, ti
     assert not torch.allclose(got, reward(prompts, texts, None, None, torch.tensor([False, False])))
 
 
+def test_rm_sharing_the_tokenizer_scores_an_end_of_turn_stop_as_its_eos(tmp_path):
+    """A Llama-3-style checkpoint stops on <|eot_id|> (its generation_config) as well as the tokenizer's EOS. The RM
+    read the policy's own ids at that <|eot_id|>, where it was trained on, and `align compare --judge` scores,
+    prompt + response + EOS: the same response got another score in PPO than in the judge."""
+    from text_rlhf.compare import RMJudge
+    tok = build_bpe_tokenizer(CORPUS, 300, pad=False)
+    tok.add_special_tokens({"additional_special_tokens": ["<|eot_id|>"]})
+    eot = tok.convert_tokens_to_ids("<|eot_id|>")
+    lm = tiny_causal_lm("llama", tok)
+    lm.config.num_labels = 1
+    from transformers import AutoModelForSequenceClassification
+    torch.manual_seed(0)
+    AutoModelForSequenceClassification.from_config(lm.config).save_pretrained(tmp_path / "rm")
+    tok.save_pretrained(tmp_path / "rm")
+    (tmp_path / "rm" / "align.json").write_text(json.dumps({"kind": "text_reward_model"}))
+    policy_tok = load_tokenizer(str(tmp_path / "rm"), padding_side="left")
+    reward = RewardFn(str(tmp_path / "rm"), policy_tok, "cpu", 8)
+    assert reward.same_tok
+    prompts, texts = ["add 2 and 3:", "add 2 and 3:", "a red"], [" 5", " 5", " circle"]
+    p_ids, p_mask = encode_prompts(policy_tok, prompts, 64)
+    r_ids = [policy_tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+    ends = [[eot], [policy_tok.eos_token_id], []]  # stopped on <|eot_id|>, on EOS, cut at max_new_tokens
+    resp, r_mask = pad_batch([r + e for r, e in zip(r_ids, ends)], policy_tok.pad_token_id)
+    seq, mask = torch.cat([p_ids, resp], 1), torch.cat([p_mask, r_mask], 1)
+    got = reward(prompts, texts, seq, mask, torch.tensor([True, True, False]))
+    want = RMJudge(str(tmp_path / "rm"))(prompts[:2], texts[:2])
+    torch.testing.assert_close(got[:2], want)  # both stops score as prompt + response + EOS
+    torch.testing.assert_close(got[2:], reward(prompts[2:], texts[2:], seq[2:], mask[2:], torch.tensor([False])))
+    assert (seq[0] == eot).sum() == 1  # the rollout itself is left as it was
+
+
 def test_long_pairs_lose_the_prompts_start_not_the_response():
     """max_length cuts a long prompt from its start (BOS kept), so two candidates stay different and end at
     the EOS the score is read at; a response longer than max_length alone keeps its start and the EOS."""

@@ -114,6 +114,8 @@ class RMJudge:
     def __init__(self, path: str, device="cpu", dtype=torch.float32, chat_template: bool = False):
         self.tok = load_tokenizer(path, padding_side="right")
         self.chat_template = chat_template  # prompts as a user turn of the RM's own template, as it was trained
+        if chat_template:  # a judge without one fails now, not after the first model's generations
+            format_prompts(self.tok, ["x"], True, f"compare: text.chat_template (the judge {path!r})")
         scorer = load_reward_scorer(path, self.tok, dtype).to(device).eval()
         scorer.requires_grad_(False)
         limit = max_positions(scorer.model.config) or 10 ** 6

@@ -386,8 +386,20 @@ def chat_prompts(tokenizer, prompts: list, where: str = "chat_template") -> list
         raise ValueError(f"{where}: the tokenizer of {tokenizer.name_or_path!r} has no chat template (a base model's "
                          "usually has none): give text prompts (with the format written in them) and "
                          "chat_template=false, not conversations")
-    return _without_template_bos(tokenizer, [tokenizer.apply_chat_template(
-        _conversation(p), tokenize=False, add_generation_prompt=True) for p in prompts])
+    return _without_template_bos(tokenizer, [_render(tokenizer, _conversation(p), where, add_generation_prompt=True)
+                                             for p in prompts])
+
+
+def _render(tokenizer, messages: list[dict], where: str, **kw) -> str:
+    """apply_chat_template as text; a conversation the template refuses (its `raise_exception`: Gemma's and Mistral's
+    take no system turn, or need user and assistant turns to alternate) is a one-line error naming it."""
+    from jinja2 import TemplateError
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kw)
+    except TemplateError as e:
+        first = str(messages[0].get("content", ""))[:40] if messages else ""
+        raise ValueError(f"{where}: the chat template of {tokenizer.name_or_path!r} refuses the conversation with roles "
+                         f"{[m.get('role') for m in messages]} (starting {first!r}): {e}") from e
 
 
 def _without_template_bos(tokenizer, texts: list[str]) -> list[str]:
@@ -405,8 +417,8 @@ def chat_conversations(tokenizer, prompts: list, responses: list[str]) -> tuple[
     the whole as the RM was trained on it. A template whose conversation does not begin with its generation prompt
     (one that rewrites earlier turns) gives the whole conversation as the response part, after an empty prompt."""
     heads = chat_prompts(tokenizer, prompts, "reward_chat_template")
-    fulls = _without_template_bos(tokenizer, [tokenizer.apply_chat_template(
-        _conversation(p) + [{"role": "assistant", "content": r}], tokenize=False) for p, r in zip(prompts, responses)])
+    fulls = _without_template_bos(tokenizer, [_render(tokenizer, _conversation(p) + [{"role": "assistant", "content": r}],
+                                                      "reward_chat_template") for p, r in zip(prompts, responses)])
     out_p, out_r = [], []
     for head, full in zip(heads, fulls):
         cut = len(head) if full.startswith(head) else 0

@@ -31,7 +31,8 @@ from align.session import (adamw, gather_strings, load_optimizer_state, load_res
                            start_run, stop_if_not_finite)
 from text_rlhf.models import (apply_lora, chat_conversations, chat_prompts, decode_responses, enable_checkpointing,
                               encode_pairs, encode_prompts, encode_text_pairs, format_prompts, fuse_activations,
-                              load_causal_lm, load_reward_scorer, load_tokenizer, max_positions, pad_batch, save_hf)
+                              last_token_index, load_causal_lm, load_reward_scorer, load_tokenizer, max_positions,
+                              pad_batch, save_hf)
 from text_rlhf.ppo_config import PPOConfig, check_config, critic_folder
 from text_rlhf.policy import (PolicyWithValue, disable_dropout, merged_lora, raw_sampling, reference_log_probs,
                               response_mask, stop_token_ids)
@@ -78,6 +79,9 @@ class RewardFn:
             p, r = prompts[i:i + self.batch_size], responses_text[i:i + self.batch_size]
             if self.same_tok and seq.shape[1] <= self.limit:  # the policy's own token ids: no decode/re-encode
                 inputs = {"input_ids": seq[i:i + self.batch_size], "attention_mask": mask[i:i + self.batch_size]}
+                if ended is not None and self.tok.eos_token_id is not None:
+                    inputs["input_ids"] = self._eos_at_end(inputs["input_ids"], inputs["attention_mask"],
+                                                           ended[i:i + self.batch_size])
             elif not self.scorer.last_token:  # an encoder: its own [CLS] prompt [SEP] response [SEP]
                 inputs = encode_text_pairs(self.tok, p, r, self.limit)
             elif self.chat_template:  # [user, assistant] in the RM's template, which closes the turn itself
@@ -91,6 +95,18 @@ class RewardFn:
                 inputs = dict(zip(("input_ids", "attention_mask"), pad_batch(ids, self.tok.pad_token_id)))
             scores.append(self.scorer(**{k: v.to(self.device) for k, v in inputs.items()}))
         return torch.cat(scores)
+
+    def _eos_at_end(self, ids: torch.Tensor, mask: torch.Tensor, ended: torch.Tensor) -> torch.Tensor:
+        """(B, L) ids whose ended rows close on this tokenizer's EOS. A response may stop on another id (the
+        checkpoint's end of turn, Llama 3's <|eot_id|>, Gemma's <end_of_turn>), but the RM was trained on, and the
+        re-encoded path and `align compare --judge` score, prompt + response + EOS: read at <|eot_id|>, the same
+        response would get another score here than there."""
+        rows = ended.nonzero().flatten().to(ids.device)
+        if not len(rows):
+            return ids
+        ids = ids.clone()
+        ids[rows, last_token_index(mask[rows])] = self.tok.eos_token_id
+        return ids
 
 
 # ---------------------------------------------------------------------------- run
