@@ -152,6 +152,8 @@ def check_config(cfg: DDPOConfig) -> None:
             raise ValueError(f"ddpo: --{name} is required")
     if cfg.mixed_precision not in _DTYPES:
         raise ValueError(f"mixed_precision must be one of {sorted(_DTYPES)}, got {cfg.mixed_precision!r}")
+    if cfg.attention not in ("sdpa", "xformers"):
+        raise ValueError(f"attention must be 'sdpa' or 'xformers', got {cfg.attention!r}")
     if cfg.eta <= 0:
         raise ValueError(f"eta must be > 0 (η = 0 is deterministic DDIM: no log-prob to train), got {cfg.eta}")
     for name in ("sample_batch_size", "num_batches_per_epoch", "train_batch_size", "gradient_accumulation_steps",

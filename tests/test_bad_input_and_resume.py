@@ -91,6 +91,19 @@ def test_sft_names_the_line_of_a_too_long_prompt_and_refuses_bad_sizes(tiny_gpt2
         assert code == 2 and bad.split("=")[0] in text, (bad, text)  # (batch_size=-1 looped forever)
 
 
+
+def test_rm_refuses_bad_sizes_before_the_run_folder(tiny_gpt2, tmp_path, caplog):
+    """eval_fraction=-0.5 silently held out half the prompts; epochs=0 stopped with "no training pairs (is the data
+    file empty ...?)" and max_pairs_per_batch=0 with "max_pairs must be a positive int", both after the run folder."""
+    prefs = tmp_path / "prefs.jsonl"
+    prefs.write_text("".join(json.dumps({"prompt": f"add {i} and 1:", "chosen": f" {i + 1}", "rejected": " 0"}) + "\n"
+                             for i in range(1, 9)))
+    base = ["text", "rm", "--model", tiny_gpt2, "--data", str(prefs), "--out", str(tmp_path / "rm")]
+    for bad in ("eval_fraction=-0.5", "eval_fraction=1", "epochs=0", "max_pairs_per_batch=0"):
+        code, text = run_cli(base + [bad], caplog)
+        assert code == 2 and f"rm: {bad.split('=')[0]} must be" in text, (bad, text)
+        assert not (tmp_path / "rm").exists()
+
 def test_sft_resume_falls_back_from_a_damaged_checkpoint_and_refuses_another_global_batch(tiny_gpt2, demos, tmp_path,
                                                                                             caplog):
     """A checkpoint cut short after a crash was loaded (a torch.load traceback); a resume with another global batch

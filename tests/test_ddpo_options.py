@@ -29,6 +29,7 @@ def prompts_file(tmp_path_factory):
     (dict(adv_clip=0.0), "adv_clip must be > 0"),                            # every advantage clipped to 0
     (dict(max_grad_norm=-1.0), "max_grad_norm must be >= 0"),                # clip_grad_norm_ flipped the gradient
     (dict(clip_range=-1e-4), "clip_range must be > 0"),                      # an inverted clip
+    (dict(attention="flash"), "attention must be 'sdpa' or 'xformers'"),      # was refused after the run folder
 ])
 def test_configs_that_cannot_work_are_refused_up_front(tiny_sd_path, prompts_file, tmp_path, kw, match):
     with pytest.raises(ValueError, match=match):

@@ -121,6 +121,12 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
             raise ValueError(f"rm: --{name} is required")
     if cfg.log_every < 1 or cfg.save_every < 0:
         raise ValueError(f"rm: log_every must be >= 1 and save_every >= 0, got {cfg.log_every} and {cfg.save_every}")
+    if not cfg.eval_data and not 0 <= cfg.eval_fraction < 1:
+        raise ValueError(f"rm: eval_fraction must be in [0, 1) (the share of prompts held out), got {cfg.eval_fraction}")
+    if not cfg.epochs > 0:
+        raise ValueError(f"rm: epochs must be > 0 (a fraction trains part of an epoch), got {cfg.epochs}")
+    if cfg.max_pairs_per_batch < 1:
+        raise ValueError(f"rm: max_pairs_per_batch must be >= 1, got {cfg.max_pairs_per_batch}")
     groups = load_groups(cfg.data, cfg.hf_limit, cfg.allow_duplicates)  # bad input fails before the run folder exists
     eval_groups = load_groups(cfg.eval_data, cfg.hf_limit, cfg.allow_duplicates) if cfg.eval_data else None
     tok = load_tokenizer(cfg.model, padding_side="right")  # so does a wrong --model
