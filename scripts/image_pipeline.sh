@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # The image recipe from the command line — reward model on ranked samples -> DDPO against it ->
-# plain vs engineered comparison — on the tiny CPU preset, with an offline example written to
-# runs/image-example/ (a small text-to-image model trained here, K = 4 of its samples per prompt
-# ranked by the image world's noisy gold labeler; scripts/make_image_example.py). ~2 min on a 2-core Xeon
-# (5.4 min on the earlier EPYC; README).
+# plain vs engineered comparison -> the next round's candidates — on the tiny CPU preset, with an
+# offline example written to runs/image-example/ (a small text-to-image model trained here, K = 4 of
+# its samples per prompt ranked by the image world's noisy gold labeler; scripts/make_image_example.py).
+# ~2 min on a 2-core Xeon (5.4 min on the earlier EPYC; README).
 # Each stage writes config.yaml, checkpoints/, metrics.jsonl, tb/, curves.png and report.md; DDPO
 # also sample grids in grids/ (before training, every grid_every epochs and at the end).
 set -euo pipefail
@@ -26,4 +26,7 @@ align compare --model base="$out/base" --model aligned="$out/ddpo" --prompts "$o
               --judge image_rlhf.world:gold_score --num-steps 6 image.guidance_scale=3 success_threshold=0.8 \
               --seeds 0,1,2,3 \
               --out "$out/compare"
-echo "reports: $out/rm/report.md $out/ddpo/report.md $out/compare/compare.md"
+# the next round: K = 4 samples per prompt of the aligned pipeline, for new rankings (here pre-ranked by the RM)
+align sample --model "$out/ddpo" --prompts "$out/prompts.txt" --k 4 --judge "$out/rm" --out "$out/next-round" \
+             image.num_steps=6 image.guidance_scale=3 limit=8
+echo "reports: $out/rm/report.md $out/ddpo/report.md $out/compare/compare.md $out/next-round/report.md"
