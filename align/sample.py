@@ -9,7 +9,8 @@ OUT/candidates.jsonl has one line per prompt, in the prompt file's order:
     text    {"prompt", "completions": [...]}   the distinct, non-empty responses, in the order sampled; a prompt left
                                                with fewer than two is skipped (and counted in the report)
     image   {"prompt", "images": ["images/000000-0.png", ...]}   paths relative to the file; OUT/sheets/000000.png
-                                               shows a prompt's K images in a row, index 0 on the left
+                                               shows a prompt's K images in a row (its prompt above, each
+                                               candidate's index below, 0 on the left)
 
 Add "ranking" (best first, ties as inner lists: [2, [0, 3], 1]) to each line and the file is `align text rm` /
 `align image rm --data` input as it is. With --judge (a reward model, an image built-in, or module:function: AI
@@ -19,9 +20,10 @@ within tie_tol of a tier's best tie), ready to train on, or to hand to people as
 Generation is `align compare`'s (`text.*` / `image.*` settings): text is sampled at text.temperature (K greedy
 answers would be one answer), images come from the DDIM/CFG sampler at η = 1. Each generate call holds whole
 prompts, each repeated K times, and draws from a seed of (seed, call index): a run is reproducible, and `--resume`
-after a crash continues at the first prompt not written. OUT/progress.json records how many prompts and how many
-bytes of candidates.jsonl are complete (rewritten atomically after each call's lines are flushed to disk), and a
-partial call's lines are cut away on resume.
+after a crash continues at the first prompt not written. OUT/progress.json (written as the run starts, then atomically
+after each call's lines are flushed to disk) records how many prompts and how many lines of candidates.jsonl are
+complete; a partial call's lines are cut away on resume, and rankings added to the complete lines are kept.
+--out must be new, empty, or a sample run: another run's config.yaml and report.md are not written over.
 """
 from __future__ import annotations
 
@@ -87,16 +89,27 @@ def _check(cfg: SampleConfig) -> None:
 
 def _start(cfg: SampleConfig, out: Path, resume: bool) -> dict:
     """The progress of the run in `out` ({"prompts": 0, "bytes": 0, ...} for a new one); candidates.jsonl cut back
-    to its last complete call. Refuses to write over another run, or to resume with other settings."""
+    to its last complete call. Refuses to write over another run (a sample run's or a training run's config.yaml,
+    report.md), or to resume with other settings. A new run records its progress at once, so a run killed in its
+    first call resumes; one that wrote no prompt yet is started over without --resume (as training runs are)."""
     from align.config import config_dict, load_config, save_config
+    from align.runner import atomic_write_json
     fresh = {"prompts": 0, "bytes": 0, "written": 0, "skipped": 0, "seconds": 0.0}
     cands, progress = out / "candidates.jsonl", out / "progress.json"
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder: choose another --out")
     if not resume:
-        if progress.exists() or (cands.exists() and cands.stat().st_size):
+        if progress.is_file() and json.loads(progress.read_text()).get("prompts", 0):
             raise ValueError(f"{out} already holds a sample run (candidates.jsonl): --resume continues it, or choose "
                              "another --out")
+        ours = [n for n in ("config.yaml", "report.md", "images", "sheets") if (out / n).exists()]
+        if not progress.is_file() and (ours or (cands.exists() and cands.stat().st_size)):
+            raise ValueError(f"{out} holds another run's files ({', '.join(ours) or 'candidates.jsonl'}), which "
+                             "align sample would write over: choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out / "config.yaml")
+        cands.write_bytes(b"")
+        atomic_write_json(progress, fresh)
         return fresh
     if not progress.is_file():
         raise ValueError(f"--resume: {out} holds no sample run (no progress.json)")
@@ -107,35 +120,70 @@ def _start(cfg: SampleConfig, out: Path, resume: bool) -> dict:
         raise ValueError(f"--resume: {'; '.join(changed)}: the run in {out} was sampled with other settings; resume "
                          f"with its own (--config {out / 'config.yaml'} --out {out} --resume), or choose another --out")
     state = {**fresh, **json.loads(progress.read_text())}
-    with open(cands, "r+b") as f:  # a call whose lines were written but not recorded: drop it, it is redone
-        f.truncate(state["bytes"])
+    _keep_lines(cands, state["written"])
     log.info("--resume: %d prompts done (%d written, %d skipped), continuing", state["prompts"], state["written"],
              state["skipped"])
     return state
+
+
+def _keep_lines(cands: Path, n: int) -> None:
+    """Cut candidates.jsonl after its first n lines, those of the complete calls: a call whose lines were written but
+    not recorded is dropped (it is redone). Lines, not bytes: rankings added to the written lines are kept."""
+    with open(cands, "r+b") as f:
+        lines = f.read().splitlines(keepends=True)
+        if len(lines) < n:
+            raise ValueError(f"--resume: {cands} has {len(lines)} lines where {n} were written: lines were removed "
+                             "since; restore them (or choose another --out)")
+        end = sum(len(x) for x in lines[:n])
+        f.truncate(end)
+        if n and not lines[n - 1].endswith(b"\n"):  # an editor dropped the last newline: the next line starts anew
+            f.seek(end)
+            f.write(b"\n")
 
 
 def _distinct(texts: list[str]) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t.strip()))
 
 
-def _save_images(images: torch.Tensor, out: Path, index: int) -> list[str]:
+def _save_images(images: torch.Tensor, out: Path, index: int, prompt: str) -> list[str]:
     """PNGs of one prompt's K images (lossless uint8) and their sheet; the paths relative to `out`."""
     from PIL import Image
-
-    from image_rlhf.pipeline import image_grid, save_png
     names = []
-    (out / "images").mkdir(exist_ok=True)
+    for sub in ("images", "sheets"):
+        (out / sub).mkdir(exist_ok=True)
     arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
     for j, a in enumerate(arr):
         names.append(f"images/{index:06d}-{j}.png")
         Image.fromarray(a).save(out / names[-1])
-    save_png(image_grid(images, nrow=len(images)), out / "sheets" / f"{index:06d}.png")
+    _sheet(images, prompt).save(out / "sheets" / f"{index:06d}.png")
     return names
+
+
+def _sheet(images: torch.Tensor, prompt: str):
+    """A prompt's K images in a row (enlarged to >= 96 px), each candidate's index under it and the prompt above: a
+    ranker reads "3" off the sheet rather than counting to the ninth image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    from image_rlhf.pipeline import image_grid
+    grid = image_grid(images, nrow=len(images))                                        # (3, H, W), padding 2
+    row = Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    size = max(14, row.height // 24)  # readable beside 512 px images too
+    font, strip = ImageFont.load_default(size=size), size + 6
+    sheet = Image.new("RGB", (row.width, row.height + 2 * strip), "white")
+    sheet.paste(row, (0, strip))
+    draw, tile = ImageDraw.Draw(sheet), (row.width - 2) / len(images)
+    text = prompt
+    while len(text) > 1 and draw.textlength(text, font=font) > row.width - 4:
+        text = text[:-2] + "…"
+    draw.text((2, 2), text, fill="black", font=font)
+    for j in range(len(images)):
+        draw.text((2 + tile * (j + 0.5), row.height + strip + 2), str(j), fill="black", font=font, anchor="mt")
+    return sheet
 
 
 def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
     """The `align sample` job (see the module docstring). Returns the summary written to OUT/progress.json."""
-    from align.data import Conversation, load_prompts, ranking_from_scores
+    from align.data import load_prompts, ranking_from_scores
     from align.runner import atomic_write_json, atomic_write_text, progress
     _check(cfg)
     kind = cfg.kind or infer_kind(cfg.model)
@@ -146,7 +194,7 @@ def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
                          "(text.temperature sets how far apart the candidates are)")
     prompts = load_prompts(cfg.prompts)
     prompts = prompts[:cfg.limit] if cfg.limit else prompts
-    if kind == "image" and any(isinstance(p, Conversation) for p in prompts):
+    if kind == "image" and any(isinstance(p, list) for p in prompts):  # load_prompts keeps a conversation a list
         raise ValueError(f"{cfg.prompts}: conversation prompts are for text models; an image pipeline takes text")
     adapter = importlib.import_module(ADAPTERS[kind])
     adapter.check_model(cfg.model)
@@ -156,6 +204,8 @@ def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
     gen = adapter.load_generator(cfg.model, ccfg, device)
     if kind == "text":  # conversations without a chat template, a prompt over the context: before --out is touched
         gen.check_prompts([PromptItem(f"line {i + 1}", p, p) for i, p in enumerate(prompts)])
+        if hasattr(judge, "check_prompts"):  # a reward model's tokenizer must render them too
+            judge.check_prompts(prompts)
     out = Path(cfg.out)
     state = _start(cfg, out, resume)
     per_call = max(1, (cfg.batch_size or adapter.DEFAULT_BATCH_SIZE) // cfg.k)
@@ -171,7 +221,7 @@ def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
             outputs = gen([p for p in chunk for _ in range(cfg.k)], _batch_seed(cfg.seed, call))
             lines = []
             for i, prompt in enumerate(chunk):
-                record = {"prompt": prompt.messages if isinstance(prompt, Conversation) else prompt}
+                record = {"prompt": prompt}  # a conversation stays its list of messages
                 if kind == "text":
                     cands = _distinct(outputs[i * cfg.k:(i + 1) * cfg.k])
                     if len(cands) < 2:
@@ -180,12 +230,12 @@ def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
                     record["completions"] = cands
                 else:
                     cands = outputs[i * cfg.k:(i + 1) * cfg.k]
-                    record["images"] = _save_images(cands, out, start + i)
+                    record["images"] = _save_images(cands, out, start + i, prompt)
                 if judge is not None:
                     scores = check_scores(judge([prompt] * len(cands), cands), len(cands), cfg.judge,
                                           where=f"prompt {start + i + 1} of {cfg.prompts}")
-                    record["scores"] = [round(s, 6) for s in scores.tolist()]
-                    record["ranking"] = ranking_from_scores(scores.tolist(), cfg.tie_tol)
+                    record["scores"] = [round(s, 6) for s in scores.tolist()]  # the ranking is that of these
+                    record["ranking"] = ranking_from_scores(record["scores"], cfg.tie_tol)
                 lines.append(json.dumps(record, ensure_ascii=False) + "\n")
             f.write("".join(lines).encode("utf-8"))
             f.flush()
@@ -197,13 +247,17 @@ def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
     atomic_write_text(out / "report.md", _report(cfg, kind, out, state, len(prompts)))
     log.info("sample: %d prompts × K=%d -> %s (%d written, %d skipped with < 2 distinct candidates), %.1f s",
              len(prompts), cfg.k, out / "candidates.jsonl", state["written"], state["skipped"], state["seconds"])
+    if not state["written"]:
+        log.warning("sample: no prompt got 2 distinct non-empty responses, so there is nothing to rank: sample further "
+                    "apart (a higher text.temperature, more text.max_new_tokens)")
     return state
 
 
 def _report(cfg: SampleConfig, kind: str, out: Path, state: dict, n_prompts: int) -> str:
     from align.report import markdown_table
     rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
-    how = (f"sampled at temperature {cfg.text.temperature:g}, ≤ {cfg.text.max_new_tokens} new tokens" if kind == "text"
+    how = (f"sampled at temperature {cfg.text.temperature:g}, ≤ {cfg.text.max_new_tokens} new tokens"
+           + (", prompts as chat-template user turns" if cfg.text.chat_template else "") if kind == "text"
            else f"{cfg.image.num_steps} DDIM steps, η = {cfg.image.eta:g}, guidance {cfg.image.guidance_scale:g}")
     text = (f"# Candidates for ranking\n\nModel `{cfg.model}`, {n_prompts} prompts from `{cfg.prompts}`, K = {cfg.k} "
             f"candidates each ({how}; seed {cfg.seed}); {state['seconds']:.1f} s.\n\n"
@@ -211,8 +265,11 @@ def _report(cfg: SampleConfig, kind: str, out: Path, state: dict, n_prompts: int
             + (f"; {state['skipped']} skipped, with fewer than 2 distinct non-empty responses" if state["skipped"]
                else "") + ".\n")
     if kind == "image":
-        text += "- `images/`: one PNG per candidate; `sheets/`: a prompt's K in a row, index 0 on the left.\n"
-    ranked = "rm --data " + str(out / "candidates.jsonl")
+        text += ("- `images/`: one PNG per candidate; `sheets/`: a prompt's K in a row, index 0 on the left, the "
+                 "prompt above and each candidate's index below.\n")
+    trunk = "--model SFT_MODEL" if kind == "text" else "--clip CLIP"  # the RM's trunk, which sample does not know
+    chat = " chat_template=true" if kind == "text" and cfg.text.chat_template else ""  # the RM reads them so too
+    ranked = f"rm {trunk} --data {out / 'candidates.jsonl'}{chat}"
     if cfg.judge:
         text += (f"- Ranked by the judge `{cfg.judge}` (`scores`, `ranking`; ties within {cfg.tie_tol:g}): train on "
                  f"them with `align {kind} {ranked}`, or correct the rankings first.\n")

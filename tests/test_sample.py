@@ -122,7 +122,99 @@ def test_image_candidates_sheets_and_image_rm_input(tmp_path, tiny_sd_path):
                             for p in r["images"]]).permute(0, 3, 1, 2).float() / 255
         assert torch.allclose(mean_judge(None, imgs), torch.tensor(r["scores"]), atol=3e-3)
         assert r["ranking"] == ranking_from_scores(r["scores"])
-    sheet = Image.open(tmp_path / "i" / "sheets" / "000001.png")
-    assert sheet.width > 2.5 * sheet.height  # K = 3 in a row
+    sheet = np.array(Image.open(tmp_path / "i" / "sheets" / "000001.png").convert("L"))
+    tile = (sheet.shape[1] - 2) / 3  # K = 3 in a row, each >= 96 px, with its prompt above and its index below
+    assert tile >= 96 and sheet.shape[0] < 1.6 * tile
+    strip = 20  # the text strips above and below the images (14 px font)
+    for rows in (sheet[:strip], sheet[-strip:]):  # dark text on white
+        assert rows.mean() > 200 and (rows < 128).any()
+    for j in range(3):  # each index, under its own image
+        assert (sheet[-strip:, int(j * tile + 0.3 * tile):int(j * tile + 0.7 * tile)] < 128).any()
     groups = load_preferences(tmp_path / "i" / "candidates.jsonl", candidates="path")
     assert len(groups) == 2 and groups[0].candidates[0].endswith("images/000000-0.png")
+
+
+def test_out_of_another_run_or_a_file_is_refused_untouched(tmp_path, tiny_gpt2, caplog):
+    """--out pointing at a training run's folder wrote its config.yaml and report.md over; a file was an Errno."""
+    prompts = _prompts(tmp_path / "p.txt")
+    sft = tmp_path / "sft"
+    sft.mkdir()
+    (sft / "config.yaml").write_text("lr: 0.001\n")
+    (sft / "report.md").write_text("# SFT\n")
+    assert _run(tmp_path, tiny_gpt2, prompts, sft) == 2
+    assert "holds another run's files (config.yaml, report.md)" in caplog.text
+    assert sorted(p.name for p in sft.iterdir()) == ["config.yaml", "report.md"]
+    assert (sft / "config.yaml").read_text() == "lr: 0.001\n" and (sft / "report.md").read_text() == "# SFT\n"
+    (tmp_path / "file").write_text("x")
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "file") == 2
+    assert "is a file, not a folder" in caplog.text
+    (tmp_path / "empty").mkdir()  # an empty folder, or one holding other files (the prompts), is fine
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "empty") == 0
+
+
+def test_resume_of_a_run_killed_in_its_first_call_and_of_a_ranked_file(tmp_path, tiny_gpt2, monkeypatch):
+    """A run killed before its first call was recorded had no progress.json, so --resume refused it; --resume of a
+    finished (or partial) run cut candidates.jsonl at the recorded byte count, through the rankings added to it."""
+    prompts = _prompts(tmp_path / "p.txt", n=4)
+    judge = ["--judge", "test_sample:crashing_judge"]
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "whole", *judge) == 0
+    monkeypatch.setenv("SAMPLE_CRASH_AT", "count the words 0")  # dies in the first call
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "cut", *judge) == 2
+    monkeypatch.delenv("SAMPLE_CRASH_AT")
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "cut", *judge, "--resume") == 0
+    whole = (tmp_path / "whole" / "candidates.jsonl").read_text()
+    assert (tmp_path / "cut" / "candidates.jsonl").read_text() == whole
+    # nothing written yet: a new run (other settings) starts over in the folder without --resume
+    monkeypatch.setenv("SAMPLE_CRASH_AT", "count the words 0")
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "redo", *judge) == 2
+    monkeypatch.delenv("SAMPLE_CRASH_AT")
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "redo", *judge, "seed=1") == 0
+    # a labeler ranks the first line of a finished run (the editor drops the final newline), then --resume
+    cands = tmp_path / "whole" / "candidates.jsonl"
+    lines = [json.loads(x) for x in whole.splitlines()]
+    lines[0]["ranking"] = [[1, 0]] + list(range(2, len(lines[0]["completions"])))
+    cands.write_text("\n".join(json.dumps(r) for r in lines))
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "whole", *judge, "--resume") == 0
+    assert [json.loads(x) for x in cands.read_text().splitlines()] == lines
+    assert load_preferences(cands)[0].pairs[0].label == 0.5  # the labeler's tie, kept
+    cands.write_text("\n".join(json.dumps(r) for r in lines[:2]) + "\n")  # lines lost since: refused, not padded
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "whole", *judge, "--resume") == 2
+
+
+def _chat_lm(tmp_path):
+    from text_rlhf.tiny import build_bpe_tokenizer, tiny_causal_lm
+    from conftest import CORPUS
+    tok = build_bpe_tokenizer(CORPUS, 300, pad=True)
+    tok.chat_template = ("{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
+    tiny_causal_lm("llama", tok).save_pretrained(tmp_path / "chat")
+    tok.save_pretrained(tmp_path / "chat")
+    return str(tmp_path / "chat")
+
+
+def test_conversations_a_judge_or_a_pipeline_cannot_read_fail_before_the_folder(tmp_path, tiny_gpt2, tiny_sd_path,
+                                                                               caplog):
+    """A reward-model judge without a chat template failed at its first score, after generating, with --out written;
+    conversation prompts to an image pipeline reached its tokenizer (a cryptic type error), --out written."""
+    from transformers import AutoModelForSequenceClassification
+
+    from text_rlhf.models import load_tokenizer
+    conv = tmp_path / "c.jsonl"
+    conv.write_text(json.dumps({"messages": [{"role": "user", "content": "count the words"}]}) + "\n")
+    torch.manual_seed(0)
+    cfg = AutoModelForSequenceClassification.from_pretrained(tiny_gpt2, num_labels=1).config
+    AutoModelForSequenceClassification.from_config(cfg).save_pretrained(tmp_path / "rm")
+    load_tokenizer(tiny_gpt2).save_pretrained(tmp_path / "rm")
+    assert _run(tmp_path, _chat_lm(tmp_path), str(conv), tmp_path / "o", "--judge", str(tmp_path / "rm")) == 2
+    assert re.search(r"--judge .*rm: the tokenizer .* has no chat template", caplog.text), caplog.text
+    assert _run(tmp_path, tiny_sd_path, str(conv), tmp_path / "o") == 2
+    assert "conversation prompts are for text models" in caplog.text
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_json_array_of_prompts_is_named(tmp_path):
+    from align.data import DataError, load_prompts
+    for text in ('[{"prompt": "a"}, {"prompt": "b"}]\n', '[\n  {"prompt": "a"}\n]\n'):
+        (tmp_path / "p.json").write_text(text)
+        with pytest.raises(DataError, match=r"p.json:1: .*a JSON array\? JSON Lines is one object per line"):
+            load_prompts(tmp_path / "p.json")

@@ -112,7 +112,7 @@ class RMJudge:
     trained (`load_reward_scorer`: where that model reads it; an encoder's `[CLS] prompt [SEP] response [SEP]`)."""
 
     def __init__(self, path: str, device="cpu", dtype=torch.float32, chat_template: bool = False):
-        self.tok = load_tokenizer(path, padding_side="right")
+        self.tok, self.path = load_tokenizer(path, padding_side="right"), path
         self.chat_template = chat_template  # prompts as a user turn of the RM's own template, as it was trained
         if chat_template:  # a judge without one fails now, not after the first model's generations
             format_prompts(self.tok, ["x"], True, f"compare: text.chat_template (the judge {path!r})")
@@ -120,6 +120,10 @@ class RMJudge:
         scorer.requires_grad_(False)
         limit = max_positions(scorer.model.config) or 10 ** 6
         self.score = TextScorer(scorer, self.tok, min(limit, self.tok.model_max_length), device)
+
+    def check_prompts(self, prompts) -> None:
+        """Conversations need the judge's chat template too: fail before generating, not at the first score."""
+        format_prompts(self.tok, list(prompts), self.chat_template, f"--judge {self.path}")
 
     @torch.no_grad()
     def __call__(self, prompts, responses) -> torch.Tensor:

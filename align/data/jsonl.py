@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 
 _PAIR_KEYS = ("chosen", "rejected")
 _RANK_KEYS = ("completions", "images")
+_ARRAY = "; a JSON array? JSON Lines is one object per line, e.g. `jq -c '.[]' in.json > out.jsonl`"
 
 
 def read_jsonl(path) -> Iterator[tuple[int, dict]]:
@@ -46,11 +47,11 @@ def read_jsonl(path) -> Iterator[tuple[int, dict]]:
                 obj = json.loads(text)
             except json.JSONDecodeError as e:
                 col = e.colno if e.lineno == 1 else len(text.splitlines()[0]) + 1  # a brace missing at the end
-                raise DataError(f"malformed JSON: {e.msg} (column {col})",
-                                path=path, line=lineno) from None
+                array = _ARRAY if lineno == 1 and text.lstrip()[:1] == "[" else ""
+                raise DataError(f"malformed JSON: {e.msg} (column {col}){array}", path=path, line=lineno) from None
             if not isinstance(obj, dict):
-                raise DataError(f"expected a JSON object, got {type(obj).__name__}",
-                                path=path, line=lineno)
+                raise DataError(f"expected a JSON object, got {type(obj).__name__}"
+                                + (_ARRAY if isinstance(obj, list) and lineno == 1 else ""), path=path, line=lineno)
             yield lineno, obj
 
 
