@@ -401,12 +401,16 @@ def run_compare(cfg: CompareConfig, echo: bool = True) -> dict:
     items = load_compare_prompts(cfg.prompts, template)
     if cfg.limit > 0:
         items = items[:cfg.limit]
+    if kind == "image" and any(isinstance(v, list) for it in items for v in (it.plain, it.engineered)):
+        raise ValueError(f"{cfg.prompts}: conversation prompts are for chat models; an image pipeline takes text")
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     adapter = importlib.import_module(ADAPTERS[kind])
     for path in models.values():  # a typo or a wrong folder in a later --model fails now, not after the first's arms
         adapter.check_model(path)
     batch_size = cfg.batch_size or adapter.DEFAULT_BATCH_SIZE
     judge = adapter.load_judge(cfg.judge, cfg, device)
+    if hasattr(judge, "check_prompts"):  # e.g. conversations need a reward model's chat template: before generating
+        judge.check_prompts([it.plain for it in items])
     threshold = cfg.success_threshold
     if threshold is None and isinstance(judge, FunctionJudge):  # not pickscore:MODEL, whose scale is its own
         threshold = 1.0

@@ -82,21 +82,29 @@ def load_compare_prompts(path, template: Template | None = None) -> list[PromptI
     JSONL (.jsonl/.json): {"prompt": plain, "engineered"?: variant, "id"?: str|int} per line; a
     line without "engineered" takes `template(prompt)`, and a line with it must not also get a
     template. Any other file: one plain prompt per non-blank line, engineered by `template`.
+    A prompt (and its "engineered") may be a conversation in TRL's format, a list of {"role", "content"} ending
+    with the user's turn, for chat models (rendered with their chat template); a template then rewrites the content
+    of that last user turn: what the user writes is what prompt engineering changes.
     Ids default to the line number. Errors are DataError "file:line: field 'x': message".
     """
+    from align.data.jsonl import _messages
     items, seen = [], {}
     if Path(path).suffix.lower() in (".jsonl", ".json"):
         for line, obj in read_jsonl(path):
             rec = _Record(path, line, obj)
-            plain = rec.text("prompt", rec.require("prompt"))
-            engineered = rec.get("engineered", (str,), "a string", required=False)
+            plain = rec.require("prompt")
+            plain = _messages(rec, "prompt", plain, last="user") if isinstance(plain, list) else rec.text("prompt", plain)
+            engineered = rec.get("engineered", (str, list), "a string or a conversation", required=False)
             if engineered is not None:
-                rec.text("engineered", engineered)
+                engineered = (_messages(rec, "engineered", engineered, last="user") if isinstance(engineered, list)
+                              else rec.text("engineered", engineered))
                 if template is not None:
                     raise rec.error(f"given here and by --template {template.name!r}: use one or the other",
                                     "engineered")
             elif template is None:
                 raise rec.error("missing (give it on every line, or pass --template)", "engineered")
+            elif isinstance(plain, list):  # the template rewrites the user's last turn
+                engineered = plain[:-1] + [{"role": "user", "content": template(plain[-1]["content"])}]
             else:
                 engineered = template(plain)
             pid = rec.get("id", (str, int), "a string or an integer", required=False)

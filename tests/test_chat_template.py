@@ -287,3 +287,33 @@ def test_conversational_preferences_from_jsonl_and_datasets(tmp_path, monkeypatc
     with pytest.raises(ValueError, match="has no chat template"):
         rm_mod.run_rm(load_config(rm_mod.RMConfig, None, ["epochs=1", "allow_duplicates=true"],
                                   model=_chat_model(tmp_path, False, None), data=str(path), out=str(tmp_path / "rm2")))
+
+
+def test_compare_takes_conversation_prompts_and_templates_the_last_user_turn(tmp_path, tiny_gpt2, tiny_sd_path):
+    """align compare with TRL conversations as prompts: the chat model gets them in its template, a --template
+    rewrites the user's last turn (the engineered variant of what the user writes), and the judge sees the plain
+    conversation; a model or an image pipeline that cannot read them fails before generating."""
+    from align.compare import CompareConfig, load_compare_prompts, make_template, run_compare
+    model = _chat_model(tmp_path, True)
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": CONV[:2]}) + "\n" + json.dumps({"prompt": "add 1 and 1:"}) + "\n")
+    items = load_compare_prompts(prompts, make_template("Please: {prompt}"))
+    assert items[0].plain == CONV[:2]
+    assert items[0].engineered == [CONV[0], {"role": "user", "content": "Please: " + CONV[1]["content"]}]
+    assert items[1].engineered == "Please: add 1 and 1:"
+    cfg = CompareConfig(models=[f"chat={model}"], prompts=str(prompts), judge="test_chat_template:prompt_kind",
+                        template="Please: {prompt}", n_boot=10)
+    cfg.text.max_new_tokens = 3
+    res = run_compare(cfg)
+    assert res["arm_objects"]["chat-plain"].scores[:, 0].tolist() == [1.0, 0.0]  # the judge saw the plain prompts
+    with pytest.raises(ValueError, match="has no chat template"):
+        run_compare(CompareConfig(models=[tiny_gpt2], prompts=str(prompts), judge="test_chat_template:prompt_kind",
+                                  template="Please: {prompt}"))
+    with pytest.raises(ValueError, match="conversation prompts are for chat models"):
+        run_compare(CompareConfig(models=[tiny_sd_path], prompts=str(prompts), judge="brightness",
+                                  template="Please: {prompt}"))
+
+
+def prompt_kind(prompts, outputs):
+    """1 for a conversation (the plain one: its last turn not rewritten), 0 for a text prompt."""
+    return [float(isinstance(p, list) and not p[-1]["content"].startswith("Please")) for p in prompts]
