@@ -93,7 +93,8 @@ def load_compare_prompts(path, template: Template | None = None) -> list[PromptI
         for line, obj in read_jsonl(path):
             rec = _Record(path, line, obj)
             plain = rec.require("prompt")
-            plain = _messages(rec, "prompt", plain, last="user") if isinstance(plain, list) else rec.text("prompt", plain)
+            plain = (_messages(rec, "prompt", plain, last="user") if isinstance(plain, list)
+                     else rec.text("prompt", plain))
             engineered = rec.get("engineered", (str, list), "a string or a conversation", required=False)
             if engineered is not None:
                 engineered = (_messages(rec, "engineered", engineered, last="user") if isinstance(engineered, list)
