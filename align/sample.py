@@ -219,24 +219,33 @@ def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
                 continue
             chunk = prompts[start:start + per_call]
             outputs = gen([p for p in chunk for _ in range(cfg.k)], _batch_seed(cfg.seed, call))
-            lines = []
-            for i, prompt in enumerate(chunk):
+            kept = []  # (index, prompt, record, candidates) of the call's prompts left with two or more
+            for i, prompt in enumerate(chunk, start=start):
                 record = {"prompt": prompt}  # a conversation stays its list of messages
+                j = (i - start) * cfg.k
                 if kind == "text":
-                    cands = _distinct(outputs[i * cfg.k:(i + 1) * cfg.k])
+                    cands = _distinct(outputs[j:j + cfg.k])
                     if len(cands) < 2:
                         state["skipped"] += 1
                         continue
                     record["completions"] = cands
                 else:
-                    cands = outputs[i * cfg.k:(i + 1) * cfg.k]
-                    record["images"] = _save_images(cands, out, start + i, prompt)
-                if judge is not None:
-                    scores = check_scores(judge([prompt] * len(cands), cands), len(cands), cfg.judge,
-                                          where=f"prompt {start + i + 1} of {cfg.prompts}")
-                    record["scores"] = [round(s, 6) for s in scores.tolist()]  # the ranking is that of these
+                    cands = outputs[j:j + cfg.k]
+                    record["images"] = _save_images(cands, out, i, prompt)
+                kept.append((i, prompt, record, cands))
+            if judge is not None and kept:  # one judge call for the generate call's candidates, not one per prompt
+                n = [len(cands) for *_, cands in kept]
+                scores = check_scores(
+                    judge([p for (_, p, _, _), k in zip(kept, n) for _ in range(k)],
+                          [c for *_, cands in kept for c in cands] if kind == "text" else
+                          torch.cat([cands for *_, cands in kept])),
+                    sum(n), cfg.judge, ids=[f"{cfg.prompts}: prompt {i + 1}" for (i, *_), k in zip(kept, n)
+                                            for _ in range(k)]).tolist()
+                for (*_, record, _), k in zip(kept, n):
+                    mine, scores = scores[:k], scores[k:]
+                    record["scores"] = [round(s, 6) for s in mine]  # the ranking is that of the scores as written
                     record["ranking"] = ranking_from_scores(record["scores"], cfg.tie_tol)
-                lines.append(json.dumps(record, ensure_ascii=False) + "\n")
+            lines = [json.dumps(record, ensure_ascii=False) + "\n" for _, _, record, _ in kept]
             f.write("".join(lines).encode("utf-8"))
             f.flush()
             os.fsync(f.fileno())

@@ -342,6 +342,32 @@ def test_split_hh():
         split_hh("Human: a", "Human: b")
 
 
+def test_split_hh_is_linear_in_the_conversation_length():
+    """The shared prefix was found one character at a time in Python: 19 s of a 160k-row HH load (conversations of
+    ~1.5k characters), 22.9 s in all; by slice comparisons (C memcmp) it takes milliseconds."""
+    import random
+    import time
+    rng = random.Random(0)
+    for _ in range(500):  # the common prefix's length, against a plain loop, on short random texts
+        a, b = ("".join(rng.choice("ab") for _ in range(rng.randint(0, 9))) for _ in range(2))
+        assert split_hh("\n\nAssistant:" + a, "\n\nAssistant:" + b) == ("\n\nAssistant:", a, b)
+    turn = "\n\nHuman: " + "why is the sky blue? " * 5000 + "\n\nAssistant:"  # 100k characters shared
+    start = time.perf_counter()
+    for i in range(200):  # the character loop: ~1.2 s here (6 ms a pair)
+        assert split_hh(turn + f" yes {i}", turn + f" no {i}")[0] == turn
+    assert time.perf_counter() - start < 0.6
+
+
+def test_hf_rows_are_read_in_batches(monkeypatch):
+    """`datasets` formats a row read alone at ~70 µs (11 s of a 160k-row load): rows are read a batch at a time."""
+    datasets = pytest.importorskip("datasets")
+
+    def one_by_one(self):
+        raise AssertionError("rows read one at a time")
+    monkeypatch.setattr(datasets.Dataset, "__iter__", one_by_one)
+    assert len(load_hf_preferences(hh_dataset())) == 3
+
+
 def hh_dataset():
     datasets = pytest.importorskip("datasets")
     turn = "\n\nHuman: {q}\n\nAssistant:"

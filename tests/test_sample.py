@@ -21,6 +21,15 @@ def crashing_judge(prompts, responses):
     return length_judge(prompts, responses)
 
 
+JUDGE_CALLS = []
+
+
+def counting_judge(prompts, responses):
+    """length_judge, recording each call's prompts; NaN for the prompt named by $SAMPLE_NAN_AT."""
+    JUDGE_CALLS.append(list(prompts))
+    return [float("nan") if p == os.environ.get("SAMPLE_NAN_AT") else float(len(r)) for p, r in zip(prompts, responses)]
+
+
 def mean_judge(prompts, images):
     return images.mean(dim=(1, 2, 3))
 
@@ -90,6 +99,22 @@ def test_resume_after_a_crash_gives_the_uninterrupted_file(tmp_path, tiny_gpt2, 
     assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "cut", *judge, "seed=1", "--resume") == 2  # other settings
     assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "cut", *judge, "--resume") == 0
     assert (tmp_path / "cut" / "candidates.jsonl").read_bytes() == (tmp_path / "whole" / "candidates.jsonl").read_bytes()
+
+
+def test_judge_scores_each_generate_call_at_once(tmp_path, tiny_gpt2, monkeypatch, caplog):
+    """The judge was called once per prompt, K candidates at a time (10k prompts: 10k calls of 4, ~5 ms each with a
+    tiny RM, a quarter of the run): now once per generate call, with the scores split back per prompt; a NaN still
+    names its prompt."""
+    JUDGE_CALLS.clear()
+    prompts = _prompts(tmp_path / "p.txt", n=5)
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "j", "--judge", "test_sample:counting_judge") == 0
+    assert [sorted(set(c)) for c in JUDGE_CALLS] == [[f"count the words {i}" for i in (0, 1)],
+                                                     [f"count the words {i}" for i in (2, 3)], ["count the words 4"]]
+    for r in (json.loads(x) for x in (tmp_path / "j" / "candidates.jsonl").read_text().splitlines()):
+        assert r["scores"] == [float(len(c)) for c in r["completions"]]
+    monkeypatch.setenv("SAMPLE_NAN_AT", "count the words 3")
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "nan", "--judge", "test_sample:counting_judge") == 2
+    assert "p.txt: prompt 4" in caplog.text
 
 
 def test_bad_settings_fail_before_the_folder(tmp_path, tiny_gpt2, caplog):

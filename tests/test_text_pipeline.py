@@ -85,6 +85,26 @@ def test_rm_tokenizes_each_pair_once_and_evaluates_the_final_model_once(tiny_gpt
     assert logged["rm/eval_loss"] == held["loss"] and logged["step"] == max(r["step"] for r in metrics(tmp_path / "rm"))
 
 
+def test_one_epoch_rm_keeps_no_training_token_ids(tiny_gpt2, data, tmp_path, monkeypatch):
+    """One epoch scores each training pair once: its ids were kept all the same (~0.5 GB for HH's 160k pairs). Only
+    the held-out pairs', scored at every evaluation, are kept; with more epochs the training pairs' too (above)."""
+    import text_rlhf.rm as rm
+    scorers = []
+
+    class Recording(rm.TextScorer):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            scorers.append(self)
+    monkeypatch.setattr(rm, "TextScorer", Recording)
+    cfg = load_config(RMConfig, None, ["epochs=1", "max_pairs_per_batch=16", "eval_fraction=0.2"],
+                      model=tiny_gpt2, data=data["prefs"], out=str(tmp_path / "rm"))
+    run_rm(cfg)
+    train, held = scorers
+    assert train.ids is None and held.ids
+    held_prompts = {p for p, _ in held.ids}
+    assert len(held_prompts) == int(len({g.prompt for g in rm.load_groups(data["prefs"])}) * 0.2)
+
+
 def test_ppo_raises_reward_with_bounded_kl(tiny_gpt2, data, tmp_path):
     # seeds 0-2 measured: the vowel share goes 0.10-0.11 -> 0.14-0.16 (last 3 vs first 3 iterations), KL ~1
     cfg = load_config(PPOConfig, None, ["iterations=10", "batch_size=64", "ppo.mini_batch_size=32", "lr=3e-3",

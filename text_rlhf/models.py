@@ -288,7 +288,9 @@ def encode_pairs(tokenizer, prompts: list[str], responses: list[str], max_length
     the response and the EOS the score is read at survive (cutting the end would make two candidates of a
     long prompt the same sequence, scored at a prompt token); a response longer than max_length alone
     keeps its first tokens and the EOS. How many were cut is logged."""
-    p_ids = tokenizer(list(prompts), add_special_tokens=True)["input_ids"]
+    distinct = list(dict.fromkeys(prompts))  # a ranked group's K candidates share one prompt: tokenized once
+    by_prompt = dict(zip(distinct, tokenizer(distinct, add_special_tokens=True)["input_ids"]))
+    p_ids = [by_prompt[p] for p in prompts]
     r_ids = encode_responses(tokenizer, prompts, responses, p_ids)
     eos = [tokenizer.eos_token_id] if add_eos else []
     bos = tokenizer.bos_token_id

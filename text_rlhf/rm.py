@@ -165,9 +165,11 @@ def run_rm(cfg: RMConfig, resume: bool = False) -> Path:
             set_peft_model_state_dict(acc.unwrap_model(scorer).model,
                                       load_file(str(run.resume_dir / "model" / "adapter" / "adapter_model.safetensors")))
     log.info("rm: %s; %d steps", split_summary(train, held), total_steps)
-    token_ids = {}  # (prompt, response) -> ids, tokenized once for every epoch and evaluation
-    score_fn = TextScorer(scorer, tok, cfg.max_length, acc.device, acc.autocast, token_ids)
-    eval_score_fn = TextScorer(acc.unwrap_model(scorer), tok, cfg.max_length, acc.device, acc.autocast, token_ids)
+    # (prompt, response) -> ids, tokenized once for every epoch and evaluation. One epoch scores each training pair
+    # once: kept, HH's 160k pairs would hold ~0.5 GB of ids that are never read again
+    train_ids = {} if cfg.epochs > 1 else None
+    score_fn = TextScorer(scorer, tok, cfg.max_length, acc.device, acc.autocast, train_ids)
+    eval_score_fn = TextScorer(acc.unwrap_model(scorer), tok, cfg.max_length, acc.device, acc.autocast, {})
 
     def write(ckpt_dir: Path):
         save_hf(acc.unwrap_model(scorer).model, tok, ckpt_dir / "model", merge_lora=False)

@@ -62,24 +62,26 @@ class SFTConfig:
     log_every: int = 10
 
 
-def encode_sft(tokenizer, records: list[dict], max_length: int, where: list[str] | None = None
-               ) -> list[tuple[list[int], list[int]]]:
-    """(input_ids, labels) per record; labels −100 on the prompt. Records whose response is cut
+def encode_sft(tokenizer, records: list[dict], max_length: int, where: list[str] | None = None,
+               chunk: int = 1024) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(input_ids, labels) per record, int32 tensors; labels −100 on the prompt. Records whose response is cut
     away entirely by max_length are an error (naming the record: where[i], e.g. "demos.jsonl:7"), not
-    silently dropped."""
-    if not records:  # eval_fraction=0: fast tokenizers raise IndexError on an empty batch
-        return []
-    prompts = [r["prompt"] for r in records]
-    p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
-    r_ids = encode_responses(tokenizer, prompts, [r["response"] for r in records], p_ids)
+    silently dropped. Tokenized `chunk` records at a time and kept as tensors: Python lists of ints cost ~36 bytes
+    a token (measured: 0.73 GB for 20k HH demonstrations of ~260 tokens, ids and labels), int32 tensors 8."""
     out = []
-    for i, (p, r) in enumerate(zip(p_ids, r_ids)):
-        ids = (p + r + [tokenizer.eos_token_id])[:max_length]
-        labels = ([-100] * len(p) + r + [tokenizer.eos_token_id])[:max_length]
-        if all(l == -100 for l in labels):
-            raise ValueError(f"{where[i] if where else f'record {i + 1}'}: field 'prompt': the prompt alone has "
-                             f"{len(p)} tokens >= max_length={max_length}; raise max_length or shorten the prompt")
-        out.append((ids, labels))
+    for start in range(0, len(records), chunk):  # (none for eval_fraction=0: fast tokenizers fail on an empty batch)
+        part = records[start:start + chunk]
+        prompts = [r["prompt"] for r in part]
+        p_ids = tokenizer(prompts, add_special_tokens=True)["input_ids"]
+        r_ids = encode_responses(tokenizer, prompts, [r["response"] for r in part], p_ids)
+        for i, (p, r) in enumerate(zip(p_ids, r_ids), start=start):
+            if len(p) >= max_length:
+                raise ValueError(f"{where[i] if where else f'record {i + 1}'}: field 'prompt': the prompt alone has "
+                                 f"{len(p)} tokens >= max_length={max_length}; raise max_length or shorten the prompt")
+            ids = torch.tensor((p + r + [tokenizer.eos_token_id])[:max_length], dtype=torch.int32)
+            labels = ids.clone()
+            labels[:len(p)] = -100
+            out.append((ids, labels))
     return out
 
 
@@ -111,7 +113,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> Path:
     n_eval = int(len(records) * cfg.eval_fraction) if len(records) > 1 else 0
     eval_set = [encoded[i] for i in order[:n_eval]]
     train_set = [encoded[i] for i in order[n_eval:]]
-    n_predicted = [sum(label != -100 for label in labels[1:]) for _, labels in train_set]  # tokens in the loss
+    n_predicted = [int((labels[1:] != -100).sum()) for _, labels in train_set]  # tokens in the loss
 
     model = load_causal_lm(cfg.model)
     if cfg.gradient_checkpointing:

@@ -25,16 +25,34 @@ def split_hh(chosen: str, rejected: str) -> tuple[str, str, str]:
     prompt is the longest shared prefix that ends with "\\n\\nAssistant:"; the responses are
     what follows it in each conversation. Raises DataError if they share no assistant turn.
     """
-    n = 0
-    limit = min(len(chosen), len(rejected))
-    while n < limit and chosen[n] == rejected[n]:
-        n += 1
+    n = _common_prefix_length(chosen, rejected)
     cut = chosen.rfind(ASSISTANT, 0, n)  # the marker must lie wholly in the shared prefix
     if cut < 0:
         raise DataError(f"the two conversations share no {ASSISTANT!r} turn "
                         "(expected Anthropic HH format, or pass prompt_field=)")
     end = cut + len(ASSISTANT)
     return chosen[:end], chosen[end:], rejected[end:]
+
+
+def _common_prefix_length(a: str, b: str) -> int:
+    """len of the longest common prefix, by bisection on slice comparisons (C memcmp): a character loop in Python
+    took 19 s of a 160k-row HH load (conversations of ~1.5k characters)."""
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[lo:mid] == b[lo:mid]:  # the first `lo` characters are already known equal
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def iter_rows(dataset, columns: list[str], batch_size: int = 1000):
+    """The rows of `dataset` as dicts of `columns`, read in batches: `datasets` formats a row read one by one at
+    ~70 µs (11 s of a 160k-row load), a batch's rows at ~1 µs each."""
+    for batch in dataset.select_columns(columns).iter(batch_size=batch_size):
+        for values in zip(*(batch[c] for c in columns)):
+            yield dict(zip(columns, values))
 
 
 def _import_datasets():
@@ -136,7 +154,7 @@ def load_hf_preferences(dataset, split="train", *, chosen_field="chosen",
         dataset = dataset.select(range(min(limit, len(dataset))))
 
     groups, identical, empty, repeats, seen = [], 0, 0, 0, set()
-    for row_idx, row in enumerate(dataset.select_columns(fields)):
+    for row_idx, row in enumerate(iter_rows(dataset, fields)):
         texts = _row_texts(row, row_idx, name, fields, prompt_field, chosen_field, rejected_field)
         if texts is None:  # a conversation whose last message is empty
             empty += 1

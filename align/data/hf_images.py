@@ -18,7 +18,7 @@ import logging
 import math
 from pathlib import Path
 
-from .hf import open_dataset
+from .hf import iter_rows, open_dataset
 from .records import DataError, PreferenceGroup, group_from_pair
 
 logger = logging.getLogger(__name__)
@@ -123,7 +123,8 @@ def load_hf_image_preferences(dataset, split: str = "train", *, limit=None) -> t
     images = HFImages(name, dataset, root)
     skipped = {"no preference": 0, "an empty prompt": 0, "the same image twice": 0, "a repeat of an earlier row": 0}
     groups, seen = [], set()
-    for row, rec in enumerate(dataset.select_columns([prompt_col, *(label_cols or ()), *image_cols])):
+    # batches of 32 rows: read one by one, `datasets` spends ~100 µs formatting each; Pick-a-Pic's images are ~1 MB
+    for row, rec in enumerate(iter_rows(dataset, [prompt_col, *(label_cols or ()), *image_cols], batch_size=32)):
         prompt = rec[prompt_col]
         if not isinstance(prompt, str):
             raise DataError(f"expected a string, got {type(prompt).__name__}", path=name, line=row, field=prompt_col)
