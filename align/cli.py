@@ -118,7 +118,6 @@ def _compare(args) -> None:
     compare.run_compare(load_config(compare.CompareConfig, args.config, args.overrides, **fields))
 
 
-
 def add_sample_parser(sub) -> None:
     s = sub.add_parser("sample", help="K candidates per prompt from a text model or image pipeline, written for "
                                       "people (or a judge) to rank: the reward model's data")
@@ -142,6 +141,7 @@ def _sample(args) -> None:
     fields = {"model": args.model, "kind": args.kind, "prompts": args.prompts, "k": args.k, "judge": args.judge,
               "out": args.out}
     sample.run_sample(load_config(sample.SampleConfig, args.config, args.overrides, **fields), resume=args.resume)
+
 
 def _seeds(spec: str | None) -> list[int] | None:
     if not spec:

@@ -263,8 +263,12 @@ def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
 
 
 def _report(cfg: SampleConfig, kind: str, out: Path, state: dict, n_prompts: int) -> str:
+    from itertools import islice
+
+    from align.data import read_jsonl
     from align.report import markdown_table
-    rows = [json.loads(line) for line in (out / "candidates.jsonl").read_text(encoding="utf-8").splitlines()[:3]]
+    # read_jsonl's lines end at \n only: str.splitlines also splits inside a completion holding U+2028 or U+0085
+    rows = [obj for _, obj in islice(read_jsonl(out / "candidates.jsonl"), 3)]
     how = (f"sampled at temperature {cfg.text.temperature:g}, ≤ {cfg.text.max_new_tokens} new tokens"
            + (", prompts as chat-template user turns" if cfg.text.chat_template else "") if kind == "text"
            else f"{cfg.image.num_steps} DDIM steps, η = {cfg.image.eta:g}, guidance {cfg.image.guidance_scale:g}")

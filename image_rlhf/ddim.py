@@ -82,8 +82,8 @@ def ddim_step_with_logprob(scheduler: DDIMScheduler, model_output: torch.Tensor,
         raise ValueError("scheduler.num_inference_steps is None: call scheduler.set_timesteps(S) first")
     if reduce not in ("mean", "sum"):
         raise ValueError(f"reduce must be 'mean' or 'sum', got {reduce!r}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta}")
+    if not 0 <= eta <= 1:  # η > 1: σ_t² > 1 − ᾱ_{t−1} (NaN in DDIMScheduler.step), which the clamp below would hide
+        raise ValueError(f"eta must be in [0, 1] (η > 1 makes σ_t² exceed 1 − ᾱ_(t−1): no DDIM step), got {eta}")
     if eta == 0 and prev_sample is not None:
         raise ValueError("eta = 0 makes the DDIM step deterministic (σ_t = 0): a given prev_sample "
                          "has no log-density; use eta > 0 (DDPO samples with eta = 1)")

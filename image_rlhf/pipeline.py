@@ -186,7 +186,7 @@ def load_pipeline(src: str | Path, device="cpu", dtype: torch.dtype = torch.floa
     def only_fp16(name) -> bool:  # a local folder whose weights are all *.fp16.*: load that variant first (trying the
         folder = Path(src) / name  # plain files has diffusers log an ERROR line before the fallback works)
         weights = [f.name for f in folder.glob("*") if f.suffix in (".safetensors", ".bin")] if local else []
-        return bool(weights) and all(".fp16." in w for w in weights)
+        return bool(weights) and all(".fp16." in w or ".fp16-" in w for w in weights)  # -00001-of-00002: shards
 
     def load(name, fn, **kw):
         try:

@@ -165,6 +165,16 @@ def test_zero_snr_schedules_v_prediction_steps_and_epsilon_is_refused():
         ddim_step_with_logprob(sched, x, sched.timesteps[0], x, eta=1.0)
 
 
+def test_eta_above_one_is_refused_not_clamped():
+    """The clamp of 1 − ᾱ_(t−1) − σ_t² at 0 (zero-SNR rounding, above) turned η > 1, where it is negative at every
+    step and DDIMScheduler.step gives NaN, into silently finite samples of another process (`align compare` and
+    `align sample` pass image.eta through unchecked; DDPO refuses it in its config)."""
+    sched = make_scheduler()
+    x = rand(*SHAPE, seed=0)
+    with pytest.raises(ValueError, match="eta must be in \\[0, 1\\]"):
+        ddim_step_with_logprob(sched, x, sched.timesteps[0], x, eta=1.5)
+
+
 def _embeds(pipe, prompts):
     cond, uncond = pipe.encode_prompt(prompts, "cpu", 1, True, negative_prompt=[""] * len(prompts))
     return cond, uncond

@@ -101,6 +101,20 @@ def test_resume_after_a_crash_gives_the_uninterrupted_file(tmp_path, tiny_gpt2, 
     assert (tmp_path / "cut" / "candidates.jsonl").read_bytes() == (tmp_path / "whole" / "candidates.jsonl").read_bytes()
 
 
+def test_a_completion_with_a_unicode_line_separator_is_one_line(tmp_path, tiny_gpt2, monkeypatch):
+    """The report read candidates.jsonl with str.splitlines, which also splits at U+2028 and U+0085 (written raw:
+    ensure_ascii=False): a model that sampled one had the run fail at its end, with no report. The file itself is
+    one line per prompt, as the RM reads it."""
+    from text_rlhf.compare import TextGenerator
+    monkeypatch.setattr(TextGenerator, "__call__",
+                        lambda self, prompts, seed: [["a\u2028b", "c\x85d", "e\u2029f"][i % 3] for i in range(len(prompts))])
+    prompts = _prompts(tmp_path / "p.txt", n=2)
+    assert _run(tmp_path, tiny_gpt2, prompts, tmp_path / "s", "--judge", "test_sample:length_judge") == 0
+    assert "'a\\u2028b'" in (tmp_path / "s" / "report.md").read_text()
+    groups = load_preferences(str(tmp_path / "s" / "candidates.jsonl"), allow_duplicates=True)
+    assert [g.candidates for g in groups] == [["a\u2028b", "c\x85d", "e\u2029f"]] * 2
+
+
 def test_judge_scores_each_generate_call_at_once(tmp_path, tiny_gpt2, monkeypatch, caplog):
     """The judge was called once per prompt, K candidates at a time (10k prompts: 10k calls of 4, ~5 ms each with a
     tiny RM, a quarter of the run): now once per generate call, with the scores split back per prompt; a NaN still

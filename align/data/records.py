@@ -182,6 +182,7 @@ def ranking_from_scores(scores, tie_tol: float = 0.0) -> list:
             tiers.append([i])
     return [sorted(t) if len(t) > 1 else t[0] for t in tiers]
 
+
 def group_from_pair(prompt, chosen, rejected, *, margin=0.0, tie=False,
                     source=None) -> PreferenceGroup:
     """A K=2 group: candidates [chosen, rejected] and the single pair between them."""
