@@ -145,42 +145,6 @@ def _distinct(texts: list[str]) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t.strip()))
 
 
-def _save_images(images: torch.Tensor, out: Path, index: int, prompt: str) -> list[str]:
-    """PNGs of one prompt's K images (lossless uint8) and their sheet; the paths relative to `out`."""
-    from PIL import Image
-    names = []
-    for sub in ("images", "sheets"):
-        (out / sub).mkdir(exist_ok=True)
-    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for j, a in enumerate(arr):
-        names.append(f"images/{index:06d}-{j}.png")
-        Image.fromarray(a).save(out / names[-1])
-    _sheet(images, prompt).save(out / "sheets" / f"{index:06d}.png")
-    return names
-
-
-def _sheet(images: torch.Tensor, prompt: str):
-    """A prompt's K images in a row (enlarged to >= 96 px), each candidate's index under it and the prompt above: a
-    ranker reads "3" off the sheet rather than counting to the ninth image."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    from image_rlhf.pipeline import image_grid
-    grid = image_grid(images, nrow=len(images))                                        # (3, H, W), padding 2
-    row = Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
-    size = max(14, row.height // 24)  # readable beside 512 px images too
-    font, strip = ImageFont.load_default(size=size), size + 6
-    sheet = Image.new("RGB", (row.width, row.height + 2 * strip), "white")
-    sheet.paste(row, (0, strip))
-    draw, tile = ImageDraw.Draw(sheet), (row.width - 2) / len(images)
-    text = prompt
-    while len(text) > 1 and draw.textlength(text, font=font) > row.width - 4:
-        text = text[:-2] + "…"
-    draw.text((2, 2), text, fill="black", font=font)
-    for j in range(len(images)):
-        draw.text((2 + tile * (j + 0.5), row.height + strip + 2), str(j), fill="black", font=font, anchor="mt")
-    return sheet
-
-
 def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
     """The `align sample` job (see the module docstring). Returns the summary written to OUT/progress.json."""
     from align.data import load_prompts, ranking_from_scores
@@ -231,7 +195,7 @@ def run_sample(cfg: SampleConfig, resume: bool = False) -> dict:
                     record["completions"] = cands
                 else:
                     cands = outputs[j:j + cfg.k]
-                    record["images"] = _save_images(cands, out, i, prompt)
+                    record["images"] = adapter.save_candidates(cands, out, i, prompt)
                 kept.append((i, prompt, record, cands))
             if judge is not None and kept:  # one judge call for the generate call's candidates, not one per prompt
                 n = [len(cands) for *_, cands in kept]

@@ -143,3 +143,41 @@ def samples_markdown(arms, items, out_dir, n: int = 8) -> str:
         cols = "; ".join(f"{it.id}. `{it.plain}`" for it in items[:n])
         lines.insert(0, f"First seed; columns, left to right (id and plain prompt): {cols}.")
     return "\n\n".join(lines)
+
+
+# ---------------------------------------------------------------------------- align sample
+
+def save_candidates(images: torch.Tensor, out: Path, index: int, prompt: str) -> list[str]:
+    """`align sample`'s files of one prompt's K images: out/images/INDEX-j.png (lossless uint8) and the sheet
+    out/sheets/INDEX.png; returns the images' paths relative to `out`."""
+    from PIL import Image
+    names = []
+    for sub in ("images", "sheets"):
+        (out / sub).mkdir(exist_ok=True)
+    arr = (images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for j, a in enumerate(arr):
+        names.append(f"images/{index:06d}-{j}.png")
+        Image.fromarray(a).save(out / names[-1])
+    _candidate_sheet(images, prompt).save(out / "sheets" / f"{index:06d}.png")
+    return names
+
+
+def _candidate_sheet(images: torch.Tensor, prompt: str):
+    """A prompt's K images in a row (enlarged to >= 96 px), each candidate's index under it and the prompt above: a
+    ranker reads "3" off the sheet rather than counting to the ninth image."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    grid = image_grid(images, nrow=len(images))                                        # (3, H, W), padding 2
+    row = Image.fromarray((grid * 255).round().to(torch.uint8).permute(1, 2, 0).numpy())
+    size = max(14, row.height // 24)  # readable beside 512 px images too
+    font, strip = ImageFont.load_default(size=size), size + 6
+    sheet = Image.new("RGB", (row.width, row.height + 2 * strip), "white")
+    sheet.paste(row, (0, strip))
+    draw, tile = ImageDraw.Draw(sheet), (row.width - 2) / len(images)
+    text = prompt
+    while len(text) > 1 and draw.textlength(text, font=font) > row.width - 4:
+        text = text[:-2] + "…"
+    draw.text((2, 2), text, fill="black", font=font)
+    for j in range(len(images)):
+        draw.text((2 + tile * (j + 0.5), row.height + strip + 2), str(j), fill="black", font=font, anchor="mt")
+    return sheet
